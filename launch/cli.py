@@ -1,0 +1,153 @@
+"""`sogclr-submit`: submit a sweep, or inspect it.
+
+sogclr-submit SPEC [--dry-run [-v]] [--set a.b=value ...]     submit to SLURM (or --local, --debug)
+sogclr-submit status SPEC                                      where every run stands
+sogclr-submit cancel SPEC [--run NAME]                         cancel this sweep's jobs
+sogclr-submit schema                                           JSON Schema of the spec
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+from launch.spec import Run, SpecError, SweepSpec, check_data_dirs, expand, load_spec
+
+COMMANDS = ("submit", "status", "cancel", "schema")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sogclr-submit", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    submit = commands.add_parser("submit", help="submit every run of a sweep (the default command)")
+    _add_spec_arguments(submit)
+    submit.add_argument("--dry-run", action="store_true", help="validate and list the runs; submit nothing")
+    submit.add_argument("-v", "--verbose", action="store_true", help="with --dry-run: show sbatch scripts")
+    mode = submit.add_mutually_exclusive_group()
+    mode.add_argument("--local", action="store_true", help="run on this machine instead of SLURM")
+    mode.add_argument("--debug", action="store_true", help="one run in-process, debugger on exception")
+    submit.add_argument("--parallel", type=int, default=1, metavar="N", help="--local: runs at once")
+    submit.add_argument(
+        "--preempt-after", type=float, metavar="SECONDS", help="--local: send the warning signal after"
+    )
+    submit.add_argument(
+        "--resubmit-failed", action="store_true", help="also resubmit runs that failed or were cancelled"
+    )
+    submit.add_argument("--run", metavar="NAME", help="only this run (--debug: which run to debug)")
+
+    status = commands.add_parser("status", help="show the state of every run")
+    _add_spec_arguments(status)
+
+    cancel = commands.add_parser("cancel", help="cancel this sweep's SLURM jobs")
+    _add_spec_arguments(cancel)
+    cancel.add_argument("--run", metavar="NAME", help="only this run")
+
+    commands.add_parser("schema", help="print the JSON Schema of a spec file")
+    return parser
+
+
+def _add_spec_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("spec", help="sweep spec (YAML)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a spec field, e.g. --set pretrain.gamma=0.5 (repeatable)",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
+        argv.insert(0, "submit")  # `sogclr-submit SPEC` means submit
+    args = build_parser().parse_args(argv)
+    console = Console(stderr=False)
+    try:
+        return COMMAND_HANDLERS[args.command](args, console)
+    except SpecError as err:
+        Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        return 2
+
+
+def _load(args: argparse.Namespace) -> tuple[SweepSpec, list[Run]]:
+    spec = load_spec(args.spec, args.overrides)
+    runs = expand(spec)
+    if getattr(args, "run", None):
+        runs = [run for run in runs if run.name == args.run]
+        if not runs:
+            names = ", ".join(run.name for run in expand(spec))
+            raise SpecError(f"--run {args.run}: no such run in this sweep (runs: {names})")
+    return spec, runs
+
+
+def cmd_submit(args: argparse.Namespace, console: Console) -> int:
+    spec, runs = _load(args)
+    problems = check_data_dirs(runs)
+    if args.dry_run:
+        for problem in problems:
+            console.print(f"[yellow]warning:[/] {problem}", highlight=False)
+        print_runs(spec, runs, console, verbose=args.verbose)
+        return 0
+    if problems:
+        raise SpecError(problems[0])
+    from launch import local, submit  # heavy imports (submitit, torch) only when really submitting
+
+    if args.debug:
+        return local.run_debug(runs[0])
+    if args.local:
+        return local.run_local(
+            spec, runs, parallel=args.parallel, preempt_after=args.preempt_after, console=console
+        )
+    return submit.submit_sweep(spec, runs, resubmit_failed=args.resubmit_failed, console=console)
+
+
+def cmd_status(args: argparse.Namespace, console: Console) -> int:
+    from launch import status
+
+    spec, runs = _load(args)
+    return status.show_status(spec, runs, console)
+
+
+def cmd_cancel(args: argparse.Namespace, console: Console) -> int:
+    from launch import status
+
+    spec, runs = _load(args)
+    return status.cancel(spec, runs, console)
+
+
+def cmd_schema(args: argparse.Namespace, console: Console) -> int:
+    print(json.dumps(SweepSpec.model_json_schema(), indent=2))
+    return 0
+
+
+COMMAND_HANDLERS = {"submit": cmd_submit, "status": cmd_status, "cancel": cmd_cancel, "schema": cmd_schema}
+
+
+def print_runs(spec: SweepSpec, runs: list[Run], console: Console, verbose: bool = False) -> None:
+    """The dry-run table: what would be submitted, and where it would write."""
+    table = Table(title=f"{spec.name}: {len(runs)} run(s), nothing submitted", title_justify="left")
+    for column in ("run", "swept values", "nodes x gpus", "time", "linear eval", "run directory"):
+        table.add_column(column, overflow="fold")
+    for run in runs:
+        point = ", ".join(f"{key}={value}" for key, value in run.point.items()) or "-"
+        resources = f"{run.slurm.nodes} x {run.slurm.gpus_per_node or 'cpu'}"
+        lincls = "-" if run.lincls_slurm is None else f"{run.lincls_slurm.nodes} x {run.lincls_slurm.time}"
+        table.add_row(run.name, point, resources, run.slurm.time, lincls, str(run.run_dir))
+    console.print(table)
+    if verbose:
+        from launch.submit import describe_job
+
+        for run in runs:
+            console.rule(run.name)
+            console.print(describe_job(run), highlight=False, markup=False)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

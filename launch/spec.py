@@ -1,0 +1,361 @@
+"""The sweep spec: one YAML file -> validated runs, each with its own directory and resources.
+
+A spec is the training recipe (`pretrain`, optional `lincls`), the cluster resources (`slurm`) and a
+`sweep` over any of their fields. Every check happens here, before anything is written or submitted;
+a problem becomes one `SpecError` line that names the field and what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import itertools
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
+
+from sogclr.config import LinclsConfig, PretrainConfig, RunConfig, Schema, apply_overrides, set_path
+
+SECTIONS = ("pretrain", "lincls", "slurm")
+BUILTIN_DATASETS = ("digits",)
+_TIME = re.compile(r"^(?:(\d+)-)?(\d{1,2}):(\d{2}):(\d{2})$")
+
+
+class SpecError(Exception):
+    """A problem with the spec or the command line, worded for the user (one line)."""
+
+
+def parse_time_limit(text: str) -> int:
+    """SLURM time `HH:MM:SS` or `D-HH:MM:SS` -> seconds."""
+    match = _TIME.match(text)
+    if not match:
+        raise ValueError(f"expected HH:MM:SS or D-HH:MM:SS, got {text!r}")
+    days, hours, minutes, seconds = (int(g or 0) for g in match.groups())
+    if minutes > 59 or seconds > 59:
+        raise ValueError(f"minutes and seconds must be below 60, got {text!r}")
+    return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+
+
+class SlurmConfig(Schema):
+    partition: str | None = Field(None, description="Partition (-p); the cluster's default if omitted.")
+    account: str | None = Field(None, description="Account to charge (-A).")
+    qos: str | None = Field(None, description="Quality of service (--qos).")
+    constraint: str | None = Field(None, description="Node features (-C), e.g. a100.")
+    nodes: int = Field(1, ge=1, description="Nodes per job; one task (one torchrun) per node.")
+    gpus_per_node: int = Field(
+        4, ge=0, description="GPUs per node = training processes per node (0: CPU, one)."
+    )
+    cpus_per_task: int = Field(32, ge=1, description="CPUs per node task (shared by its training processes).")
+    mem_gb: int | None = Field(
+        None, gt=0, description="Memory per node in GB; the cluster's default if omitted."
+    )
+    time: str = Field("3-00:00:00", description="Time limit per attempt, HH:MM:SS or D-HH:MM:SS.")
+    setup: list[str] = Field(
+        default_factory=list, description="Shell lines run before training (modules, venv)."
+    )
+    signal_lead_s: int = Field(
+        300, ge=0, description="Seconds before the time limit that SLURM warns (USR2)."
+    )
+    max_requeues: int = Field(20, ge=0, description="Give up after this many requeues of one run.")
+    additional: dict[str, str | int | bool] = Field(
+        default_factory=dict, description="Extra sbatch parameters, e.g. {exclusive: true, reservation: x}."
+    )
+
+    @field_validator("time")
+    @classmethod
+    def _valid_time(cls, value: str) -> str:
+        parse_time_limit(value)
+        return value
+
+    @model_validator(mode="after")
+    def _lead_fits_in_time(self) -> SlurmConfig:
+        if parse_time_limit(self.time) <= self.signal_lead_s:
+            raise ValueError(f"time {self.time} must be longer than signal_lead_s ({self.signal_lead_s} s)")
+        return self
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.gpus_per_node or 1
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.ranks_per_node
+
+    @property
+    def time_seconds(self) -> int:
+        return parse_time_limit(self.time)
+
+
+# Linear evaluation may override any resource of the pretraining job (often: fewer nodes, less time).
+SlurmOverrides = create_model(
+    "SlurmOverrides",
+    __base__=Schema,
+    **{name: (field.annotation | None, None) for name, field in SlurmConfig.model_fields.items()},
+)
+
+
+class LinclsSpec(LinclsConfig):
+    slurm: SlurmOverrides = Field(  # type: ignore[valid-type]
+        default_factory=SlurmOverrides, description="Resources that differ from the pretraining job's."
+    )
+
+
+class SweepConfig(Schema):
+    product: dict[str, list[Any]] = Field(
+        default_factory=dict, description="Field -> values; every combination becomes a run."
+    )
+    zip: dict[str, list[Any]] = Field(
+        default_factory=dict,
+        description="Field -> values of equal length, taken position by position (one product factor).",
+    )
+
+    @model_validator(mode="after")
+    def _lists_are_usable(self) -> SweepConfig:
+        for group in ("product", "zip"):
+            for key, values in getattr(self, group).items():
+                if not values:
+                    raise ValueError(f"sweep.{group}.{key}: empty list; give at least one value")
+        lengths = {key: len(values) for key, values in self.zip.items()}
+        if len(set(lengths.values())) > 1:
+            raise ValueError(f"sweep.zip: lists must have equal lengths, got {lengths}")
+        return self
+
+
+class SweepSpec(Schema):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Sweep name (a directory name).")
+    output_root: Path = Field(Path("runs"), description="Runs go to <output_root>/<name>/<run>/.")
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    lincls: LinclsSpec | None = Field(None, description="Linear evaluation after pretraining; omit for none.")
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One point of the sweep: what to train, where, and on which resources."""
+
+    name: str
+    point: dict[str, Any]
+    config: RunConfig
+    slurm: SlurmConfig
+    lincls_slurm: SlurmConfig | None
+
+    @property
+    def run_dir(self) -> Path:
+        return self.config.run_dir
+
+
+# --- reading ----------------------------------------------------------------------------------------
+
+
+def load_spec(path: str | Path, overrides: list[str] = ()) -> SweepSpec:
+    """Read a YAML spec, apply `--set a.b=value` overrides, and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: no such spec file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.MarkedYAMLError as err:
+        line = err.problem_mark.line + 1 if err.problem_mark else "?"
+        raise SpecError(f"{path}:{line}: malformed YAML: {err.problem}") from None
+    except yaml.YAMLError as err:
+        raise SpecError(f"{path}: malformed YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: expected a mapping of fields at the top level, got {type(data).__name__}")
+    try:
+        apply_overrides(data, list(overrides))
+    except ValueError as err:
+        raise SpecError(str(err)) from None
+    return validate(SweepSpec, data)
+
+
+def validate(model: type[BaseModel], data: Any, where: str = "") -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(describe(err, model, where)) from None
+
+
+def describe(err: ValidationError, model: type[BaseModel], where: str = "") -> str:
+    """The first validation problem as one line: `field: what is wrong (got value)`."""
+    problem = err.errors()[0]
+    loc = [str(part) for part in problem["loc"]]
+    field = ".".join([where, *loc] if where else loc) or "spec"
+    if problem["type"] == "extra_forbidden":
+        known = _field_names(model, loc[:-1])
+        close = difflib.get_close_matches(loc[-1], known, n=1, cutoff=0.5)
+        hint = f"did you mean '{close[0]}'?" if close else f"allowed: {', '.join(known)}"
+        return f"{field}: unknown key ({hint})"
+    message = problem["msg"].removeprefix("Value error, ")
+    if message.startswith(f"{field}."):  # the validator already named the exact field
+        return message
+    if problem["type"] == "missing" or problem["type"] == "value_error":
+        return f"{field}: {message}"
+    return f"{field}: {message} (got {problem['input']!r})"
+
+
+def _field_names(model: type[BaseModel], loc: list[str]) -> list[str]:
+    """Names of the fields at `loc` inside `model` (for 'did you mean')."""
+    for part in loc:
+        sub = _submodel(model, part)
+        if sub is None:
+            return []
+        model = sub
+    return list(model.model_fields)
+
+
+def _submodel(model: type[BaseModel], name: str) -> type[BaseModel] | None:
+    field = model.model_fields.get(name)
+    if field is None:
+        return None
+    candidates = getattr(field.annotation, "__args__", (field.annotation,))
+    return next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+
+
+# --- expansion --------------------------------------------------------------------------------------
+
+# How a swept field appears in a run name: gamma0.9-bs256-ep400. An empty label shows the value alone.
+_LABELS = {
+    "pretrain.gamma": "gamma",
+    "pretrain.batch_size": "bs",
+    "pretrain.epochs": "ep",
+    "pretrain.temperature": "t",
+    "pretrain.lr": "lr",
+    "pretrain.loss": "",
+    "pretrain.arch": "",
+    "pretrain.optimizer": "",
+    "pretrain.weight_decay": "wd",
+    "slurm.nodes": "n",
+    "slurm.gpus_per_node": "g",
+}
+
+
+def canonical_key(key: str) -> str:
+    """`gamma` -> `pretrain.gamma`: a bare field name means the pretraining recipe."""
+    return key if key.split(".")[0] in SECTIONS else f"pretrain.{key}"
+
+
+def run_label(key: str, value: Any) -> str:
+    label = _LABELS.get(key)
+    if label is None:
+        section, *rest = key.split(".")
+        label = ("lin-" if section == "lincls" else "") + "".join(rest).replace("_", "")
+    text = f"{value:g}" if isinstance(value, float) else str(value)
+    return label + re.sub(r"[^A-Za-z0-9._]+", "_", text)
+
+
+def sweep_points(sweep: SweepConfig) -> list[dict[str, Any]]:
+    """Every point of the sweep as {canonical key: value}: the product, with the zip group as one factor."""
+    factors = [[(canonical_key(key), v) for v in values] for key, values in sweep.product.items()]
+    if sweep.zip:
+        keys = [canonical_key(key) for key in sweep.zip]
+        factors.append(
+            [tuple(zip(keys, column, strict=True)) for column in zip(*sweep.zip.values(), strict=True)]
+        )
+    points = []
+    for combo in itertools.product(*factors):
+        point: dict[str, Any] = {}
+        for item in combo:
+            point.update(item if isinstance(item[0], tuple) else [item])
+        points.append(point)
+    return points
+
+
+def expand(spec: SweepSpec) -> list[Run]:
+    """The runs of a spec, each fully validated; raises SpecError on the first problem."""
+    _check_sweep_keys(spec)
+    base = spec.model_dump(mode="python", exclude={"sweep"})
+    sweep_root = spec.output_root.expanduser().absolute() / spec.name
+    runs = []
+    for point in sweep_points(spec.sweep):
+        name = "-".join(run_label(k, v) for k, v in point.items()) or spec.name
+        runs.append(_make_run(spec, base, point, name, sweep_root / name))
+    _check_unique_names(runs)
+    return runs
+
+
+def _check_sweep_keys(spec: SweepSpec) -> None:
+    for group in ("product", "zip"):
+        for key in getattr(spec.sweep, group):
+            section, *path = canonical_key(key).split(".")
+            if section == "lincls" and spec.lincls is None:
+                raise SpecError(
+                    f"sweep.{group}.{key}: sweeps a lincls field, but the spec has no lincls section"
+                )
+            model: type[BaseModel] | None = {"pretrain": PretrainConfig, "lincls": LinclsSpec}.get(
+                section, SlurmConfig
+            )
+            for depth, part in enumerate(path):
+                if model is None or part not in model.model_fields:
+                    known = _field_names(model, []) if model else []
+                    close = difflib.get_close_matches(part, known, n=1, cutoff=0.5)
+                    where = ".".join([section, *path[:depth]])
+                    hint = (
+                        f"did you mean '{where}.{close[0]}'?" if close else f"{where} has no field {part!r}"
+                    )
+                    raise SpecError(f"sweep.{group}.{key}: no such field ({hint})")
+                if depth < len(path) - 1:
+                    model = _submodel(model, part)
+                elif _submodel(model, part) is not None:
+                    raise SpecError(
+                        f"sweep.{group}.{key}: sweep a field inside this section, not the section"
+                    )
+
+
+def _make_run(spec: SweepSpec, base: dict, point: dict[str, Any], name: str, run_dir: Path) -> Run:
+    data = copy.deepcopy(base)
+    for key, value in point.items():
+        set_path(data, key.split("."), value)
+    where = f"run {name}"
+    slurm = validate(SlurmConfig, data["slurm"], f"{where}: slurm")
+    pretrain = validate(PretrainConfig, data["pretrain"], f"{where}: pretrain")
+    lincls = lincls_slurm = None
+    if data.get("lincls") is not None:
+        lincls_data = dict(data["lincls"])
+        overrides = {k: v for k, v in (lincls_data.pop("slurm", None) or {}).items() if v is not None}
+        lincls_slurm = validate(SlurmConfig, {**data["slurm"], **overrides}, f"{where}: lincls.slurm")
+        lincls = validate(LinclsConfig, lincls_data, f"{where}: lincls")
+    _check_divisible(where, "pretrain.batch_size", pretrain.batch_size, slurm)
+    if lincls is not None:
+        _check_divisible(where, "lincls.batch_size", lincls.batch_size, lincls_slurm)
+    meta = {"sweep": spec.name, "run": name, "point": point}
+    config = validate(
+        RunConfig, {"run_dir": run_dir, "pretrain": pretrain, "lincls": lincls, "meta": meta}, where
+    )
+    return Run(name=name, point=point, config=config, slurm=slurm, lincls_slurm=lincls_slurm)
+
+
+def _check_divisible(where: str, field: str, batch: int, slurm: SlurmConfig) -> None:
+    if batch % slurm.world_size:
+        raise SpecError(
+            f"{where}: {field}: {batch} is not divisible by the number of ranks "
+            f"({slurm.nodes} nodes x {slurm.ranks_per_node} per node = {slurm.world_size})"
+        )
+
+
+def _check_unique_names(runs: list[Run]) -> None:
+    seen: dict[str, dict] = {}
+    for run in runs:
+        if run.name in seen:
+            raise SpecError(
+                f"sweep: duplicate run name {run.name!r} (points {seen[run.name]} and {run.point}); "
+                "make the swept values distinct"
+            )
+        seen[run.name] = run.point
+
+
+def check_data_dirs(runs: list[Run]) -> list[str]:
+    """One line per missing data directory (built-in datasets need none)."""
+    missing: dict[Path, list[str]] = {}
+    for run in runs:
+        pretrain = run.config.pretrain
+        if pretrain.dataset not in BUILTIN_DATASETS and not pretrain.data_dir.expanduser().is_dir():
+            missing.setdefault(pretrain.data_dir, []).append(run.name)
+    return [
+        f"pretrain.data_dir: {path} does not exist (runs: {', '.join(names)})"
+        for path, names in missing.items()
+    ]

@@ -1,0 +1,161 @@
+"""The training library's configuration: one typed schema, the reference recipe as defaults.
+
+A run is described by a `RunConfig` (the file the launcher writes as `<run_dir>/config.yaml`). Every
+default below is the authors' ImageNet recipe (NOTES-sogclr.md); specs override only what differs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Dataset = Literal["imagenet1k", "imagenet100", "folder", "digits"]
+Arch = Literal["resnet18", "resnet34", "resnet50"]
+Precision = Literal["bf16", "fp16", "fp32"]
+LrScaling = Literal["sqrt", "linear", "none"]
+
+
+class Schema(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class CheckpointConfig(Schema):
+    every_minutes: float = Field(
+        10.0, gt=0, description="Save last.pt at least this often (and at epoch end)."
+    )
+    every_steps: int | None = Field(None, gt=0, description="Also save every N optimizer steps.")
+    keep: int = Field(2, ge=1, description="How many checkpoints to keep (last.pt plus older ones).")
+
+
+class PretrainConfig(Schema):
+    # data
+    dataset: Dataset = Field(
+        "imagenet1k",
+        description="imagenet1k, imagenet100 (first 100 WNIDs), folder (any class-subfolder tree), "
+        "or digits (built-in scikit-learn digits, no download).",
+    )
+    data_dir: Path | None = Field(
+        None, description="Root with train/ and val/ subfolders; for digits, the cache directory (optional)."
+    )
+    image_size: int = Field(224, ge=8, description="Crop size of the augmented views.")
+    crop_min: float = Field(0.08, gt=0, le=1, description="Smallest RandomResizedCrop area fraction.")
+    workers: int = Field(8, ge=0, description="Data-loading processes per rank.")
+    # model
+    arch: Arch = Field("resnet50", description="torchvision ResNet backbone.")
+    small_stem: bool = Field(False, description="3x3 stride-1 stem without max-pool (CIFAR-sized images).")
+    projector_hidden_dim: int = Field(2048, gt=0, description="Hidden width of the projector MLP.")
+    projector_out_dim: int = Field(128, gt=0, description="Output dimension of the projector.")
+    # optimisation
+    epochs: int = Field(800, gt=0, description="Pretraining epochs.")
+    batch_size: int = Field(256, gt=0, description="Global batch size (all ranks together).")
+    lr: float = Field(0.075, gt=0, description="Base learning rate, scaled by lr_scaling.")
+    lr_scaling: LrScaling = Field(
+        "sqrt", description="sqrt: lr * sqrt(batch); linear: lr * batch / 256; none: lr as given."
+    )
+    warmup_epochs: float = Field(10.0, ge=0, description="Per-step linear warmup, then half-cosine to 0.")
+    optimizer: Literal["lars", "sgd", "adamw"] = Field("lars", description="Optimizer.")
+    weight_decay: float = Field(1e-6, ge=0, description="Weight decay (not on 1-D parameters).")
+    momentum: float = Field(0.9, ge=0, lt=1, description="Momentum (LARS, SGD) or beta1 (AdamW).")
+    trust_coefficient: float = Field(0.001, gt=0, description="LARS trust coefficient.")
+    # loss
+    loss: Literal["sogclr", "simclr"] = Field(
+        "sogclr", description="sogclr (global contrastive loss; 'dcl' is accepted as an alias) or simclr."
+    )
+    temperature: float = Field(0.1, gt=0, description="Softmax temperature T.")
+    gamma: float = Field(0.9, gt=0, le=1, description="Moving-average weight of the estimator u, in (0, 1].")
+    gamma_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="constant, or cosine from 1 down to gamma over gamma_decay_fraction."
+    )
+    gamma_decay_fraction: float = Field(
+        1.0, gt=0, le=1, description="Fraction of training over which the cosine gamma schedule decays."
+    )
+    # execution
+    precision: Precision = Field("bf16", description="Autocast dtype on GPU (CPU always runs fp32).")
+    compile: bool = Field(False, description="torch.compile the model.")
+    seed: int = Field(0, ge=0, description="Seed of initialisation, shuffling and augmentation.")
+    log_every_steps: int = Field(10, gt=0, description="Write metrics.jsonl every N steps.")
+    tensorboard: bool = Field(False, description="Also write TensorBoard events under the run directory.")
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+
+    @field_validator("loss", mode="before")
+    @classmethod
+    def _dcl_is_sogclr(cls, value: Any) -> Any:
+        return "sogclr" if value == "dcl" else value
+
+
+class LinclsConfig(Schema):
+    """Linear evaluation on the frozen backbone; data are the pretraining dataset's train/val splits."""
+
+    epochs: int = Field(90, gt=0, description="Linear-evaluation epochs.")
+    batch_size: int = Field(1024, gt=0, description="Global batch size.")
+    lr: float = Field(0.1, gt=0, description="Base learning rate, scaled by lr_scaling.")
+    lr_scaling: LrScaling = Field("linear", description="As in pretrain.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
+    weight_decay: float = Field(0.0, ge=0, description="SGD weight decay.")
+    mode: Literal["standard", "features", "both"] = Field(
+        "standard",
+        description="standard: augmented images through the frozen backbone each epoch; features: "
+        "compute frozen features once and train the linear layer on them; both: run both, report both.",
+    )
+    workers: int = Field(8, ge=0, description="Data-loading processes per rank.")
+    seed: int = Field(0, ge=0, description="Seed of shuffling, augmentation and classifier init.")
+    log_every_steps: int = Field(10, gt=0, description="Write metrics.jsonl every N steps.")
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+
+
+class RunConfig(Schema):
+    """Everything one run needs; `meta` is provenance (git commit, sweep point, resources), opaque here."""
+
+    run_dir: Path
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    lincls: LinclsConfig | None = None
+    meta: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _digits_needs_no_data_dir(self) -> RunConfig:
+        if self.pretrain.dataset not in ("digits",) and self.pretrain.data_dir is None:
+            raise ValueError(f"pretrain.data_dir is required for dataset {self.pretrain.dataset!r}")
+        return self
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (["a", "b"], value), the value read as YAML (so 0.5 is a float, [1,2] a list)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"--set {text!r}: expected KEY=VALUE, for example pretrain.gamma=0.5")
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set each `a.b=value` into nested dicts (creating levels as needed); returns `data`."""
+    for text in overrides:
+        set_path(data, *parse_override(text))
+    return data
+
+
+def set_path(data: dict[str, Any], path: list[str], value: Any) -> None:
+    """data[a][b] = value for path [a, b], creating (or replacing non-dict) levels as needed."""
+    for part in path[:-1]:
+        if not isinstance(data.get(part), dict):
+            data[part] = {}
+        data = data[part]
+    data[path[-1]] = value
+
+
+def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """Read a resolved run config (YAML), apply `--set` overrides, validate."""
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    return RunConfig.model_validate(apply_overrides(data, list(overrides)))
+
+
+def dump_run_config(config: RunConfig, path: str | Path) -> None:
+    """Write the config as YAML, atomically (readers never see half a file)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    tmp.replace(path)
