@@ -128,10 +128,10 @@ class SweepConfig(Schema):
 class SweepSpec(Schema):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Sweep name (a directory name).")
     output_root: Path = Field(Path("runs"), description="Runs go to <output_root>/<name>/<run>/.")
-    slurm: SlurmConfig = Field(default_factory=SlurmConfig)
-    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig, description="Resources of each pretraining job.")
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig, description="The pretraining recipe.")
     lincls: LinclsSpec | None = Field(None, description="Linear evaluation after pretraining; omit for none.")
-    sweep: SweepConfig = Field(default_factory=SweepConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig, description="Fields to vary; none: a single run.")
 
 
 @dataclass(frozen=True)

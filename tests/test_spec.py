@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from launch.cli import main
+from launch.reference import readme_with_reference
 from launch.spec import SweepSpec, expand, load_spec, parse_time_limit
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -233,3 +234,8 @@ def test_console_script_exits_2_with_one_line(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["error: pretrain.gama: unknown key (did you mean 'gamma'?)"]
     assert "Traceback" not in result.stderr and not (tmp_path / "runs").exists()
+
+
+def test_readme_spec_reference_matches_the_schema() -> None:
+    readme = (CONFIGS.parent / "README.md").read_text()
+    assert readme_with_reference(readme) == readme, "run: python -m launch.reference --write"
