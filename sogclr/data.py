@@ -1,0 +1,410 @@
+"""Data pipeline: dataset roots, position-seeded augmentations, resumable samplers, loaders.
+
+Every random draw is a function of *where* it happens, never of a stream with history:
+
+- the shuffle of epoch `e` comes from `(seed, e)`;
+- the augmentations of sample `i` in epoch `e` come from `(seed, e, i)`.
+
+So neither the number of loader workers, nor the rank layout, nor the point where a run was interrupted
+changes what a sample sees, and ranks never share augmentation parameters (they never share a sample).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as F
+from PIL import Image, ImageFilter
+from torch.utils.data import DataLoader, Sampler
+from torchvision.datasets import ImageFolder
+
+from sogclr.config import PretrainConfig
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# The reference augmentation recipe (NOTES-sogclr.md); the blur sigma is defined at 224 px.
+JITTER_PROBABILITY = 0.8
+JITTER_STRENGTH = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
+GRAYSCALE_PROBABILITY = 0.2
+BLUR_SIGMA = (0.1, 2.0)
+BLUR_REFERENCE_SIZE = 224
+CROP_ASPECT_RATIO = (3 / 4, 4 / 3)
+EVAL_CROP_SCALE = (0.08, 1.0)  # torchvision's RandomResizedCrop default, as the reference linear eval
+
+# Independent random streams derived from one seed.
+_SHUFFLE_STREAM = 0
+_AUGMENT_STREAM = 1
+
+DIGITS_VERSION = "digits-v1"
+DIGITS_IMAGE_SIZE = 32
+DIGITS_VAL_FRACTION = 0.2
+DIGITS_SPLIT_SEED = 0
+
+Augment = Callable[[Image.Image, random.Random], object]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Seeds
+
+
+def derive_seed(*key: int) -> int:
+    """A 128-bit seed that is a well-mixed function of `key` (Python's hash() is salted per process)."""
+    high, low = np.random.SeedSequence(key).generate_state(2, dtype=np.uint64)
+    return int(high) << 64 | int(low)
+
+
+def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
+    """The generator that draws every augmentation parameter of sample `index` in `epoch`."""
+    return random.Random(derive_seed(seed, _AUGMENT_STREAM, epoch, index))
+
+
+def epoch_permutation(seed: int, epoch: int, size: int) -> np.ndarray:
+    """The shuffle of `range(size)` for `epoch`."""
+    return np.random.default_rng(derive_seed(seed, _SHUFFLE_STREAM, epoch)).permutation(size)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Dataset roots
+
+
+def prepare_data_root(cfg: PretrainConfig) -> Path:
+    """The directory holding `train/` and `val/` class-subfolder trees for `cfg.dataset`.
+
+    For `digits` the tree is written once into the cache (safe when many ranks call this at once).
+    """
+    if cfg.dataset == "digits":
+        return _materialise_once(_digits_cache_dir(cfg) / DIGITS_VERSION, _write_digits)
+    if cfg.data_dir is None:
+        raise ValueError(f"pretrain.data_dir is required for dataset {cfg.dataset!r}")
+    root = Path(cfg.data_dir).expanduser()
+    for split in ("train", "val"):
+        _require_dir(root / split, f"the {split} split of dataset {cfg.dataset!r}")
+        if cfg.dataset == "imagenet100":
+            for wnid in imagenet100_classes():
+                _require_dir(root / split / wnid, "an ImageNet-100 class folder (data_dir is ImageNet-1K)")
+    return root
+
+
+def imagenet100_classes() -> list[str]:
+    """The ImageNet-100 class list: the first 100 ImageNet-1K WNIDs in sorted order, as the reference."""
+    return resources.files("sogclr").joinpath("imagenet100.txt").read_text().split()
+
+
+def _require_dir(path: Path, what: str) -> None:
+    if not path.is_dir():
+        raise ValueError(f"{path} does not exist or is not a directory ({what})")
+
+
+def _digits_cache_dir(cfg: PretrainConfig) -> Path:
+    if cfg.data_dir is not None:
+        return Path(cfg.data_dir).expanduser()
+    return Path(os.environ.get("SOGCLR_CACHE", "~/.cache/sogclr")).expanduser()
+
+
+def _materialise_once(root: Path, write: Callable[[Path], None]) -> Path:
+    """Create `root` with `write(staging_dir)` unless it exists; concurrent callers all get one result.
+
+    Each caller builds in its own temporary sibling and renames it into place. The rename is atomic and
+    fails when `root` already exists, so a reader never sees a half-written tree; a loser keeps the winner's.
+    """
+    if root.is_dir():
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    try:
+        write(staging)
+        staging.rename(root)
+    except OSError:
+        if not root.is_dir():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return root
+
+
+def _write_digits(root: Path) -> None:
+    """scikit-learn's digits (1,797 8x8 images, BSD-3) as PNG folders `{train,val}/<digit>/<index>.png`."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    indices = np.arange(len(digits.target))
+    train, val = train_test_split(
+        indices, test_size=DIGITS_VAL_FRACTION, stratify=digits.target, random_state=DIGITS_SPLIT_SEED
+    )
+    for split, split_indices in (("train", train), ("val", val)):
+        for index in split_indices:
+            folder = root / split / str(digits.target[index])
+            folder.mkdir(parents=True, exist_ok=True)
+            _digit_image(digits.images[index]).save(folder / f"{index:04d}.png")
+
+
+def _digit_image(counts: np.ndarray) -> Image.Image:
+    # Pixels are counts 0..16 of ink in 4x4 blocks. Bicubic upscaling gives smooth strokes; nearest
+    # would add a blocky 4-pixel grid that crops and blur would then have to learn around.
+    gray = Image.fromarray(np.round(counts * (255 / 16)).astype(np.uint8))
+    return gray.resize((DIGITS_IMAGE_SIZE, DIGITS_IMAGE_SIZE), Image.Resampling.BICUBIC).convert("RGB")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Augmentations: each takes (PIL image, random.Random) and draws every parameter from that generator.
+
+
+@dataclass(frozen=True)
+class PretrainAugment:
+    """Two views of one image, both from the SogCLR/SimCLR recipe.
+
+    RandomResizedCrop(scale=(crop_min, 1)), ColorJitter(0.4, 0.4, 0.2, 0.1) in random order with p=0.8,
+    grayscale p=0.2, PIL Gaussian blur always (sigma in [0.1, 2] at 224 px, scaled by image_size / 224 so
+    the blur keeps its size relative to the image), horizontal flip, ImageNet normalisation.
+    """
+
+    image_size: int = 224
+    crop_min: float = 0.08
+
+    def __call__(self, image: Image.Image, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.view(image, rng), self.view(image, rng)
+
+    def view(self, image: Image.Image, rng: random.Random) -> torch.Tensor:
+        image = random_resized_crop(image, self.image_size, (self.crop_min, 1.0), rng)
+        if rng.random() < JITTER_PROBABILITY:
+            image = color_jitter(image, rng)
+        if rng.random() < GRAYSCALE_PROBABILITY:
+            image = F.rgb_to_grayscale(image, num_output_channels=3)
+        sigma = rng.uniform(*BLUR_SIGMA) * self.image_size / BLUR_REFERENCE_SIZE
+        image = image.filter(ImageFilter.GaussianBlur(radius=sigma))  # PIL's radius is the std deviation
+        return normalised_tensor(random_flip(image, rng))
+
+
+@dataclass(frozen=True)
+class EvalAugment:
+    """Linear evaluation: RandomResizedCrop + flip for training; Resize(size*256/224) + CenterCrop for val."""
+
+    image_size: int = 224
+    train: bool = True
+
+    def __call__(self, image: Image.Image, rng: random.Random) -> torch.Tensor:
+        if self.train:
+            image = random_flip(random_resized_crop(image, self.image_size, EVAL_CROP_SCALE, rng), rng)
+        else:
+            image = F.resize(image, round(self.image_size * 256 / 224))
+            image = F.center_crop(image, self.image_size)
+        return normalised_tensor(image)
+
+
+def random_resized_crop(
+    image: Image.Image, size: int, scale: tuple[float, float], rng: random.Random
+) -> Image.Image:
+    """torchvision's RandomResizedCrop (aspect ratio in [3/4, 4/3], 10 tries, then a central crop)."""
+    top, left, height, width = _crop_box(image.width, image.height, scale, rng)
+    return F.resized_crop(image, top, left, height, width, [size, size])
+
+
+def _crop_box(
+    image_width: int,
+    image_height: int,
+    scale: tuple[float, float],
+    rng: random.Random,
+) -> tuple[int, int, int, int]:
+    area = image_width * image_height
+    ratio = CROP_ASPECT_RATIO
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        width = round(math.sqrt(target_area * aspect))
+        height = round(math.sqrt(target_area / aspect))
+        if 0 < width <= image_width and 0 < height <= image_height:
+            return rng.randint(0, image_height - height), rng.randint(0, image_width - width), height, width
+    # No sample fitted: the whole image, cut to the nearest allowed aspect ratio.
+    width, height = image_width, image_height
+    if width / height < ratio[0]:
+        height = round(width / ratio[0])
+    elif width / height > ratio[1]:
+        width = round(height * ratio[1])
+    return (image_height - height) // 2, (image_width - width) // 2, height, width
+
+
+def color_jitter(image: Image.Image, rng: random.Random) -> Image.Image:
+    """torchvision's ColorJitter(0.4, 0.4, 0.2, 0.1): four factors, applied in a random order."""
+    brightness, contrast, saturation, hue = JITTER_STRENGTH
+    ops = [
+        (F.adjust_brightness, rng.uniform(1 - brightness, 1 + brightness)),
+        (F.adjust_contrast, rng.uniform(1 - contrast, 1 + contrast)),
+        (F.adjust_saturation, rng.uniform(1 - saturation, 1 + saturation)),
+        (F.adjust_hue, rng.uniform(-hue, hue)),
+    ]
+    rng.shuffle(ops)
+    for op, factor in ops:
+        image = op(image, factor)
+    return image
+
+
+def random_flip(image: Image.Image, rng: random.Random) -> Image.Image:
+    return F.hflip(image) if rng.random() < 0.5 else image
+
+
+def normalised_tensor(image: Image.Image) -> torch.Tensor:
+    return F.normalize(F.to_tensor(image), IMAGENET_MEAN, IMAGENET_STD, inplace=True)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Dataset
+
+
+class IndexedImageFolder(ImageFolder):
+    """An ImageFolder whose items are `(transform(image, rng), target, index)`.
+
+    `rng` is a `random.Random` seeded from `(seed, epoch, index)`. The epoch lives in a shared-memory
+    tensor, so `set_epoch` in the main process reaches DataLoader workers too, persistent ones included
+    (they hold a copy of the dataset made when they started). Call it before iterating the epoch's loader.
+    `classes`, if given, restricts the dataset to those class folders (ImageNet-100).
+    """
+
+    def __init__(
+        self, root: str | Path, transform: Augment, seed: int = 0, classes: Sequence[str] | None = None
+    ) -> None:
+        self.class_subset = None if classes is None else sorted(classes)
+        super().__init__(root, transform=transform)
+        self.seed = seed
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
+        if self.class_subset is None:
+            return super().find_classes(directory)
+        return self.class_subset, {name: i for i, name in enumerate(self.class_subset)}
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch.fill_(epoch)
+
+    def __getitem__(self, index: int) -> tuple[object, int, int]:
+        path, target = self.samples[index]
+        image = self.loader(path)
+        return self.transform(image, sample_rng(self.seed, self.epoch, index)), target, index
+
+
+def build_pretrain_dataset(cfg: PretrainConfig) -> IndexedImageFolder:
+    """The train split with the two-view pretraining augmentation."""
+    root = prepare_data_root(cfg)
+    augment = PretrainAugment(cfg.image_size, cfg.crop_min)
+    return IndexedImageFolder(root / "train", augment, seed=cfg.seed, classes=_class_subset(cfg))
+
+
+def build_lincls_datasets(
+    cfg: PretrainConfig, seed: int | None = None
+) -> tuple[IndexedImageFolder, IndexedImageFolder]:
+    """(train, val) for linear evaluation; `seed` (default `cfg.seed`) drives the train augmentation."""
+    root = prepare_data_root(cfg)
+    seed = cfg.seed if seed is None else seed
+    classes = _class_subset(cfg)
+    train = IndexedImageFolder(root / "train", EvalAugment(cfg.image_size, train=True), seed, classes)
+    val = IndexedImageFolder(root / "val", EvalAugment(cfg.image_size, train=False), seed, classes)
+    return train, val
+
+
+def _class_subset(cfg: PretrainConfig) -> list[str] | None:
+    return imagenet100_classes() if cfg.dataset == "imagenet100" else None
+
+
+# --------------------------------------------------------------------------------------------------------
+# Samplers and loader
+
+
+class ResumableDistributedSampler(Sampler[int]):
+    """This rank's share of each global batch of a (seed, epoch) shuffle, resumable at any step.
+
+    At step `s` rank `r` takes `perm[s*B + r*b : s*B + (r+1)*b]` (B global, b = B / world), so the global
+    batch of every step is the same for any world size. The last partial global batch is dropped: no index
+    repeats within an epoch (the reference padded, and a repeated index made the `u` update ambiguous).
+    """
+
+    def __init__(self, dataset_size: int, global_batch: int, rank: int, world_size: int, seed: int) -> None:
+        if global_batch % world_size:
+            raise ValueError(f"global batch {global_batch} is not divisible by world size {world_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        if global_batch > dataset_size:
+            raise ValueError(f"global batch {global_batch} is larger than the dataset ({dataset_size})")
+        self.dataset_size = dataset_size
+        self.global_batch = global_batch
+        self.local_batch = global_batch // world_size
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.steps_per_epoch = dataset_size // global_batch
+        self.epoch = 0
+        self.start_step = 0
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Iterate `epoch` from `start_step` on (a resumed run skips the steps already done)."""
+        if not 0 <= start_step <= self.steps_per_epoch:
+            raise ValueError(f"start_step {start_step} is outside [0, {self.steps_per_epoch}]")
+        self.epoch = epoch
+        self.start_step = start_step
+
+    def __iter__(self) -> Iterator[int]:
+        perm = epoch_permutation(self.seed, self.epoch, self.dataset_size)
+        steps = perm[: self.steps_per_epoch * self.global_batch].reshape(
+            self.steps_per_epoch, self.world_size, self.local_batch
+        )
+        return iter(steps[self.start_step :, self.rank].ravel().tolist())
+
+    def __len__(self) -> int:
+        return (self.steps_per_epoch - self.start_step) * self.local_batch
+
+
+class ShardSampler(Sampler[int]):
+    """Evaluation: rank `r` takes indices r, r + world, r + 2*world, ...; no padding, no duplicates,
+    so per-rank counts all-reduce to exact dataset totals."""
+
+    def __init__(self, dataset_size: int, rank: int, world_size: int) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        self.indices = range(rank, dataset_size, world_size)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def build_loader(
+    dataset: IndexedImageFolder, sampler: Sampler[int], batch_size: int, workers: int, pin_memory: bool
+) -> DataLoader:
+    """A loader over `sampler`'s indices; `batch_size` is per rank and must match a training sampler."""
+    if isinstance(sampler, ResumableDistributedSampler) and batch_size != sampler.local_batch:
+        raise ValueError(f"batch_size {batch_size} != the sampler's per-rank batch {sampler.local_batch}")
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        drop_last=False,
+        persistent_workers=workers > 0,
+        # Two batches in flight per worker: at 224 px a two-view batch of 256 is 300 MB of shared memory.
+        prefetch_factor=2 if workers > 0 else None,
+    )
+
+
+def set_loader_epoch(loader: DataLoader, epoch: int, start_step: int = 0) -> None:
+    """Point a training loader at `epoch` (from `start_step`): its sampler's shuffle and its dataset's
+    augmentations together. Call before `iter(loader)`."""
+    loader.sampler.set_epoch(epoch, start_step)
+    loader.dataset.set_epoch(epoch)
