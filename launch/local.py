@@ -1,0 +1,103 @@
+"""Local mode (`--local`): the sweep's runs on this machine, with the SLURM jobs' resume and requeue rules.
+
+Each run uses its usual run directory; a preempted attempt is started again from its checkpoint (that is
+the local requeue, counted against `max_requeues`), and linear evaluation follows a completed pretraining.
+`--preempt-after` rehearses preemption: SLURM's warning signal (USR2) to the training processes after
+that many seconds of a run's first attempt. `--debug` runs one run in this process, single rank.
+"""
+
+from __future__ import annotations
+
+import os
+import pdb
+import sys
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from jobs.attempt import CONFIG_FILE, PHASES, finish_attempt, run_attempt
+from jobs.torchrun import threads_per_rank, torchrun_command
+from launch.manifest import phase_done
+from launch.spec import Run, SweepSpec
+from launch.submit import phase_resources, write_run_config
+
+LOG_DIR = "local"  # <run_dir>/local/<phase>.log: torchrun's output in local mode
+
+
+def run_local(
+    spec: SweepSpec, runs: list[Run], parallel: int, preempt_after: float | None, console: Console
+) -> int:
+    """Run every run (pretraining, then linear eval), `parallel` at once; 0 when all of them finish."""
+
+    def one(run: Run) -> str:
+        outcome = run_locally(run, preempt_after, console)
+        console.print(f"{run.name}: {outcome}", highlight=False)
+        return outcome
+
+    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+        outcomes = list(pool.map(one, runs))
+    table = Table(title=f"{spec.name}: local runs", title_justify="left")
+    for column in ("run", "outcome", "run directory"):
+        table.add_column(column, overflow="fold")
+    for run, outcome in zip(runs, outcomes, strict=True):
+        table.add_row(run.name, outcome, str(run.run_dir))
+    console.print(table)
+    return 0 if all(outcome == "done" for outcome in outcomes) else 1
+
+
+def run_locally(run: Run, preempt_after: float | None, console: Console) -> str:
+    """Both phases of one run; returns `done` or which phase failed."""
+    write_run_config(run)
+    for phase in ["pretrain", "lincls"] if run.config.lincls is not None else ["pretrain"]:
+        if phase_done(run, phase):
+            continue
+        warn_after = preempt_after if phase == "pretrain" else None
+        if run_phase_locally(run, phase, warn_after, console) != "done":
+            return f"{phase} failed (see {run.run_dir / LOG_DIR / phase}.log)"
+    return "done"
+
+
+def run_phase_locally(run: Run, phase: str, warn_after: float | None, console: Console) -> str:
+    """Attempts of one phase until it is done or gives up; `warn_after` applies to the first one."""
+    state_path = PHASES[phase].state_path(run.run_dir)
+    ranks = local_ranks(run, phase)
+    command = torchrun_command(PHASES[phase].module, run.run_dir / CONFIG_FILE, ranks)
+    env = threads_per_rank(min(phase_resources(run, phase).cpus_per_task, os.cpu_count() or 1), ranks)
+    log = run.run_dir / LOG_DIR / f"{phase}.log"
+    while True:
+        where = {"job_id": "local", "hosts": ["localhost"]}
+        attempt = run_attempt(command, state_path, where, log, warn_after, env)
+        action = finish_attempt(state_path, attempt, phase_resources(run, phase).max_requeues)
+        console.print(
+            f"{run.name} {phase}: {attempt['outcome']} at step {attempt['end_step']} -> {action}",
+            highlight=False,
+        )
+        if action != "requeue":
+            return action
+        warn_after = None
+
+
+def local_ranks(run: Run, phase: str) -> int:
+    """One node's worth of ranks: the GPUs asked for (when there are GPUs), else one CPU process."""
+    return phase_resources(run, phase).ranks_per_node if torch.cuda.is_available() else 1
+
+
+def run_debug(run: Run) -> int:
+    """Pretrain (and evaluate) one run in this process; on an exception, the debugger (or the traceback)."""
+    from sogclr import lincls, pretrain  # the training library, in-process: no torchrun, one rank
+
+    config = write_run_config(run)
+    try:
+        status = pretrain.train(config)
+        if status == "done" and config.lincls is not None:
+            status = lincls.train(config)
+    except Exception:
+        if not sys.stdin.isatty():
+            traceback.print_exc()
+            return 1
+        pdb.post_mortem(sys.exc_info()[2])
+        return 1
+    return 0 if status == "done" else 1

@@ -1,0 +1,85 @@
+"""`sogclr-submit status` and `cancel`: this sweep's runs as SLURM and their run directories see them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from launch.manifest import read_manifest, standings, sweep_dir
+from launch.spec import Run, SweepSpec
+from sogclr.state import read_state
+
+
+def show_status(spec: SweepSpec, runs: list[Run], console: Console) -> int:
+    """One row per run: job ids, state of each phase, progress, requeues, last loss, linear top-1."""
+    where = standings(runs, read_manifest(sweep_dir(spec)))
+    table = Table(title=f"{spec.name}: {len(runs)} run(s)", title_justify="left")
+    columns = ("run", "pretrain job", "lincls job", "pretraining", "linear eval", "epoch/step", "requeues")
+    for column in (*columns, "last loss", "top-1"):
+        table.add_column(column, overflow="fold")
+    for run in runs:
+        pretrain, lincls = where[run.name]["pretrain"], where[run.name]["lincls"]
+        state = read_state(run.run_dir / "state.json")
+        result = read_state(run.run_dir / "lincls" / "result.json")
+        table.add_row(
+            run.name,
+            pretrain.job_id or "-",
+            lincls.job_id or "-",
+            pretrain.state,
+            lincls.state if run.config.lincls is not None else "-",
+            f"{state['epoch']}/{state['step']}" if "step" in state else "-",
+            str(state.get("requeues", 0)),
+            _format(last_metric(run.run_dir / "metrics.jsonl", "loss")),
+            _format(result.get("top1")),
+        )
+    console.print(table)
+    return 0
+
+
+def cancel(spec: SweepSpec, runs: list[Run], console: Console) -> int:
+    """scancel the recorded, still queued or running jobs of `runs` (and nothing else)."""
+    where = standings(runs, read_manifest(sweep_dir(spec)))
+    targets = {
+        standing.job_id: f"{run.name} {phase}"
+        for run in runs
+        for phase, standing in where[run.name].items()
+        if standing.active
+    }
+    if not targets:
+        console.print(f"{spec.name}: no queued or running jobs to cancel")
+        return 0
+    subprocess.run(["scancel", *targets], check=True)
+    for job_id, what in targets.items():
+        console.print(f"cancelled job {job_id} ({what})", highlight=False)
+    return 0
+
+
+def last_metric(path: Path, key: str) -> float | None:
+    """The last value of `key` in a metrics.jsonl file (read from the tail, not the whole file)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, 2) - 65536))
+            lines = f.read().decode(errors="replace").splitlines()
+    except FileNotFoundError:
+        return None
+    for line in reversed(lines):
+        record = _json_or_none(line)
+        if record and key in record:
+            return record[key]
+    return None
+
+
+def _json_or_none(line: str) -> dict[str, Any] | None:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:  # the first line of the tail, or one being written
+        return None
+
+
+def _format(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"

@@ -1,0 +1,247 @@
+"""End to end against a real local SLURM cluster (tests/slurm_cluster.py): submit, preempt, requeue, chain.
+
+Everything is tiny (digits at 16 px, ResNet-18, batch 64, one CPU per job) so that the whole file runs in a
+few minutes on two emulated nodes. Sweeps are submitted as early as possible and waited on later, so that
+the cluster's four CPUs work while other tests wait. Waits poll with generous timeouts; no sleep asserts.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from launch import cli
+from launch.manifest import read_manifest
+from sogclr.state import read_state
+
+pytestmark = pytest.mark.slurm
+
+TIMEOUT_S = 600
+TINY = {
+    "slurm": {"nodes": 1, "gpus_per_node": 0, "cpus_per_task": 1, "time": "00:20:00", "signal_lead_s": 60},
+    "pretrain": {
+        "dataset": "digits", "image_size": 16, "arch": "resnet18", "projector_hidden_dim": 64,
+        "projector_out_dim": 64, "epochs": 1, "batch_size": 64, "warmup_epochs": 0.5, "lr": 0.05,
+        "workers": 0, "precision": "fp32", "log_every_steps": 1,
+    },
+    "lincls": {"epochs": 1, "batch_size": 64, "mode": "features", "workers": 0},
+}  # fmt: skip
+STEPS_PER_EPOCH = 22  # 1437 training digits // 64
+
+
+@pytest.fixture(scope="module")
+def cluster(request: pytest.FixtureRequest) -> None:
+    try:
+        request.getfixturevalue("slurm_cluster")
+    except pytest.FixtureLookupError:
+        if "SLURM_CONF" not in os.environ:
+            pytest.skip("no slurm_cluster fixture and no SLURM_CONF: run scripts/local-slurm up")
+
+
+def write_spec(directory: Path, name: str, **sections: Any) -> Path:
+    spec = {"name": name, "output_root": str(directory / "runs")}
+    for key, base in TINY.items():
+        value = sections.pop(key, {})
+        spec[key] = None if value is None else {**base, **value}
+    spec.update(sections)
+    path = directory / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def submit(spec: Path, *args: str) -> int:
+    return cli.main([str(spec), *args])
+
+
+def job_ids(spec_dir: Path, name: str, run: str) -> dict[str, str]:
+    runs = read_manifest(spec_dir / "runs" / name)["runs"]
+    return {phase: submissions[-1]["job_id"] for phase, submissions in runs[run].items()}
+
+
+def sacct_state(job_id: str) -> str:
+    out = subprocess.run(
+        ["sacct", "-n", "-X", "-P", "-o", "State", "-j", job_id], capture_output=True, text=True
+    ).stdout
+    return out.split()[0] if out.split() else ""
+
+
+def wait_until(condition: Callable[[], Any], what: str, timeout: float = TIMEOUT_S) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def last_logged_step(run_dir: Path) -> int:
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    return yaml.safe_load(lines[-1])["step"] if lines else 0
+
+
+def model_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
+    return torch.load(checkpoint, map_location="cpu", weights_only=False)["model"]
+
+
+# --- the module's sweeps, submitted up front ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory, cluster: None) -> Path:
+    return tmp_path_factory.mktemp("e2e")
+
+
+@pytest.fixture(scope="module")
+def preempt_spec(workdir: Path) -> Path:
+    """Two epochs, no evaluation; the test signals it mid-epoch."""
+    spec = write_spec(workdir, "preempt", pretrain={"epochs": 2}, lincls=None)
+    assert submit(spec) == 0
+    return spec
+
+
+@pytest.fixture(scope="module")
+def sweep_spec(workdir: Path, preempt_spec: Path) -> Path:
+    spec = write_spec(workdir, "pair", sweep={"product": {"gamma": [0.5, 0.9]}})
+    assert submit(spec) == 0
+    return spec
+
+
+@pytest.fixture(scope="module")
+def two_node_spec(workdir: Path, sweep_spec: Path) -> Path:
+    spec = write_spec(workdir, "twonode", slurm={"nodes": 2})
+    assert submit(spec) == 0
+    return spec
+
+
+@pytest.fixture(scope="module")
+def crash_spec(workdir: Path, two_node_spec: Path) -> Path:
+    """Dataset `folder` on an empty directory: training crashes on every attempt."""
+    empty = workdir / "empty"
+    (empty / "train").mkdir(parents=True)
+    (empty / "val").mkdir()
+    spec = write_spec(workdir, "crash", pretrain={"dataset": "folder", "data_dir": str(empty)})
+    assert submit(spec) == 0
+    return spec
+
+
+# --- tests ---------------------------------------------------------------------------------------------
+
+
+def test_preempted_job_is_requeued_and_resumes_mid_epoch(workdir: Path, preempt_spec: Path, crash_spec: Path):
+    run_dir = workdir / "runs" / "preempt" / "preempt"
+    reference_dir = workdir / "reference"
+    reference = start_uninterrupted_reference(run_dir, reference_dir)
+    job = job_ids(workdir, "preempt", "preempt")["pretrain"]
+
+    wait_until(lambda: last_logged_step(run_dir) >= 3, "the first attempt to take 3 steps")
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    # COMPLETED comes after the job layer has recorded the last attempt (the trainer's `done` comes before)
+    wait_until(lambda: sacct_state(job) == "COMPLETED", "the requeued job to complete")
+    state = read_state(run_dir / "state.json")
+    first, second = state["attempts"]
+    assert (first["outcome"], second["outcome"]) == ("preempted", "done")
+    assert first["job_id"] == second["job_id"] == int(job)  # requeued, not resubmitted
+    assert (first["restart_count"], second["restart_count"]) == (0, 1)
+    assert state["requeues"] == 1
+    # resumed from the step saved at the signal, inside the first epoch (not from its start)
+    assert 3 <= first["end_step"] == second["start_step"] < STEPS_PER_EPOCH
+    logged = [yaml.safe_load(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, 2 * STEPS_PER_EPOCH + 1))  # no step taken twice, none skipped
+
+    assert reference.wait(timeout=TIMEOUT_S) == 0
+    ours, theirs = (model_tensors(d / "checkpoints" / "final.pt") for d in (run_dir, reference_dir))
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[key], theirs[key]) for key in ours)
+
+
+def start_uninterrupted_reference(run_dir: Path, reference_dir: Path) -> subprocess.Popen:
+    """The same config run directly (no torchrun, no SLURM), without interruption, in `reference_dir`."""
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    config["run_dir"] = str(reference_dir)
+    reference_dir.mkdir()
+    path = reference_dir / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return subprocess.Popen(
+        [sys.executable, "-m", "sogclr.pretrain", "--config", str(path)],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def test_sweep_completes_with_both_evaluations(workdir: Path, sweep_spec: Path, capsys):
+    for run in ("gamma0.5", "gamma0.9"):
+        result = workdir / "runs" / "pair" / run / "lincls" / "result.json"
+        wait_until(result.is_file, f"{run}'s linear evaluation")
+        assert 0 <= read_state(result)["top1"] <= 100
+        config = yaml.safe_load((workdir / "runs" / "pair" / run / "config.yaml").read_text())
+        assert config["meta"]["point"] == {"pretrain.gamma": float(run.removeprefix("gamma"))}
+        assert config["meta"]["resources"]["pretrain"]["cpus_per_task"] == 1
+
+    capsys.readouterr()
+    assert cli.main(["status", str(sweep_spec)]) == 0
+    table = capsys.readouterr().out
+    assert table.count("done") >= 4  # both phases of both runs
+
+
+def test_submitting_again_creates_no_jobs(workdir: Path, sweep_spec: Path, capsys):
+    before = read_manifest(workdir / "runs" / "pair")
+    queue_before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
+    assert submit(sweep_spec) == 0
+    assert "nothing:" in capsys.readouterr().out
+    assert read_manifest(workdir / "runs" / "pair") == before
+    queue_after = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
+    assert set(queue_after) <= set(queue_before)
+
+
+def test_two_node_run_trains_and_evaluates(workdir: Path, two_node_spec: Path):
+    run_dir = workdir / "runs" / "twonode" / "twonode"
+    wait_until((run_dir / "lincls" / "result.json").is_file, "the two-node run's evaluation")
+    (attempt,) = read_state(run_dir / "state.json")["attempts"]
+    assert attempt["hosts"] == ["n1", "n2"] and attempt["outcome"] == "done"
+
+
+def test_crashing_run_fails_once_and_its_evaluation_is_cancelled(workdir: Path, crash_spec: Path):
+    ids = job_ids(workdir, "crash", "crash")
+    wait_until(lambda: sacct_state(ids["pretrain"]) == "FAILED", "the crashing job to fail")
+    wait_until(lambda: sacct_state(ids["lincls"]) == "CANCELLED", "its evaluation to be cancelled")
+    state = read_state(workdir / "runs" / "crash" / "crash" / "state.json")
+    assert state["status"] == "failed" and state["requeues"] == 0
+    assert [a["outcome"] for a in state["attempts"]] == ["failed"]
+
+
+def test_cancel_cancels_this_sweeps_jobs_only(workdir: Path, crash_spec: Path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # rich wraps table cells at the default 80
+    long = write_spec(workdir, "long", pretrain={"epochs": 50})
+    other = subprocess.run(
+        ["sbatch", "--parsable", "--wrap", "sleep 300", "-o", "/dev/null"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    assert submit(long) == 0
+    ids = job_ids(workdir, "long", "long")
+
+    assert cli.main(["cancel", str(long)]) == 0
+    for job in ids.values():
+        wait_until(lambda job=job: sacct_state(job) == "CANCELLED", f"job {job} to be cancelled")
+    assert sacct_state(other) in ("PENDING", "RUNNING")
+    subprocess.run(["scancel", other], check=True)
+
+    capsys.readouterr()
+    assert cli.main(["status", str(long)]) == 0
+    assert "cancelled" in capsys.readouterr().out
+    assert submit(long) == 0  # without --resubmit-failed: nothing new
+    assert job_ids(workdir, "long", "long") == ids

@@ -1,0 +1,146 @@
+"""Submission without SLURM: the manifest, what gets submitted when, the lock, and the sbatch script."""
+
+from __future__ import annotations
+
+import fcntl
+import multiprocessing
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from launch.manifest import (
+    PhaseStanding,
+    current_job,
+    phase_standing,
+    read_manifest,
+    record_job,
+    sweep_lock,
+    write_manifest,
+)
+from launch.spec import Run, expand, load_spec
+from launch.submit import describe_job, git_provenance, phases_to_submit, provenance_config
+from sogclr.state import update_state
+
+SPEC = {
+    "name": "unit",
+    "slurm": {"nodes": 2, "gpus_per_node": 0, "cpus_per_task": 2, "mem_gb": 4, "time": "00:10:00",
+              "signal_lead_s": 30, "partition": "debug"},
+    "pretrain": {"dataset": "digits", "epochs": 1, "batch_size": 64},
+    "lincls": {"epochs": 1, "batch_size": 64, "slurm": {"nodes": 1}},
+}  # fmt: skip
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> Run:
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump({**SPEC, "output_root": str(tmp_path / "runs")}))
+    (run,) = expand(load_spec(path))
+    return run
+
+
+def test_manifest_keeps_every_submission_and_the_current_one(tmp_path: Path):
+    manifest = read_manifest(tmp_path)
+    assert current_job(manifest, "a", "pretrain") is None
+    record_job(manifest, "a", "pretrain", "11", "t1")
+    record_job(manifest, "a", "pretrain", "15", "t2")
+    write_manifest(tmp_path, manifest)
+    again = read_manifest(tmp_path)
+    assert current_job(again, "a", "pretrain") == "15"
+    assert [s["job_id"] for s in again["runs"]["a"]["pretrain"]] == ["11", "15"]
+
+
+def standing(pretrain: str, lincls: str, active: bool = False, lincls_job: str | None = "2") -> dict:
+    return {
+        "pretrain": PhaseStanding("1", pretrain, from_slurm=active),
+        "lincls": PhaseStanding(lincls_job, lincls, from_slurm=active),
+    }
+
+
+@pytest.mark.parametrize(
+    "where, resubmit, expected",
+    [
+        ({"pretrain": PhaseStanding(None, "not submitted"), "lincls": PhaseStanding(None, "")}, False,
+         ["pretrain", "lincls"]),
+        (standing("running", "pending", active=True), True, []),
+        (standing("pending", "pending", active=True), False, []),
+        (standing("failed", "cancelled"), False, []),
+        (standing("failed", "cancelled"), True, ["pretrain", "lincls"]),
+        (standing("running (run dir)", "unknown (run dir)"), True, ["pretrain", "lincls"]),
+        (standing("done", "failed"), False, []),
+        (standing("done", "failed"), True, ["lincls"]),
+        (standing("done", "done"), True, []),
+    ],
+)  # fmt: skip
+def test_what_gets_submitted(run: Run, where: dict, resubmit: bool, expected: list[str]):
+    phases, reason = phases_to_submit(run, where, resubmit)
+    assert phases == expected
+    assert reason
+
+
+def test_a_forgotten_job_is_read_from_the_run_directory_and_is_not_active(run: Run):
+    manifest = {"runs": {}}
+    record_job(manifest, run.name, "pretrain", "7", "t")
+    update_state(run.run_dir / "state.json", status="running", step=3)
+    forgotten = phase_standing(run, "pretrain", manifest, states={})
+    assert forgotten.state == "running (run dir)" and not forgotten.active
+    queued = phase_standing(run, "pretrain", manifest, states={"7": "running"})
+    assert queued.active
+    update_state(run.run_dir / "state.json", status="done")
+    assert phase_standing(run, "pretrain", manifest, states={"7": "completing"}).state == "done"
+
+
+def _try_lock(path: str, answer: multiprocessing.Queue) -> None:
+    with open(path, "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            answer.put("acquired")
+        except BlockingIOError:
+            answer.put("blocked")
+
+
+def test_sweep_lock_excludes_other_processes(tmp_path: Path):
+    answer: multiprocessing.Queue = multiprocessing.Queue()
+    with sweep_lock(tmp_path):
+        other = multiprocessing.Process(target=_try_lock, args=(str(tmp_path / ".submit.lock"), answer))
+        other.start()
+        other.join(timeout=60)
+        assert answer.get(timeout=10) == "blocked"
+    other = multiprocessing.Process(target=_try_lock, args=(str(tmp_path / ".submit.lock"), answer))
+    other.start()
+    other.join(timeout=60)
+    assert answer.get(timeout=10) == "acquired"
+
+
+def test_sbatch_script_and_torchrun_lines(run: Run):
+    text = describe_job(run)
+    pretrain, lincls = text.split("# --- lincls: sbatch script")
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --requeue",
+                 "#SBATCH --signal=USR2@30", "#SBATCH --mem=4GB", "#SBATCH --partition=debug",
+                 "#SBATCH --time=00:10:00", "#SBATCH --cpus-per-task=2"):  # fmt: skip
+        assert line in pretrain
+    assert "gpus-per-node" not in text  # CPU jobs ask for no GPUs
+    assert "--rdzv-backend c10d" in pretrain and "--node-rank $SLURM_NODEID" in pretrain
+    assert "#SBATCH --nodes=1" in lincls and "--standalone" in lincls and "afterok" in lincls
+    assert not run.run_dir.exists()  # a dry run writes nothing
+
+
+def test_provenance_names_the_point_resources_and_commit(run: Run, tmp_path: Path, monkeypatch):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    assert git_provenance(repo) is None  # no commit yet
+    (repo / "a.txt").write_text("a")
+    subprocess.run([*git, "add", "a.txt"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "a"], check=True)
+    commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert git_provenance(repo) == {"commit": commit, "dirty": False}
+    (repo / "a.txt").write_text("b")
+    assert git_provenance(repo) == {"commit": commit, "dirty": True}
+
+    monkeypatch.chdir(repo)
+    meta = provenance_config(run).meta
+    assert meta["git"]["commit"] == commit and meta["sweep"] == "unit"
+    assert meta["resources"]["pretrain"]["nodes"] == 2 and meta["resources"]["lincls"]["nodes"] == 1
