@@ -1,0 +1,111 @@
+"""Process-group setup, stop signals, and the per-step agreement that makes every rank stop together.
+
+Under torchrun (RANK / WORLD_SIZE / LOCAL_RANK set) a process group is created: NCCL on GPU, gloo on CPU.
+Plain `python` runs a single process without a process group. Control decisions (stop, save) travel over a
+separate CPU gloo group, so agreeing on them never waits for the GPU stream.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass
+from datetime import timedelta
+from types import FrameType
+
+import torch
+import torch.distributed as dist
+
+STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    control_group: dist.ProcessGroup | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(timeout_minutes: float = 30.0) -> DistEnv:
+    """Join torchrun's process group if launched by it; pick this rank's device."""
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world_size == 1:
+        return DistEnv(rank, local_rank, world_size, device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(
+        backend, timeout=timedelta(minutes=timeout_minutes), device_id=device if backend == "nccl" else None
+    )
+    control_group = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
+    return DistEnv(rank, local_rank, world_size, device, control_group)
+
+
+def cleanup(env: DistEnv) -> None:
+    if env.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(env: DistEnv) -> None:
+    """Wait for every rank, over the CPU control group (no GPU sync)."""
+    if env.distributed:
+        dist.barrier(group=env.control_group)
+
+
+def agree(env: DistEnv, *flags: bool) -> tuple[bool, ...]:
+    """Each flag becomes True on every rank if it is True on any rank: one small MAX all-reduce."""
+    if not env.distributed:
+        return tuple(flags)
+    votes = torch.tensor([int(flag) for flag in flags], dtype=torch.int32)
+    dist.all_reduce(votes, op=dist.ReduceOp.MAX, group=env.control_group)
+    return tuple(bool(vote) for vote in votes.tolist())
+
+
+def all_gather_cat(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """Concatenate equally shaped tensors from every rank along dim 0 (rank order), without gradient."""
+    if not env.distributed:
+        return tensor
+    out = tensor.new_empty((env.world_size * tensor.shape[0], *tensor.shape[1:]))
+    dist.all_gather_into_tensor(out, tensor.contiguous())
+    return out
+
+
+class StopSignals:
+    """Records SIGUSR2 (SLURM's warning) and SIGTERM (preemption) as a flag; the loop acts on it later.
+
+    The handler only records the signal: saving from inside a handler could interrupt a half-written
+    checkpoint or a collective. Use as a context manager; the previous handlers come back on exit.
+    """
+
+    def __init__(self, signals: tuple[signal.Signals, ...] = STOP_SIGNALS) -> None:
+        self.signals = signals
+        self.received: signal.Signals | None = None
+        self._previous: dict[signal.Signals, object] = {}
+
+    def _record(self, signum: int, frame: FrameType | None) -> None:
+        self.received = signal.Signals(signum)
+
+    def __enter__(self) -> StopSignals:
+        for sig in self.signals:
+            self._previous[sig] = signal.signal(sig, self._record)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()

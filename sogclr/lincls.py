@@ -1,0 +1,269 @@
+"""Linear evaluation: `python -m sogclr.lincls --config FILE [--set key=value ...]`, also under torchrun.
+
+The backbone of the final pretraining checkpoint (`<run_dir>/checkpoints/final.pt`) is frozen in eval
+mode, BN statistics included; only a new linear layer (`fc`, N(0, 0.01)) is trained, with momentum SGD and
+a per-step cosine learning rate. Two ways to feed it:
+
+- standard: augmented training images (RandomResizedCrop + flip) through the frozen backbone every step;
+- features: the un-augmented training images through the backbone once, then the layer trains on the
+  stored features (much faster; a common cheaper protocol, not the reference's).
+
+Validation features do not change while the backbone is frozen, so they are computed once and scored
+after every epoch. Outputs go under `<run_dir>/lincls/`: checkpoints (one directory per mode), state.json,
+metrics.jsonl and result.json. Resuming, stop signals and checkpoint policy are those of pretraining.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+from collections.abc import Callable, Iterator
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from sogclr.checkpoint import FINAL, CheckpointManager, load_file, seed_everything
+from sogclr.cli import parse_run_config
+from sogclr.config import RunConfig
+from sogclr.data import (
+    IndexedImageFolder,
+    ResumableDistributedSampler,
+    ShardSampler,
+    build_lincls_datasets,
+    build_loader,
+    set_loader_epoch,
+)
+from sogclr.distributed import DistEnv, StopSignals, all_gather_cat
+from sogclr.loop import Progress, Session, run_epochs, run_process
+from sogclr.metrics import DeviceMean, MetricsLogger
+from sogclr.model import build_linear_classifier, load_backbone
+from sogclr.optim import build_optimizer, scaled_lr
+from sogclr.pretrain import CHECKPOINT_DIR, STATE_FILE, autocast_dtype
+from sogclr.schedules import set_lr, warmup_cosine
+from sogclr.state import read_state, update_state, write_json_atomic
+
+LINCLS_DIR = "lincls"
+Batches = Callable[[int, int], Iterator[tuple[torch.Tensor, torch.Tensor]]]
+
+
+def train(cfg: RunConfig) -> str:
+    """Linear evaluation (or its resumption) of the run in `cfg.run_dir`; returns the final status."""
+    if cfg.lincls is None:
+        raise ValueError(f"the config of {cfg.run_dir} has no lincls section")
+    return run_process(cfg.run_dir / LINCLS_DIR / STATE_FILE, partial(_evaluate, cfg))
+
+
+def _evaluate(cfg: RunConfig, env: DistEnv, signals: StopSignals) -> str:
+    pcfg, lcfg = cfg.pretrain, cfg.lincls
+    seed_everything(lcfg.seed)  # the classifier's initialisation
+
+    train_set, val_set = build_lincls_datasets(pcfg, seed=lcfg.seed)
+    classifier = build_linear_classifier(pcfg, num_classes=len(train_set.classes))
+    load_backbone(classifier, load_pretrained_weights(cfg.run_dir))
+    classifier.to(env.device)
+    if env.device.type == "cuda":
+        classifier.to(memory_format=torch.channels_last)
+    encode = FrozenEncoder(classifier.backbone, autocast_dtype(pcfg, env.device))
+
+    local_batch = lcfg.batch_size // env.world_size
+    val_features = extract_features(encode, val_set, env, local_batch, lcfg.workers)
+    sampler = ResumableDistributedSampler(
+        len(train_set), lcfg.batch_size, env.rank, env.world_size, lcfg.seed
+    )
+    modes = ("standard", "features") if lcfg.mode == "both" else (lcfg.mode,)
+    results = {}
+    for mode in modes:
+        if mode == "standard":
+            loader = build_loader(train_set, sampler, local_batch, lcfg.workers, env.device.type == "cuda")
+            batches = augmented_batches(encode, loader)
+        else:
+            # The training images with the validation transform: what the features protocol trains on.
+            plain = IndexedImageFolder(train_set.root, val_set.transform, lcfg.seed, train_set.class_subset)
+            batches = stored_batches(
+                *extract_features(encode, plain, env, local_batch, lcfg.workers), sampler
+            )
+        # deepcopy: every mode starts from the same initial layer
+        fc = copy.deepcopy(classifier.fc)
+        result = fit_linear(cfg, env, signals, mode, fc, batches, sampler.steps_per_epoch, val_features)
+        if result is None:
+            return "preempted"
+        results[mode] = result
+
+    if env.is_main:
+        out = cfg.run_dir / LINCLS_DIR
+        # Top level: the first mode's numbers (standard when both ran); each mode under its own key.
+        write_json_atomic(
+            out / "result.json", {"mode": lcfg.mode, "epochs": lcfg.epochs, **results[modes[0]], **results}
+        )
+        update_state(out / STATE_FILE, status="done")
+    return "done"
+
+
+def load_pretrained_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The model state_dict of the final pretraining checkpoint; a clear error if there is none."""
+    path = run_dir / CHECKPOINT_DIR / FINAL
+    if not path.exists():
+        status = read_state(run_dir / STATE_FILE).get("status", "not started")
+        raise FileNotFoundError(
+            f"no final pretraining checkpoint {path} (pretraining status: {status}); "
+            "linear evaluation needs a completed pretraining run"
+        )
+    payload = load_file(path)
+    if "model" not in payload:
+        raise ValueError(f"{path} holds no model weights (keys: {sorted(payload)})")
+    return payload["model"]
+
+
+class FrozenEncoder:
+    """Features of a batch of images from the frozen backbone: no graph, autocast on GPU, float32 out."""
+
+    def __init__(self, backbone: nn.Module, dtype: torch.dtype | None) -> None:
+        self.backbone = backbone
+        self.device = next(backbone.parameters()).device
+        self.dtype = dtype
+        self.memory_format = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+            return self.backbone(images).float()
+
+
+def extract_features(
+    encode: FrozenEncoder, dataset: IndexedImageFolder, env: DistEnv, batch_size: int, workers: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features [N, d], targets [N]) of the whole dataset on every rank; each rank encodes a shard."""
+    shard = ShardSampler(len(dataset), env.rank, env.world_size)
+    loader = build_loader(dataset, shard, batch_size, workers, pin_memory=env.device.type == "cuda")
+    features, targets, indices = [], [], []
+    for images, target, index in loader:
+        features.append(encode(images))
+        targets.append(target.to(encode.device))
+        indices.append(index.to(encode.device))
+    rows = len(dataset)
+    index = torch.cat(indices)
+    return _assemble(torch.cat(features), index, rows, env), _assemble(torch.cat(targets), index, rows, env)
+
+
+def _assemble(shard: torch.Tensor, index: torch.Tensor, rows: int, env: DistEnv) -> torch.Tensor:
+    """Put every rank's `shard` rows at their dataset `index` in one [rows, ...] tensor."""
+    # Shards differ in length by at most one: pad to a common length (index -1 marks padding) to gather.
+    length = math.ceil(rows / env.world_size)
+    padding = length - shard.shape[0]
+    shard = all_gather_cat(F.pad(shard, (0, 0) * (shard.dim() - 1) + (0, padding)), env)
+    index = all_gather_cat(F.pad(index, (0, padding), value=-1), env)
+    full = shard.new_empty((rows, *shard.shape[1:]))
+    full[index[index >= 0]] = shard[index >= 0]
+    return full
+
+
+def augmented_batches(encode: FrozenEncoder, loader: torch.utils.data.DataLoader) -> Batches:
+    """Standard protocol: each step encodes this rank's augmented images."""
+
+    def batches(epoch: int, start_step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        set_loader_epoch(loader, epoch, start_step)
+        for images, targets, _ in loader:
+            yield encode(images), targets.to(encode.device, non_blocking=True)
+
+    return batches
+
+
+def stored_batches(
+    features: torch.Tensor, targets: torch.Tensor, sampler: ResumableDistributedSampler
+) -> Batches:
+    """Features protocol: the same per-step index sets as the standard protocol, read from stored features."""
+
+    def batches(epoch: int, start_step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        sampler.set_epoch(epoch, start_step)
+        steps = torch.tensor(list(sampler), device=features.device).view(-1, sampler.local_batch)
+        for index in steps:
+            yield features[index], targets[index]
+
+    return batches
+
+
+def fit_linear(
+    cfg: RunConfig,
+    env: DistEnv,
+    signals: StopSignals,
+    mode: str,
+    fc: nn.Linear,
+    batches: Batches,
+    steps_per_epoch: int,
+    val_features: tuple[torch.Tensor, torch.Tensor],
+) -> dict[str, float] | None:
+    """Train `fc` for `lincls.epochs` (resuming if checkpointed); final accuracy, or None if stopped."""
+    lcfg = cfg.lincls
+    out = cfg.run_dir / LINCLS_DIR
+    peak_lr = scaled_lr(lcfg.lr, lcfg.batch_size, lcfg.lr_scaling)
+    optimizer = build_optimizer(fc, "sgd", peak_lr, lcfg.weight_decay, lcfg.momentum)
+    total_steps = lcfg.epochs * steps_per_epoch
+    session = Session(
+        env,
+        signals,
+        CheckpointManager(out / CHECKPOINT_DIR / mode, lcfg.checkpoint, env.is_main),
+        out / STATE_FILE,
+        stateful={"fc": fc, "optimizer": optimizer},
+        progress=Progress(steps_per_epoch),
+        total_steps=total_steps,
+        config=cfg.model_dump(mode="json"),
+    )
+    progress = session.resume()
+    session.record(mode=mode)
+    model = DistributedDataParallel(fc) if env.distributed else fc
+    loss_mean = DeviceMean()
+
+    with MetricsLogger(
+        out / "metrics.jsonl", total_steps, env.is_main, description=f"lincls {mode}"
+    ) as logger:
+
+        def step(batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+            features, targets = batch
+            lr = warmup_cosine(progress.global_step, total_steps, 0, peak_lr)
+            set_lr(optimizer, lr)
+            loss = F.cross_entropy(model(features), targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_mean.add(loss)
+            taken = progress.global_step + 1
+            if logger.enabled and taken % lcfg.log_every_steps == 0:
+                logger.log(taken, mode=mode, epoch=progress.epoch, loss=loss_mean.pop(), lr=lr)
+
+        def end_of_epoch(epoch: int) -> None:
+            logger.log(progress.global_step, mode=mode, epoch=epoch, **accuracy(fc, *val_features))
+
+        if not run_epochs(session, lcfg.epochs, batches, step, end_of_epoch):
+            return None
+    session.finish()
+    return accuracy(fc, *val_features)
+
+
+@torch.no_grad()
+def accuracy(
+    fc: nn.Module, features: torch.Tensor, targets: torch.Tensor, chunk: int = 8192
+) -> dict[str, float]:
+    """Top-1 and top-5 accuracy (percent) of `fc` on stored features."""
+    k = min(5, fc.out_features)
+    hits = torch.zeros(2, device=features.device)
+    for start in range(0, len(features), chunk):
+        top = fc(features[start : start + chunk]).topk(k, dim=1).indices
+        match = top == targets[start : start + chunk, None]
+        hits += torch.stack([match[:, 0].sum(), match.any(dim=1).sum()])
+    top1, top5 = (100.0 * hits / len(features)).tolist()
+    return {"top1": top1, "top5": top5}
+
+
+def main(argv: list[str] | None = None) -> int:
+    train(parse_run_config(argv, "SogCLR linear evaluation"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

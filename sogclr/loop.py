@@ -1,0 +1,179 @@
+"""The resumable training loop shared by pretraining and linear evaluation.
+
+A `Session` owns what every training process does at a step boundary: it agrees with the other ranks
+on whether a stop signal arrived anywhere and whether a checkpoint is due, saves, and keeps `state.json`
+current. `run_epochs` walks (epoch, step) from the resume position; callers supply batches and the step.
+
+Everything numeric in a checkpoint is a function of the step counter or saved state, so when and how often
+checkpoints are written never changes the result: a resumed run continues bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sogclr.checkpoint import CheckpointManager, rng_state, set_rng_state
+from sogclr.distributed import DistEnv, StopSignals, agree, cleanup, init_distributed
+from sogclr.state import update_state
+
+
+@dataclass
+class Progress:
+    """Position in training: epoch and step inside it; `global_step` counts optimizer steps taken."""
+
+    steps_per_epoch: int
+    epoch: int = 0
+    step_in_epoch: int = 0
+
+    @property
+    def global_step(self) -> int:
+        return self.epoch * self.steps_per_epoch + self.step_in_epoch
+
+    def advance(self) -> None:
+        self.step_in_epoch += 1
+        if self.step_in_epoch == self.steps_per_epoch:
+            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+
+
+class Session:
+    """Checkpoints, stop signals and `state.json` of one training process (all ranks build one).
+
+    `stateful` maps checkpoint keys to objects with `state_dict`/`load_state_dict` (the bare model, not
+    its DDP wrapper; the optimizer; the loss with its u buffer; the grad scaler).
+    """
+
+    def __init__(
+        self,
+        env: DistEnv,
+        signals: StopSignals,
+        checkpoints: CheckpointManager,
+        state_path: Path,
+        stateful: dict[str, Any],
+        progress: Progress,
+        total_steps: int,
+        config: dict[str, Any],
+    ) -> None:
+        self.env = env
+        self.signals = signals
+        self.checkpoints = checkpoints
+        self.state_path = state_path
+        self.stateful = stateful
+        self.progress = progress
+        self.total_steps = total_steps
+        self.config = config
+        self.saved_step: int | None = None
+
+    def resume(self) -> Progress:
+        """Load the newest readable checkpoint, if any, into the stateful objects and the RNGs."""
+        payload = self.checkpoints.load_latest()
+        if payload is not None:
+            if payload["steps_per_epoch"] != self.progress.steps_per_epoch:
+                raise ValueError(
+                    f"checkpoint has {payload['steps_per_epoch']} steps per epoch, this run "
+                    f"{self.progress.steps_per_epoch}: the dataset or global batch size changed"
+                )
+            for key, obj in self.stateful.items():
+                obj.load_state_dict(payload[key])
+            set_rng_state(payload["rng"])
+            self.progress.epoch, self.progress.step_in_epoch = payload["epoch"], payload["step_in_epoch"]
+            self.saved_step = self.progress.global_step
+        self.record(status="running", total_steps=self.total_steps, error=None, signal=None)
+        return self.progress
+
+    def save(self) -> None:
+        """Checkpoint the current position (once per step: a second call at the same step is a no-op)."""
+        progress = self.progress
+        if self.saved_step == progress.global_step:
+            return
+        payload = {key: obj.state_dict() for key, obj in self.stateful.items()}
+        payload.update(
+            epoch=progress.epoch,
+            step_in_epoch=progress.step_in_epoch,
+            global_step=progress.global_step,
+            steps_per_epoch=progress.steps_per_epoch,
+            world_size=self.env.world_size,
+            rng=rng_state(),
+            config=self.config,
+        )
+        self.checkpoints.save(payload, progress.global_step)
+        self.saved_step = progress.global_step
+        self.record(status="running")
+
+    def boundary(self, epoch_end: bool) -> bool:
+        """At a step boundary: save if due; on a stop signal (any rank) save and return True."""
+        stop, time_due = agree(
+            self.env, self.signals.received is not None, self.env.is_main and self.checkpoints.time_due()
+        )
+        if stop or time_due or epoch_end or self.checkpoints.step_due(self.progress.global_step):
+            self.save()
+        if stop:
+            self.record(status="preempted", signal=getattr(self.signals.received, "name", "peer"))
+        return stop
+
+    def finish(self) -> None:
+        """Save the end state and keep it as the final checkpoint."""
+        self.save()
+        self.checkpoints.mark_final()
+
+    def record(self, **fields: Any) -> None:
+        """Update state.json (rank 0) with `fields` and the current position."""
+        if self.env.is_main:
+            update_state(
+                self.state_path,
+                epoch=self.progress.epoch,
+                step=self.saved_step or 0,
+                **fields,
+            )
+
+
+def run_epochs(
+    session: Session,
+    epochs: int,
+    batches: Callable[[int, int], Iterable[Any]],
+    step: Callable[[Any], None],
+    end_of_epoch: Callable[[int], None] | None = None,
+) -> bool:
+    """Train from the session's position to the end of `epochs`; False if stopped by a signal.
+
+    `batches(epoch, start_step)` yields the epoch's batches from `start_step` on; `step(batch)` takes one
+    optimizer step at `session.progress` (before it advances); `end_of_epoch(epoch)` runs after an
+    epoch's last step, before the checkpoint that closes the epoch.
+    """
+    progress = session.progress
+    for epoch in range(progress.epoch, epochs):
+        for batch in batches(epoch, progress.step_in_epoch):
+            step(batch)
+            progress.advance()
+            epoch_end = progress.step_in_epoch == 0
+            if epoch_end and end_of_epoch is not None:
+                end_of_epoch(epoch)
+            if session.boundary(epoch_end):
+                return False
+    return True
+
+
+def run_process(state_path: Path, body: Callable[[DistEnv, StopSignals], str]) -> str:
+    """Run `body(env, signals)` inside this process's distributed context and stop-signal handlers.
+
+    An exception is recorded as `failed` in `state_path` (by every rank that raises: only the failing rank
+    knows the message; writes are atomic replaces), then propagates. The process group is always torn down.
+    """
+    env = init_distributed()
+    try:
+        with _recording_failure(state_path), StopSignals() as signals:
+            return body(env, signals)
+    finally:
+        cleanup(env)
+
+
+@contextmanager
+def _recording_failure(state_path: Path) -> Iterator[None]:
+    try:
+        yield
+    except Exception as error:
+        update_state(state_path, status="failed", error=f"{type(error).__name__}: {error}")
+        raise

@@ -1,0 +1,147 @@
+"""Training metrics: `metrics.jsonl` (one JSON object per logged step), TensorBoard, and a console line.
+
+Reading a value off the GPU is a device sync, so per-step values are accumulated on the device
+(`DeviceMean`) and read only when a line is logged. Only rank 0 writes anything.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class DeviceMean:
+    """Mean of detached scalar tensors, summed on their device; `pop` reads it (one sync) and resets."""
+
+    def __init__(self) -> None:
+        self.total: torch.Tensor | None = None
+        self.count = 0
+
+    def add(self, value: torch.Tensor) -> None:
+        value = value.detach().float()
+        self.total = value if self.total is None else self.total + value
+        self.count += 1
+
+    def pop(self) -> float:
+        if self.total is None:
+            return float("nan")
+        mean = self.total.item() / self.count
+        self.total, self.count = None, 0
+        return mean
+
+
+class Throughput:
+    """Items per second since the previous `pop`, on this process's clock."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.items = 0
+
+    def add(self, items: int) -> None:
+        self.items += items
+
+    def pop(self) -> float:
+        now = time.perf_counter()
+        rate = self.items / max(now - self.start, 1e-9)
+        self.start, self.items = now, 0
+        return rate
+
+
+def estimator_stats(u: torch.Tensor) -> dict[str, float]:
+    """Mean, min and max of SogCLR's u over the samples seen so far (u = 0 marks an unseen sample)."""
+    seen = u[u > 0]
+    if seen.numel() == 0:
+        return {}
+    stats = torch.stack([seen.mean(), seen.min(), seen.max()]).tolist()
+    return dict(zip(("u_mean", "u_min", "u_max"), stats, strict=True))
+
+
+class MetricsLogger:
+    """Appends records to `metrics.jsonl`; mirrors them to TensorBoard and to the console on rank 0.
+
+    On a terminal the console shows a rich progress bar with the latest values; otherwise (SLURM logs)
+    one plain line per record.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        total_steps: int,
+        enabled: bool = True,
+        tensorboard_dir: str | Path | None = None,
+        description: str = "train",
+    ) -> None:
+        self.path = Path(path)
+        self.enabled = enabled
+        self.writer = None
+        self.progress = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if tensorboard_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter  # optional dependency: import only if asked
+
+            self.writer = SummaryWriter(str(tensorboard_dir))
+        if sys.stdout.isatty():
+            self.progress = _RichProgress(description, total_steps)
+
+    def log(self, step: int, **values: Any) -> None:
+        """Record `values` at global `step` (rank 0 only; a no-op elsewhere)."""
+        if not self.enabled:
+            return
+        record = {"step": step, **values, "time": round(time.time(), 3)}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in values.items():
+                if isinstance(value, int | float):
+                    self.writer.add_scalar(key, value, step)
+        if self.progress is not None:
+            self.progress.update(step, values)
+        else:
+            print(f"step={step} " + _format(values), flush=True)
+
+    def __enter__(self) -> MetricsLogger:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.progress is not None:
+            self.progress.stop()
+
+
+def _format(values: dict[str, Any]) -> str:
+    return " ".join(
+        f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
+        for key, value in values.items()
+    )
+
+
+class _RichProgress:
+    def __init__(self, description: str, total_steps: int) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[values]}"),
+        )
+        self.task = self.bar.add_task(description, total=total_steps, values="")
+        self.bar.start()
+
+    def update(self, step: int, values: dict[str, Any]) -> None:
+        self.bar.update(self.task, completed=step, values=_format(values))
+
+    def stop(self) -> None:
+        self.bar.stop()

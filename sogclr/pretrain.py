@@ -1,0 +1,225 @@
+"""SogCLR pretraining: `python -m sogclr.pretrain --config FILE [--set key=value ...]`, also under torchrun.
+
+`train` reads top to bottom: set up the process group, build data, model, loss and optimizer, resume from
+the run directory, then loop over epochs and steps. A stop signal (SIGUSR2 or SIGTERM, on any rank) ends
+the run at the next step boundary with one checkpoint and `preempted` in state.json; a completed run ends
+with `checkpoints/final.pt` and `done`.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from sogclr.checkpoint import CheckpointManager, seed_everything
+from sogclr.cli import parse_run_config
+from sogclr.config import PretrainConfig, RunConfig
+from sogclr.data import ResumableDistributedSampler, build_loader, build_pretrain_dataset, set_loader_epoch
+from sogclr.distributed import DistEnv, StopSignals
+from sogclr.loop import Progress, Session, run_epochs, run_process
+from sogclr.losses import GlobalContrastiveLoss, SimCLRLoss
+from sogclr.metrics import DeviceMean, MetricsLogger, Throughput, estimator_stats
+from sogclr.model import build_pretrain_model, maybe_sync_batchnorm
+from sogclr.optim import build_optimizer, scaled_lr
+from sogclr.schedules import gamma_at, set_lr, warmup_cosine
+
+STATE_FILE = "state.json"
+CHECKPOINT_DIR = "checkpoints"
+
+
+def train(cfg: RunConfig) -> str:
+    """Pretrain (or resume pretraining) the run in `cfg.run_dir`; returns the final status."""
+    return run_process(cfg.run_dir / STATE_FILE, partial(_pretrain, cfg))
+
+
+def _pretrain(cfg: RunConfig, env: DistEnv, signals: StopSignals) -> str:
+    pcfg = cfg.pretrain
+    # The same seed on every rank: identical initial weights (augmentations are seeded per sample).
+    seed_everything(pcfg.seed)
+    if env.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    dataset = build_pretrain_dataset(pcfg)
+    sampler = ResumableDistributedSampler(len(dataset), pcfg.batch_size, env.rank, env.world_size, pcfg.seed)
+    loader = build_loader(dataset, sampler, sampler.local_batch, pcfg.workers, env.device.type == "cuda")
+    total_steps = pcfg.epochs * sampler.steps_per_epoch
+
+    model = build_pretrain_model(pcfg).to(env.device)
+    model = maybe_sync_batchnorm(model, env.distributed, env.device)
+    if env.device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    criterion = build_criterion(pcfg, num_samples=len(dataset)).to(env.device)
+    peak_lr = scaled_lr(pcfg.lr, pcfg.batch_size, pcfg.lr_scaling)
+    optimizer = build_optimizer(
+        model, pcfg.optimizer, peak_lr, pcfg.weight_decay, pcfg.momentum, pcfg.trust_coefficient
+    )
+    scaler = torch.amp.GradScaler(env.device.type, enabled=autocast_dtype(pcfg, env.device) == torch.float16)
+
+    session = Session(
+        env,
+        signals,
+        CheckpointManager(cfg.run_dir / CHECKPOINT_DIR, pcfg.checkpoint, env.is_main),
+        cfg.run_dir / STATE_FILE,
+        stateful={"model": model, "optimizer": optimizer, "criterion": criterion, "scaler": scaler},
+        progress=Progress(sampler.steps_per_epoch),
+        total_steps=total_steps,
+        config=cfg.model_dump(mode="json"),
+    )
+    progress = session.resume()
+
+    step = PretrainStep(
+        wrap_model(model, pcfg, env), criterion, optimizer, scaler, pcfg, total_steps, sampler.steps_per_epoch
+    )
+    log_path, tensorboard_dir = cfg.run_dir / "metrics.jsonl", cfg.run_dir / "tensorboard"
+    with MetricsLogger(
+        log_path, total_steps, env.is_main, tensorboard_dir if pcfg.tensorboard else None, "pretrain"
+    ) as logger:
+        monitor = PretrainMonitor(logger, criterion, pcfg, step)
+
+        def one_step(batch: tuple) -> None:
+            views, _, index = batch
+            loss = step(views, index, progress.global_step)
+            monitor.after_step(loss, progress)
+
+        def epoch_batches(epoch: int, start_step: int) -> torch.utils.data.DataLoader:
+            set_loader_epoch(loader, epoch, start_step)
+            return loader
+
+        if not run_epochs(session, pcfg.epochs, epoch_batches, one_step):
+            return "preempted"
+    session.finish()
+    session.record(status="done")
+    return "done"
+
+
+def build_criterion(cfg: PretrainConfig, num_samples: int) -> nn.Module:
+    if cfg.loss == "sogclr":
+        return GlobalContrastiveLoss(num_samples, cfg.temperature, cfg.gamma)
+    return SimCLRLoss(cfg.temperature)
+
+
+def autocast_dtype(cfg: PretrainConfig, device: torch.device) -> torch.dtype | None:
+    """bf16/fp16 autocast on GPU; None (full fp32) on CPU or when fp32 is asked for."""
+    if device.type != "cuda" or cfg.precision == "fp32":
+        return None
+    return torch.bfloat16 if cfg.precision == "bf16" else torch.float16
+
+
+class TwoViews(nn.Module):
+    """Both views through one network in a single call, so DDP sees one forward per backward.
+
+    The views go through separately (not concatenated): BN normalises each view with its own statistics,
+    as in the reference.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model(x1), self.model(x2)
+
+
+def wrap_model(model: nn.Module, cfg: PretrainConfig, env: DistEnv) -> nn.Module:
+    """Compile (optional) and wrap for DDP; the bare `model` stays what checkpoints hold."""
+    if cfg.compile:
+        model.compile()
+    two_views = TwoViews(model)
+    if not env.distributed:
+        return two_views
+    device_ids = [env.device] if env.device.type == "cuda" else None
+    return DistributedDataParallel(two_views, device_ids=device_ids)
+
+
+@dataclass
+class PretrainStep:
+    """One optimizer step at a given global step: schedules, forward of both views, loss, update.
+
+    `model` maps (view1, view2) to their projections (`TwoViews`, maybe inside DDP); the loss gathers
+    across ranks itself. Nothing here reads a value back to the host.
+    """
+
+    model: nn.Module
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    cfg: PretrainConfig
+    total_steps: int
+    steps_per_epoch: int
+
+    def __post_init__(self) -> None:
+        self.device = next(self.model.parameters()).device
+        self.dtype = autocast_dtype(self.cfg, self.device)
+        self.memory_format = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
+        self.peak_lr = scaled_lr(self.cfg.lr, self.cfg.batch_size, self.cfg.lr_scaling)
+        self.warmup_steps = round(self.cfg.warmup_epochs * self.steps_per_epoch)
+
+    def lr(self, global_step: int) -> float:
+        return warmup_cosine(global_step, self.total_steps, self.warmup_steps, self.peak_lr)
+
+    def gamma(self, global_step: int) -> float:
+        cfg = self.cfg
+        return gamma_at(
+            global_step, self.total_steps, cfg.gamma, cfg.gamma_schedule, cfg.gamma_decay_fraction
+        )
+
+    def __call__(self, views: list[torch.Tensor], index: torch.Tensor, global_step: int) -> torch.Tensor:
+        set_lr(self.optimizer, self.lr(global_step))
+        if isinstance(self.criterion, GlobalContrastiveLoss):
+            self.criterion.gamma = self.gamma(global_step)
+        x1, x2 = (v.to(self.device, non_blocking=True, memory_format=self.memory_format) for v in views)
+        index = index.to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+            z1, z2 = self.model(x1, x2)
+            loss = self.criterion(z1, z2, index)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss.detach()
+
+
+class PretrainMonitor:
+    """Accumulates loss and objective on the device; every `log_every_steps` writes one record (rank 0)."""
+
+    def __init__(self, logger: MetricsLogger, criterion: nn.Module, cfg: PretrainConfig, step: PretrainStep):
+        self.logger = logger
+        self.criterion = criterion
+        self.cfg = cfg
+        self.step = step
+        self.loss, self.objective, self.throughput = DeviceMean(), DeviceMean(), Throughput()
+
+    def after_step(self, loss: torch.Tensor, progress: Progress) -> None:
+        if not self.logger.enabled:
+            return
+        self.loss.add(loss)
+        self.objective.add(self.criterion.objective)
+        self.throughput.add(self.cfg.batch_size)
+        taken = progress.global_step + 1  # the step just taken, counted from 1
+        if taken % self.cfg.log_every_steps:
+            return
+        u = getattr(self.criterion, "u", None)
+        self.logger.log(
+            taken,
+            epoch=progress.epoch,
+            loss=self.loss.pop(),
+            objective=self.objective.pop(),
+            lr=self.step.lr(progress.global_step),
+            gamma=self.step.gamma(progress.global_step),
+            images_per_s=self.throughput.pop(),
+            **(estimator_stats(u) if u is not None else {}),
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    train(parse_run_config(argv, "SogCLR pretraining"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

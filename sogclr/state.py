@@ -1,0 +1,49 @@
+"""The outcome record of a training process, `state.json`, shared with the job layer.
+
+Exit codes do not survive torchrun reliably, so this file is the truth about a run: `status` is one of
+running | preempted | done | failed, `step` is the global step of the last saved checkpoint. The job layer
+appends to `attempts` and counts `requeues`; the trainer only updates its own fields and keeps the rest.
+Only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+STATUSES = ("running", "preempted", "done", "failed")
+
+
+def read_state(path: str | Path) -> dict[str, Any]:
+    """The record at `path`, or {} when there is none yet."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return {}
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    """Write JSON so that a reader sees either the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def update_state(path: str | Path, **fields: Any) -> dict[str, Any]:
+    """Read-modify-write: set `fields` (and `updated`), keep every other key; returns the new record."""
+    if "status" in fields and fields["status"] not in STATUSES:
+        raise ValueError(f"status {fields['status']!r} is not one of {STATUSES}")
+    state = read_state(path)
+    state.setdefault("attempts", [])
+    state.setdefault("requeues", 0)
+    state.update(fields, updated=datetime.now(UTC).isoformat(timespec="seconds"))
+    write_json_atomic(path, state)
+    return state

@@ -1,0 +1,90 @@
+"""Linear evaluation on CPU: a SogCLR-pretrained backbone classifies digits clearly better than a randomly
+initialised one under the same protocol (both modes; the pretrained one on two gloo ranks), result.json
+is written, and a missing checkpoint or backbone weight is a clear error.
+
+Observed on digits at 16 px after 2 pretraining epochs, 10 linear epochs (2 seeds): pretrained top-1
+85.6-87.8 (features) / 72.8 (standard), random init 38.3-41.1 / 25.0. The margin asserted is 25 points.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from sogclr import lincls
+from sogclr.config import load_run_config
+from sogclr.model import build_pretrain_model
+from sogclr.state import read_state
+from tests.test_pretrain import data_dir, run_module, tiny_pretrain, write_config  # noqa: F401 (fixture)
+
+MARGIN = 25.0  # top-1 points; the observed gap is about 45
+LINCLS = {"epochs": 10, "batch_size": 256, "lr": 0.1, "mode": "both", "workers": 1, "log_every_steps": 5}
+
+
+@pytest.fixture(scope="module")
+def pretrained_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:  # noqa: F811
+    run_dir = tmp_path_factory.mktemp("pretrained")
+    pretrain = tiny_pretrain(data_dir, crop_min=0.2, temperature=0.2, log_every_steps=22)
+    run_module("sogclr.pretrain", write_config(run_dir, pretrain, LINCLS))
+    return run_dir
+
+
+def random_init_run(pretrained_run: Path, run_dir: Path, drop_key: str | None = None) -> Path:
+    """A run directory like `pretrained_run` whose final checkpoint holds a freshly initialised model."""
+    cfg = load_run_config(pretrained_run / "config.yaml", [f"run_dir={run_dir}"])
+    torch.manual_seed(1)
+    state = build_pretrain_model(cfg.pretrain).state_dict()
+    if drop_key is not None:
+        del state[drop_key]
+    (run_dir / "checkpoints").mkdir(parents=True)
+    torch.save({"model": state}, run_dir / "checkpoints" / "final.pt")
+    config = run_dir / "config.yaml"
+    shutil.copy(pretrained_run / "config.yaml", config)
+    config.write_text(config.read_text().replace(str(pretrained_run), str(run_dir)))
+    return config
+
+
+def read_result(run_dir: Path) -> dict:
+    return json.loads((run_dir / "lincls" / "result.json").read_text())
+
+
+def test_pretrained_backbone_beats_random_init(pretrained_run: Path, tmp_path: Path) -> None:
+    # Two gloo ranks for the pretrained backbone (sharded feature extraction, DDP on the layer); observed
+    # to give the same numbers as one process.
+    run_module("sogclr.lincls", pretrained_run / "config.yaml", nproc=2)
+    run_module("sogclr.lincls", random_init_run(pretrained_run, tmp_path / "random"))
+    pretrained, random = read_result(pretrained_run), read_result(tmp_path / "random")
+    print(f"\nlinear top-1 pretrained: {pretrained}\nlinear top-1 random init: {random}")
+
+    assert pretrained["mode"] == "both" and pretrained["epochs"] == LINCLS["epochs"]
+    assert pretrained["top1"] == pretrained["standard"]["top1"]
+    for mode in ("standard", "features"):
+        assert pretrained[mode]["top1"] > random[mode]["top1"] + MARGIN, mode
+        assert pretrained[mode]["top1"] <= pretrained[mode]["top5"] <= 100.0
+    assert read_state(pretrained_run / "lincls" / "state.json")["status"] == "done"
+
+    records = [
+        json.loads(line) for line in (pretrained_run / "lincls" / "metrics.jsonl").read_text().splitlines()
+    ]
+    epoch_ends = [r for r in records if "top1" in r]
+    assert len(epoch_ends) == 2 * LINCLS["epochs"]  # one accuracy record per epoch and mode
+    assert epoch_ends[-1]["top1"] == pytest.approx(pretrained["features"]["top1"])
+
+
+def test_missing_backbone_weight_is_a_clear_error(pretrained_run: Path, tmp_path: Path) -> None:
+    config = random_init_run(pretrained_run, tmp_path, drop_key="backbone.layer2.0.conv1.weight")
+    with pytest.raises(ValueError, match=r"lacks 1 backbone keys.*layer2\.0\.conv1\.weight"):
+        lincls.train(load_run_config(config))
+    state = read_state(tmp_path / "lincls" / "state.json")
+    assert state["status"] == "failed" and "layer2.0.conv1.weight" in state["error"]
+
+
+def test_unfinished_pretraining_is_a_clear_error(pretrained_run: Path, tmp_path: Path) -> None:
+    config = random_init_run(pretrained_run, tmp_path)
+    (tmp_path / "checkpoints" / "final.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="no final pretraining checkpoint"):
+        lincls.train(load_run_config(config))
