@@ -1,0 +1,259 @@
+"""A real SLURM cluster for tests: the `slurm_cluster` fixture and the `slurm` marker.
+
+Tests marked ``@pytest.mark.slurm`` run against the private two-node cluster of
+``scripts/local-slurm`` (slurmctld, slurmd n1 and n2, slurmdbd with its own MariaDB), brought
+up once per session and exported to the test process through ``SLURM_CONF``, so that sbatch,
+srun, scancel, sacct and submitit work exactly as on a real cluster.
+
+Register it from ``tests/conftest.py`` with either::
+
+    pytest_plugins = ["tests.slurm_cluster"]
+    from tests.slurm_cluster import *  # noqa: F401,F403   (or this)
+
+The fixture returns a ``SlurmCluster``: ``conf``, ``env`` (what a client needs), ``nodes``,
+``partition``, and helpers for end-to-end tests: ``run(cmd...)``, ``sbatch(script_text, args...)``,
+``state(id)`` (the controller's view), ``accounted_state(id)`` and ``sacct(id, fields)`` (slurmdbd's
+records), and ``wait_job(id, states, timeout)``, which polls with a timeout so a hang fails.
+
+Where the cluster cannot run (not Linux, not root, SLURM missing and no apt-get), slurm tests
+are skipped; with ``SOGCLR_REQUIRE_SLURM=1`` (CI) they fail instead, so that a machine that
+silently lost its cluster cannot pass. A cluster that was already up before the session (say,
+``scripts/local-slurm up`` by hand) is reused and left running afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+__all__ = [
+    "FINAL_STATES",
+    "SlurmCluster",
+    "SlurmCommandError",
+    "pytest_configure",
+    "slurm_cluster",
+    "_slurm_cluster_for_marked_tests",
+]
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "local-slurm"
+REQUIRE_ENV = "SOGCLR_REQUIRE_SLURM"
+
+# Job states after which SLURM will not run the job again by itself.
+FINAL_STATES = frozenset(
+    {
+        "BOOT_FAIL",
+        "CANCELLED",
+        "COMPLETED",
+        "DEADLINE",
+        "FAILED",
+        "NODE_FAIL",
+        "OUT_OF_MEMORY",
+        "PREEMPTED",
+        "TIMEOUT",
+    }
+)
+
+# Generous: the cluster shares two cores with whatever else the machine is doing.
+UP_TIMEOUT_S = 600  # includes installing the Debian packages on a fresh machine
+DOWN_TIMEOUT_S = 120
+COMMAND_TIMEOUT_S = 60
+
+
+class SlurmCommandError(subprocess.CalledProcessError):
+    """A failed command whose message includes what it printed (CalledProcessError's does not)."""
+
+    def __str__(self) -> str:
+        return f"{super().__str__()}\nstdout: {self.stdout}\nstderr: {self.stderr}"
+
+
+def _run(
+    cmd: list[str],
+    env: Mapping[str, str] | None = None,
+    check: bool = True,
+    timeout: float = COMMAND_TIMEOUT_S,
+    stdin_text: str | None = None,
+) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(cmd, env=env, input=stdin_text, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise SlurmCommandError(result.returncode, cmd, result.stdout, result.stderr)
+    return result
+
+
+@dataclass(frozen=True)
+class SlurmCluster:
+    """Handle on the running cluster, with helpers for submitting jobs and waiting on them."""
+
+    conf: Path
+    env: dict[str, str]  # what clients need in their environment (SLURM_CONF)
+    nodes: tuple[str, ...]
+    partition: str
+
+    def run(
+        self, *cmd: str, check: bool = True, timeout: float = COMMAND_TIMEOUT_S, stdin_text: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a command (sbatch, scontrol, ...) against this cluster; text output captured.
+        Raises SlurmCommandError on a non-zero exit status if ``check``."""
+        return _run(
+            list(cmd), env={**os.environ, **self.env}, check=check, timeout=timeout, stdin_text=stdin_text
+        )
+
+    def sbatch(self, script: str, *args: str) -> str:
+        """Submit a batch script given as text (``#SBATCH`` lines work); return the job id."""
+        out = self.run("sbatch", "--parsable", *args, stdin_text=script).stdout
+        return out.strip().split(";")[0]
+
+    def sacct(
+        self,
+        job_id: str | int,
+        fields: Iterable[str] = ("JobID", "State", "ExitCode"),
+        duplicates: bool = False,
+    ) -> list[dict[str, str]]:
+        """The job's accounting records (allocation only, no steps), one dict per record.
+
+        With ``duplicates`` a requeued job shows every run (REQUEUED, ..., final state);
+        without it only the latest, as on a real cluster.
+        """
+        fields = list(fields)
+        cmd = ["sacct", "-X", "-n", "-P", "-j", str(job_id), "-o", ",".join(fields)]
+        if duplicates:
+            cmd.append("--duplicates")
+        lines = self.run(*cmd).stdout.splitlines()
+        return [dict(zip(fields, line.split("|"))) for line in lines if line]
+
+    def state(self, job_id: str | int) -> str | None:
+        """The job's current state: the controller's, or once the controller has forgotten the job
+        (MinJobAge, 5 minutes) the accounting record's. None while neither knows the job."""
+        live = self.run("squeue", "-h", "-t", "all", "-j", str(job_id), "-o", "%T", check=False)
+        if live.returncode == 0 and live.stdout.strip():
+            return live.stdout.split()[0]
+        return self.accounted_state(job_id)
+
+    def accounted_state(self, job_id: str | int) -> str | None:
+        """The state slurmdbd has recorded, which sacct and submitit read ('CANCELLED by 0' ->
+        'CANCELLED'). It trails the controller's: RUNNING by up to several seconds."""
+        records = self.sacct(job_id, ["State"])
+        return records[-1]["State"].split()[0] if records else None
+
+    def wait_job(
+        self,
+        job_id: str | int,
+        states: str | Iterable[str] = FINAL_STATES,
+        timeout: float = 60.0,
+        poll_s: float = 0.2,
+    ) -> str:
+        """Poll until the job is in one of ``states``; return that state.
+
+        A final state counts only once sacct records it too, so that sacct and submitit's
+        ``job.state`` agree when this returns. Fails at once if the job reaches a final state
+        that is not wanted (waiting for RUNNING on a job that FAILED), and with the controller's
+        view of the job if ``timeout`` passes, so that a hang becomes a readable test failure.
+        """
+        wanted = {states} if isinstance(states, str) else set(states)
+        deadline = time.monotonic() + timeout
+        state = None
+        while time.monotonic() < deadline:
+            state = self.state(job_id)
+            if state in FINAL_STATES and state not in wanted:
+                raise AssertionError(
+                    f"job {job_id} ended {state} while waiting for {sorted(wanted)}\n{self._describe(job_id)}"
+                )
+            if state in wanted and (state not in FINAL_STATES or self.accounted_state(job_id) == state):
+                return state
+            time.sleep(poll_s)
+        raise TimeoutError(
+            f"job {job_id} still {state} after {timeout:.0f}s, waiting for "
+            f"{sorted(wanted)}\n{self._describe(job_id)}"
+        )
+
+    def _describe(self, job_id: str | int) -> str:
+        return self.run("scontrol", "show", "job", str(job_id), check=False).stdout
+
+
+# ---------------------------------------------------------------- the cluster's lifecycle
+
+
+def _unavailable_reason() -> str | None:
+    if not sys.platform.startswith("linux"):
+        return "the local SLURM cluster needs Linux"
+    if os.geteuid() != 0:
+        return "the local SLURM cluster needs root (scripts/local-slurm runs its daemons as root)"
+    if shutil.which("slurmctld") is None and shutil.which("apt-get") is None:
+        return "SLURM is not installed and there is no apt-get to install it"
+    return None
+
+
+def _script(command: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    return _run([str(SCRIPT), command], check=False, timeout=timeout)
+
+
+def _client_env() -> dict[str, str]:
+    """Parse the script's ``export NAME=VALUE`` lines: the script stays the one source of paths."""
+    env = {}
+    for line in _script("env", COMMAND_TIMEOUT_S).stdout.splitlines():
+        words = shlex.split(line)
+        if len(words) == 2 and words[0] == "export" and "=" in words[1]:
+            name, value = words[1].split("=", 1)
+            env[name] = value
+    return env
+
+
+def _connect() -> SlurmCluster:
+    env = _client_env()
+    client_env = {**os.environ, **env}
+    nodes = _run(["sinfo", "-h", "-N", "-o", "%N"], env=client_env).stdout.split()
+    partition = _run(["sinfo", "-h", "-o", "%R"], env=client_env).stdout.split()[0]
+    return SlurmCluster(
+        conf=Path(env["SLURM_CONF"]), env=env, nodes=tuple(sorted(set(nodes))), partition=partition
+    )
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> Iterator[SlurmCluster]:
+    """The local SLURM cluster, up for the whole session; SLURM_CONF is set in os.environ."""
+    reason = _unavailable_reason()
+    if reason is not None:
+        if os.environ.get(REQUIRE_ENV) == "1":
+            pytest.fail(f"{reason}, and {REQUIRE_ENV}=1 forbids skipping slurm tests", pytrace=False)
+        pytest.skip(reason)
+
+    already_up = _script("status", COMMAND_TIMEOUT_S).returncode == 0
+    up = _script("up", UP_TIMEOUT_S)
+    if up.returncode != 0:
+        pytest.fail(f"scripts/local-slurm up failed:\n{up.stderr}", pytrace=False)
+
+    cluster = _connect()
+    saved = {name: os.environ.get(name) for name in cluster.env}
+    os.environ.update(cluster.env)
+    try:
+        yield cluster
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        if not already_up:
+            _script("down", DOWN_TIMEOUT_S)
+
+
+@pytest.fixture(autouse=True)
+def _slurm_cluster_for_marked_tests(request: pytest.FixtureRequest) -> None:
+    """Give every test marked ``slurm`` the cluster, whether or not it names the fixture."""
+    if request.node.get_closest_marker("slurm") is not None:
+        request.getfixturevalue("slurm_cluster")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "slurm: runs against the local SLURM cluster (scripts/local-slurm), started once per session",
+    )
