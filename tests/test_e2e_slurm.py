@@ -38,15 +38,6 @@ TINY = {
 STEPS_PER_EPOCH = 22  # 1437 training digits // 64
 
 
-@pytest.fixture(scope="module")
-def cluster(request: pytest.FixtureRequest) -> None:
-    try:
-        request.getfixturevalue("slurm_cluster")
-    except pytest.FixtureLookupError:
-        if "SLURM_CONF" not in os.environ:
-            pytest.skip("no slurm_cluster fixture and no SLURM_CONF: run scripts/local-slurm up")
-
-
 def write_spec(directory: Path, name: str, **sections: Any) -> Path:
     spec = {"name": name, "output_root": str(directory / "runs")}
     for key, base in TINY.items():
@@ -99,7 +90,7 @@ def model_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory, cluster: None) -> Path:
+def workdir(tmp_path_factory: pytest.TempPathFactory, slurm_cluster: Any) -> Path:
     return tmp_path_factory.mktemp("e2e")
 
 
