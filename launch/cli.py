@@ -146,7 +146,7 @@ def print_runs(spec: SweepSpec, runs: list[Run], console: Console, verbose: bool
 
         for run in runs:
             console.rule(run.name)
-            console.print(describe_job(run), highlight=False, markup=False)
+            console.print(describe_job(run), highlight=False, markup=False, soft_wrap=True)
 
 
 if __name__ == "__main__":
