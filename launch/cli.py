@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from launch.spec import Run, SpecError, SweepSpec, check_data_dirs, expand, load_spec
+from sogclr.cli import add_override_argument
 
 COMMANDS = ("submit", "status", "cancel", "schema")
 
@@ -53,14 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_spec_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("spec", help="sweep spec (YAML)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a spec field, e.g. --set pretrain.gamma=0.5 (repeatable)",
-    )
+    add_override_argument(parser)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,13 @@ def parse_run_config(argv: list[str] | None, description: str) -> RunConfig:
     parser.add_argument(
         "--config", required=True, help="resolved run config (YAML), e.g. <run_dir>/config.yaml"
     )
+    add_override_argument(parser)
+    args = parser.parse_args(argv)
+    return load_run_config(args.config, args.overrides)
+
+
+def add_override_argument(parser: argparse.ArgumentParser) -> None:
+    """`--set a.b=value` (repeatable), collected in `args.overrides`."""
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -21,5 +28,3 @@ def parse_run_config(argv: list[str] | None, description: str) -> RunConfig:
         metavar="KEY=VALUE",
         help="override a field, e.g. --set pretrain.gamma=0.5 (repeatable)",
     )
-    args = parser.parse_args(argv)
-    return load_run_config(args.config, args.overrides)

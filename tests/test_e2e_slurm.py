@@ -22,31 +22,11 @@ import yaml
 from launch import cli
 from launch.manifest import read_manifest
 from sogclr.state import read_state
+from tests.tiny import STEPS_PER_EPOCH, write_tiny_spec
 
 pytestmark = pytest.mark.slurm
 
 TIMEOUT_S = 600
-TINY = {
-    "slurm": {"nodes": 1, "gpus_per_node": 0, "cpus_per_task": 1, "time": "00:20:00", "signal_lead_s": 60},
-    "pretrain": {
-        "dataset": "digits", "image_size": 16, "arch": "resnet18", "projector_hidden_dim": 64,
-        "projector_out_dim": 64, "epochs": 1, "batch_size": 64, "warmup_epochs": 0.5, "lr": 0.05,
-        "workers": 0, "precision": "fp32", "log_every_steps": 1,
-    },
-    "lincls": {"epochs": 1, "batch_size": 64, "mode": "features", "workers": 0},
-}  # fmt: skip
-STEPS_PER_EPOCH = 22  # 1437 training digits // 64
-
-
-def write_spec(directory: Path, name: str, **sections: Any) -> Path:
-    spec = {"name": name, "output_root": str(directory / "runs")}
-    for key, base in TINY.items():
-        value = sections.pop(key, {})
-        spec[key] = None if value is None else {**base, **value}
-    spec.update(sections)
-    path = directory / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
 
 
 def submit(spec: Path, *args: str) -> int:
@@ -97,21 +77,21 @@ def workdir(tmp_path_factory: pytest.TempPathFactory, slurm_cluster: Any) -> Pat
 @pytest.fixture(scope="module")
 def preempt_spec(workdir: Path) -> Path:
     """Two epochs, no evaluation; the test signals it mid-epoch."""
-    spec = write_spec(workdir, "preempt", pretrain={"epochs": 2}, lincls=None)
+    spec = write_tiny_spec(workdir, "preempt", pretrain={"epochs": 2}, lincls=None)
     assert submit(spec) == 0
     return spec
 
 
 @pytest.fixture(scope="module")
 def sweep_spec(workdir: Path, preempt_spec: Path) -> Path:
-    spec = write_spec(workdir, "pair", sweep={"product": {"gamma": [0.5, 0.9]}})
+    spec = write_tiny_spec(workdir, "pair", sweep={"product": {"gamma": [0.5, 0.9]}})
     assert submit(spec) == 0
     return spec
 
 
 @pytest.fixture(scope="module")
 def two_node_spec(workdir: Path, sweep_spec: Path) -> Path:
-    spec = write_spec(workdir, "twonode", slurm={"nodes": 2})
+    spec = write_tiny_spec(workdir, "twonode", slurm={"nodes": 2})
     assert submit(spec) == 0
     return spec
 
@@ -122,7 +102,7 @@ def crash_spec(workdir: Path, two_node_spec: Path) -> Path:
     empty = workdir / "empty"
     (empty / "train").mkdir(parents=True)
     (empty / "val").mkdir()
-    spec = write_spec(workdir, "crash", pretrain={"dataset": "folder", "data_dir": str(empty)})
+    spec = write_tiny_spec(workdir, "crash", pretrain={"dataset": "folder", "data_dir": str(empty)})
     assert submit(spec) == 0
     return spec
 
@@ -215,7 +195,7 @@ def test_crashing_run_fails_once_and_its_evaluation_is_cancelled(workdir: Path, 
 
 def test_cancel_cancels_this_sweeps_jobs_only(workdir: Path, crash_spec: Path, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")  # rich wraps table cells at the default 80
-    long = write_spec(workdir, "long", pretrain={"epochs": 50})
+    long = write_tiny_spec(workdir, "long", pretrain={"epochs": 50})
     other = subprocess.run(
         ["sbatch", "--parsable", "--wrap", "sleep 300", "-o", "/dev/null"],
         check=True,

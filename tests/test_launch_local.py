@@ -5,28 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import yaml
 
 from launch import cli
 from sogclr.state import read_state
-
-TINY = {
-    "slurm": {"gpus_per_node": 0, "cpus_per_task": 1, "time": "00:10:00", "signal_lead_s": 30},
-    "pretrain": {
-        "dataset": "digits", "image_size": 16, "arch": "resnet18", "projector_hidden_dim": 64,
-        "projector_out_dim": 64, "epochs": 3, "batch_size": 64, "warmup_epochs": 0.5, "lr": 0.05,
-        "workers": 0, "precision": "fp32", "log_every_steps": 1,
-    },
-    "lincls": {"epochs": 1, "batch_size": 64, "mode": "features", "workers": 0},
-}  # fmt: skip
+from tests.tiny import write_tiny_spec
 
 
 def write_spec(tmp_path: Path, **pretrain: object) -> Path:
-    spec = {"name": "local", "output_root": str(tmp_path / "runs"), **TINY}
-    spec["pretrain"] = {**TINY["pretrain"], **pretrain}
-    path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
+    return write_tiny_spec(tmp_path, "local", pretrain={"epochs": 3, **pretrain})
 
 
 def test_local_run_is_preempted_resumes_and_is_evaluated(tmp_path: Path):
