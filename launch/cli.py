@@ -62,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
         argv.insert(0, "submit")  # `sogclr-submit SPEC` means submit
     args = build_parser().parse_args(argv)
-    console = Console(stderr=False)
+    console = Console()
+    if not console.is_terminal:  # a log file or a pipe: no reason to squeeze tables into 80 columns
+        console = Console(width=200)
     try:
         return COMMAND_HANDLERS[args.command](args, console)
     except SpecError as err:

@@ -25,6 +25,7 @@ def show_status(spec: SweepSpec, runs: list[Run], console: Console) -> int:
     for run in runs:
         pretrain, lincls = where[run.name]["pretrain"], where[run.name]["lincls"]
         state = read_state(run.run_dir / "state.json")
+        latest = last_record(run.run_dir / "metrics.jsonl") or state  # metrics run ahead of checkpoints
         result = read_state(run.run_dir / "lincls" / "result.json")
         table.add_row(
             run.name,
@@ -32,9 +33,9 @@ def show_status(spec: SweepSpec, runs: list[Run], console: Console) -> int:
             lincls.job_id or "-",
             pretrain.state,
             lincls.state if run.config.lincls is not None else "-",
-            f"{state['epoch']}/{state['step']}" if "step" in state else "-",
+            f"{latest['epoch']}/{latest['step']}" if "step" in latest else "-",
             str(state.get("requeues", 0)),
-            _format(last_metric(run.run_dir / "metrics.jsonl", "loss")),
+            _format(latest.get("loss")),
             _format(result.get("top1")),
         )
     console.print(table)
@@ -59,8 +60,8 @@ def cancel(spec: SweepSpec, runs: list[Run], console: Console) -> int:
     return 0
 
 
-def last_metric(path: Path, key: str) -> float | None:
-    """The last value of `key` in a metrics.jsonl file (read from the tail, not the whole file)."""
+def last_record(path: Path) -> dict[str, Any] | None:
+    """The last complete record of a metrics.jsonl file (read from the tail, not the whole file)."""
     try:
         with open(path, "rb") as f:
             f.seek(max(0, f.seek(0, 2) - 65536))
@@ -69,8 +70,8 @@ def last_metric(path: Path, key: str) -> float | None:
         return None
     for line in reversed(lines):
         record = _json_or_none(line)
-        if record and key in record:
-            return record[key]
+        if record:
+            return record
     return None
 
 

@@ -14,6 +14,7 @@ import yaml
 from launch.cli import main
 from launch.reference import readme_with_reference
 from launch.spec import SweepSpec, expand, load_spec, parse_time_limit
+from sogclr.config import load_run_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -239,3 +240,8 @@ def test_console_script_exits_2_with_one_line(tmp_path: Path) -> None:
 def test_readme_spec_reference_matches_the_schema() -> None:
     readme = (CONFIGS.parent / "README.md").read_text()
     assert readme_with_reference(readme) == readme, "run: python -m launch.reference --write"
+
+
+def test_shipped_run_config_is_valid() -> None:
+    config = load_run_config(CONFIGS / "run" / "digits.yaml")
+    assert config.pretrain.dataset == "digits" and config.lincls is not None
