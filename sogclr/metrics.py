@@ -52,9 +52,12 @@ class Throughput:
         return rate
 
 
-def estimator_stats(u: torch.Tensor) -> dict[str, float]:
-    """Mean, min and max of SogCLR's u over the samples seen so far (u = 0 marks an unseen sample)."""
-    seen = u[u > 0]
+def estimator_stats(log_u: torch.Tensor) -> dict[str, float]:
+    """Mean, min and max of SogCLR's u over the samples seen so far, from its log (-inf: never seen).
+
+    In float64, so that u itself is representable even where float32 would overflow (tiny temperatures).
+    """
+    seen = log_u[torch.isfinite(log_u)].double().exp()
     if seen.numel() == 0:
         return {}
     stats = torch.stack([seen.mean(), seen.min(), seen.max()]).tolist()

@@ -203,7 +203,7 @@ class PretrainMonitor:
         taken = progress.global_step + 1  # the step just taken, counted from 1
         if taken % self.cfg.log_every_steps:
             return
-        u = getattr(self.criterion, "u", None)
+        log_u = getattr(self.criterion, "log_u", None)
         self.logger.log(
             taken,
             epoch=progress.epoch,
@@ -212,7 +212,7 @@ class PretrainMonitor:
             lr=self.step.lr(progress.global_step),
             gamma=self.step.gamma(progress.global_step),
             images_per_s=self.throughput.pop(),
-            **(estimator_stats(u) if u is not None else {}),
+            **(estimator_stats(log_u) if log_u is not None else {}),
         )
 
 
