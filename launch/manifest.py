@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.attempt import PHASES
-from launch.spec import Run, SweepSpec
+from launch.spec import Run
 from sogclr.state import read_state, write_json_atomic
 
 MANIFEST_FILE = "manifest.json"
@@ -27,11 +27,6 @@ ACTIVE = frozenset(
     "signaling stage_out preempted".split()
 )
 NOT_SUBMITTED = "not submitted"
-
-
-def sweep_dir(spec: SweepSpec) -> Path:
-    """`<output_root>/<name>`, the parent of every run directory (as `launch.spec.expand` makes them)."""
-    return spec.output_root.expanduser().absolute() / spec.name
 
 
 @contextmanager

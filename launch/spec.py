@@ -133,6 +133,11 @@ class SweepSpec(Schema):
     lincls: LinclsSpec | None = Field(None, description="Linear evaluation after pretraining; omit for none.")
     sweep: SweepConfig = Field(default_factory=SweepConfig, description="Fields to vary; none: a single run.")
 
+    @property
+    def directory(self) -> Path:
+        """`<output_root>/<name>`: the run directories, the manifest and the submission lock."""
+        return self.output_root.expanduser().absolute() / self.name
+
 
 @dataclass(frozen=True)
 class Run:
@@ -269,11 +274,10 @@ def expand(spec: SweepSpec) -> list[Run]:
     """The runs of a spec, each fully validated; raises SpecError on the first problem."""
     _check_sweep_keys(spec)
     base = spec.model_dump(mode="python", exclude={"sweep"})
-    sweep_root = spec.output_root.expanduser().absolute() / spec.name
     runs = []
     for point in sweep_points(spec.sweep):
         name = "-".join(run_label(k, v) for k, v in point.items()) or spec.name
-        runs.append(_make_run(spec, base, point, name, sweep_root / name))
+        runs.append(_make_run(spec, base, point, name, spec.directory / name))
     _check_unique_names(runs)
     return runs
 

@@ -10,14 +10,14 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from launch.manifest import read_manifest, standings, sweep_dir
+from launch.manifest import read_manifest, standings
 from launch.spec import Run, SweepSpec
 from sogclr.state import read_state
 
 
 def show_status(spec: SweepSpec, runs: list[Run], console: Console) -> int:
     """One row per run: job ids, state of each phase, progress, requeues, last loss, linear top-1."""
-    where = standings(runs, read_manifest(sweep_dir(spec)))
+    where = standings(runs, read_manifest(spec.directory))
     table = Table(title=f"{spec.name}: {len(runs)} run(s)", title_justify="left")
     columns = ("run", "pretrain job", "lincls job", "pretraining", "linear eval", "epoch/step", "requeues")
     for column in (*columns, "last loss", "top-1"):
@@ -44,7 +44,7 @@ def show_status(spec: SweepSpec, runs: list[Run], console: Console) -> int:
 
 def cancel(spec: SweepSpec, runs: list[Run], console: Console) -> int:
     """scancel the recorded, still queued or running jobs of `runs` (and nothing else)."""
-    where = standings(runs, read_manifest(sweep_dir(spec)))
+    where = standings(runs, read_manifest(spec.directory))
     targets = {
         standing.job_id: f"{run.name} {phase}"
         for run in runs

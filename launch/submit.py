@@ -26,7 +26,6 @@ from launch.manifest import (
     read_manifest,
     record_job,
     standings,
-    sweep_dir,
     sweep_lock,
     write_manifest,
 )
@@ -38,7 +37,7 @@ SLURM_FOLDER = "slurm"
 
 def submit_sweep(spec: SweepSpec, runs: list[Run], resubmit_failed: bool, console: Console) -> int:
     """Submit what each run still needs; print run, job ids and what was done. Returns the exit status."""
-    directory = sweep_dir(spec)
+    directory = spec.directory
     table = Table(title=f"{spec.name}: submission", title_justify="left")
     for column in ("run", "pretraining job", "linear-eval job", "action"):
         table.add_column(column, overflow="fold")
