@@ -257,3 +257,23 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers",
         "slurm: runs against the local SLURM cluster (scripts/local-slurm), started once per session",
     )
+
+
+_SKIPPED_SLURM_TESTS = pytest.StashKey[list]()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    """Note every skipped `slurm` test, whatever skipped it (the fixture, or the test itself)."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and item.get_closest_marker("slurm") is not None:
+        item.config.stash.setdefault(_SKIPPED_SLURM_TESTS, []).append(item.nodeid)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """With SOGCLR_REQUIRE_SLURM=1 (CI), a skipped `slurm` test fails the run."""
+    skipped = session.config.stash.get(_SKIPPED_SLURM_TESTS, [])
+    if skipped and os.environ.get(REQUIRE_ENV) == "1":
+        print(f"\n{REQUIRE_ENV}=1 but {len(skipped)} slurm test(s) were skipped: {', '.join(skipped)}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
