@@ -1,6 +1,7 @@
 """Linear evaluation on CPU: a SogCLR-pretrained backbone classifies digits clearly better than a randomly
 initialised one under the same protocol (both modes; the pretrained one on two gloo ranks), result.json
-is written, and a missing checkpoint or backbone weight is a clear error.
+is written, a run stopped by a real SIGUSR2 mid-epoch and resumed ends bit-identical to a run never
+stopped (each mode), and a missing checkpoint or backbone weight is a clear error.
 
 Observed on digits at 16 px after 2 pretraining epochs, 10 linear epochs (2 seeds): pretrained top-1
 85.6-87.8 (features) / 72.8 (standard), random init 38.3-41.1 / 25.0. The margin asserted is 25 points.
@@ -9,24 +10,39 @@ Observed on digits at 16 px after 2 pretraining epochs, 10 linear epochs (2 seed
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from sogclr import lincls
+from sogclr.checkpoint import load_file
 from sogclr.config import load_run_config
 from sogclr.model import build_pretrain_model
 from sogclr.state import read_state
-from tests.test_pretrain import data_dir, run_module, tiny_pretrain, write_config  # noqa: F401 (fixture)
+from tests.runs import (
+    assert_same_training_state,
+    interrupt_at,
+    logged_steps,
+    run_module,
+    start_module,
+    tiny_pretrain,
+    wait_ok,
+    write_config,
+)
+from tests.tiny import STEPS_PER_EPOCH
 
 MARGIN = 25.0  # top-1 points; the observed gap is about 45
 LINCLS = {"epochs": 10, "batch_size": 256, "lr": 0.1, "mode": "both", "workers": 1, "log_every_steps": 5}
+# The resume tests: 2 epochs of 22 steps (1437 training digits // batch 64), every step logged.
+RESUME = {"epochs": 2, "batch_size": 64, "log_every_steps": 1}
 
 
 @pytest.fixture(scope="module")
-def pretrained_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:  # noqa: F811
+def pretrained_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
     run_dir = tmp_path_factory.mktemp("pretrained")
     pretrain = tiny_pretrain(data_dir, crop_min=0.2, temperature=0.2, log_every_steps=22)
     run_module("sogclr.pretrain", write_config(run_dir, pretrain, LINCLS))
@@ -52,6 +68,14 @@ def read_result(run_dir: Path) -> dict:
     return json.loads((run_dir / "lincls" / "result.json").read_text())
 
 
+def evaluation_run(pretrained_run: Path, run_dir: Path, **lincls_fields: object) -> Path:
+    """A run directory with `pretrained_run`'s final checkpoint (a hard link) and its own lincls section."""
+    (run_dir / "checkpoints").mkdir(parents=True)
+    os.link(pretrained_run / "checkpoints" / "final.pt", run_dir / "checkpoints" / "final.pt")
+    pretrain = yaml.safe_load((pretrained_run / "config.yaml").read_text())["pretrain"]
+    return write_config(run_dir, pretrain, LINCLS | lincls_fields)
+
+
 def test_pretrained_backbone_beats_random_init(pretrained_run: Path, tmp_path: Path) -> None:
     # Two gloo ranks for the pretrained backbone (sharded feature extraction, DDP on the layer); observed
     # to give the same numbers as one process.
@@ -73,6 +97,44 @@ def test_pretrained_backbone_beats_random_init(pretrained_run: Path, tmp_path: P
     epoch_ends = [r for r in records if "top1" in r]
     assert len(epoch_ends) == 2 * LINCLS["epochs"]  # one accuracy record per epoch and mode
     assert epoch_ends[-1]["top1"] == pytest.approx(pretrained["features"]["top1"])
+
+
+# standard: stop in the second epoch, a few steps in. features: its steps take microseconds, too fast to
+# aim at, so the signal goes in as soon as the process handles it (it is still extracting features) and
+# training stops at the first step boundary.
+@pytest.mark.parametrize(("mode", "stop_at"), [("standard", STEPS_PER_EPOCH + 3), ("features", 0)])
+def test_sigusr2_mid_epoch_then_resume_is_bit_identical(
+    pretrained_run: Path, tmp_path: Path, mode: str, stop_at: int
+) -> None:
+    straight = tmp_path / "straight"
+    # Runs concurrently with the interrupted one below (two single-thread processes on two cores).
+    uninterrupted = start_module(
+        "sogclr.lincls", evaluation_run(pretrained_run, straight, **RESUME, mode=mode)
+    )
+
+    resumed = tmp_path / "resumed"
+    # Extra step-based saves on this run only: when checkpoints are written must not change numerics.
+    config = evaluation_run(pretrained_run, resumed, **RESUME, mode=mode, checkpoint={"every_steps": 4})
+    out = resumed / "lincls"
+    interrupt_at(config, out, step=stop_at, module="sogclr.lincls")
+
+    state = read_state(out / "state.json")
+    assert state["status"] == "preempted" and state["signal"] == "SIGUSR2" and state["mode"] == mode
+    stopped = load_file(out / "checkpoints" / mode / "last.pt")
+    assert stopped["epoch"] == stop_at // STEPS_PER_EPOCH and 0 < stopped["step_in_epoch"] < STEPS_PER_EPOCH
+    assert state["step"] == stopped["global_step"] >= max(stop_at, 1)
+    assert not (out / "result.json").exists() and not (out / "checkpoints" / mode / "final.pt").exists()
+
+    run_module("sogclr.lincls", config)
+    state = read_state(out / "state.json")
+    assert state["status"] == "done" and state["step"] == state["total_steps"] == 2 * STEPS_PER_EPOCH
+    wait_ok(uninterrupted)
+    final = Path("lincls", "checkpoints", mode, "final.pt")
+    assert_same_training_state(straight / final, resumed / final, keys=("fc",))
+    expected, result = read_result(straight), read_result(resumed)
+    assert (result["top1"], result["top5"]) == (expected["top1"], expected["top5"])
+    assert result == expected
+    assert sorted(set(logged_steps(out))) == list(range(1, 2 * STEPS_PER_EPOCH + 1))
 
 
 def test_missing_backbone_weight_is_a_clear_error(pretrained_run: Path, tmp_path: Path) -> None:
