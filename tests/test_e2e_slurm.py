@@ -126,8 +126,9 @@ def test_preempted_job_is_requeued_and_resumes_mid_epoch(workdir: Path, preempt_
     assert first["job_id"] == second["job_id"] == int(job)  # requeued, not resubmitted
     assert (first["restart_count"], second["restart_count"]) == (0, 1)
     assert state["requeues"] == 1
-    # resumed from the step saved at the signal, inside the first epoch (not from its start)
-    assert 3 <= first["end_step"] == second["start_step"] < STEPS_PER_EPOCH
+    # resumed from the step saved at the signal, in the middle of an epoch (not from its start)
+    assert 3 <= first["end_step"] == second["start_step"] < 2 * STEPS_PER_EPOCH
+    assert first["end_step"] % STEPS_PER_EPOCH != 0
     logged = [yaml.safe_load(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert logged == list(range(1, 2 * STEPS_PER_EPOCH + 1))  # no step taken twice, none skipped
 
