@@ -162,12 +162,13 @@ def run_process(state_path: Path, body: Callable[[DistEnv, StopSignals], str]) -
     An exception is recorded as `failed` in `state_path` (by every rank that raises: only the failing rank
     knows the message; writes are atomic replaces), then propagates. The process group is always torn down.
     """
-    env = init_distributed()
-    try:
-        with _recording_failure(state_path), StopSignals() as signals:
-            return body(env, signals)
-    finally:
-        cleanup(env)
+    with StopSignals() as signals:  # before joining the group: a warning during start-up is kept
+        env = init_distributed()
+        try:
+            with _recording_failure(state_path):
+                return body(env, signals)
+        finally:
+            cleanup(env)
 
 
 @contextmanager
