@@ -1,4 +1,5 @@
-"""Local mode: a real run on this machine, preempted by `--preempt-after`, requeued, resumed, evaluated."""
+"""Local mode: real runs on this machine (one, or several at once), preempted by `--preempt-after`, requeued,
+resumed, evaluated."""
 
 from __future__ import annotations
 
@@ -38,3 +39,14 @@ def test_debug_mode_prints_the_traceback_without_a_terminal(tmp_path: Path, caps
     spec = write_spec(tmp_path, dataset="folder", data_dir=str(empty))
     assert cli.main([str(spec), "--debug"]) == 1  # pytest's stdin is not a TTY: no debugger
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_parallel_runs_of_a_sweep_all_finish_with_their_evaluation(tmp_path: Path):
+    spec = write_tiny_spec(tmp_path, "pair", sweep={"product": {"gamma": [0.5, 0.9]}})
+    assert cli.main([str(spec), "--local", "--parallel", "2"]) == 0
+
+    for run in ("gamma0.5", "gamma0.9"):
+        run_dir = tmp_path / "runs" / "pair" / run
+        state = read_state(run_dir / "state.json")
+        assert state["status"] == "done" and [a["outcome"] for a in state["attempts"]] == ["done"]
+        assert 0 <= read_state(run_dir / "lincls" / "result.json")["top1"] <= 100
