@@ -76,11 +76,11 @@ def agree(env: DistEnv, *flags: bool) -> tuple[bool, ...]:
     return tuple(bool(vote) for vote in votes.tolist())
 
 
-def all_gather_cat(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
+def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate equally shaped tensors from every rank along dim 0 (rank order), without gradient."""
-    if not env.distributed:
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return tensor
-    out = tensor.new_empty((env.world_size * tensor.shape[0], *tensor.shape[1:]))
+    out = tensor.new_empty((dist.get_world_size() * tensor.shape[0], *tensor.shape[1:]))
     dist.all_gather_into_tensor(out, tensor.contiguous())
     return out
 

@@ -156,8 +156,8 @@ def _assemble(shard: torch.Tensor, index: torch.Tensor, rows: int, env: DistEnv)
     # Shards differ in length by at most one: pad to a common length (index -1 marks padding) to gather.
     length = math.ceil(rows / env.world_size)
     padding = length - shard.shape[0]
-    shard = all_gather_cat(F.pad(shard, (0, 0) * (shard.dim() - 1) + (0, padding)), env)
-    index = all_gather_cat(F.pad(index, (0, padding), value=-1), env)
+    shard = all_gather_cat(F.pad(shard, (0, 0) * (shard.dim() - 1) + (0, padding)))
+    index = all_gather_cat(F.pad(index, (0, padding), value=-1))
     full = shard.new_empty((rows, *shard.shape[1:]))
     full[index[index >= 0]] = shard[index >= 0]
     return full

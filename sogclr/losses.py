@@ -20,6 +20,8 @@ import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sogclr.distributed import all_gather_cat
+
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -30,15 +32,6 @@ def _all_gather_with_grad(x: Tensor) -> Tensor:
     if not _distributed():
         return x
     return torch.cat(dist_nn.all_gather(x), dim=0)
-
-
-def _all_gather(x: Tensor) -> Tensor:
-    """Concatenate `x` from every rank, without gradient."""
-    if not _distributed():
-        return x
-    out = x.new_empty((dist.get_world_size() * x.shape[0], *x.shape[1:]))
-    dist.all_gather_into_tensor(out, x.contiguous())
-    return out
 
 
 class _Similarities(NamedTuple):
@@ -127,7 +120,7 @@ class GlobalContrastiveLoss(nn.Module):
         log_u_views = torch.logaddexp(log_decayed, log_g + gamma.log().repeat(2))
         log_u_mean = torch.logaddexp(*log_u_views.view(2, -1)) - math.log(2)
         self.log_u.scatter_reduce_(
-            0, _all_gather(index), _all_gather(log_u_mean), reduce="amax", include_self=False
+            0, all_gather_cat(index), all_gather_cat(log_u_mean), reduce="amax", include_self=False
         )
         return log_u_views
 
