@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sogclr.atomic import fsync_dir, write_atomic
 from sogclr.config import CheckpointConfig
 
 LAST = "last.pt"
@@ -32,26 +33,9 @@ FINAL = "final.pt"
 _STEP_FILE = re.compile(r"ckpt-(\d+)\.pt")
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_atomic(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file in the same directory, fsync, then rename over `path`.
-
-    A crash leaves either the old file or the new one; the rename is atomic within a file system.
-    """
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    """torch.save `obj` to `path` atomically: a crash leaves either the old file or the new one."""
+    write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def _link_atomic(source: Path, target: Path) -> None:
@@ -63,7 +47,7 @@ def _link_atomic(source: Path, target: Path) -> None:
     except OSError:  # file systems without hard links
         shutil.copyfile(source, tmp)
     os.replace(tmp, target)
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
 
 
 def load_file(path: Path) -> dict[str, Any]:

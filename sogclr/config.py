@@ -12,6 +12,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from sogclr.atomic import write_atomic
+
 Dataset = Literal["imagenet1k", "imagenet100", "folder", "digits"]
 Arch = Literal["resnet18", "resnet34", "resnet50"]
 Precision = Literal["bf16", "fp16", "fp32"]
@@ -155,7 +157,5 @@ def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
 
 def dump_run_config(config: RunConfig, path: str | Path) -> None:
     """Write the config as YAML, atomically (readers never see half a file)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-    tmp.replace(path)
+    text = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    write_atomic(path, lambda f: f.write(text.encode()))

@@ -9,10 +9,11 @@ Only rank 0 writes.
 from __future__ import annotations
 
 import json
-import os
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from sogclr.atomic import write_atomic
 
 STATUSES = ("running", "preempted", "done", "failed")
 
@@ -26,15 +27,8 @@ def read_state(path: str | Path) -> dict[str, Any]:
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:
-    """Write JSON so that a reader sees either the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write `data` as JSON so that a reader sees either the old file or the new one, never half of one."""
+    write_atomic(path, lambda f: f.write(json.dumps(data, indent=2).encode()))
 
 
 def update_state(path: str | Path, **fields: Any) -> dict[str, Any]:
