@@ -10,12 +10,11 @@ from __future__ import annotations
 import signal
 import subprocess
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 from jobs.torchrun import signal_tree, start_ignoring_stop_signals
-from sogclr.state import read_state, update_state
+from sogclr.state import now, read_state, update_state
 
 Action = Literal["done", "requeue", "fail"]
 
@@ -38,10 +37,6 @@ PHASES = {
     "lincls": Phase("lincls", "sogclr.lincls", "lincls/state.json"),
 }
 CONFIG_FILE = "config.yaml"
-
-
-def now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def wait_for(process: subprocess.Popen, warn_after: float | None = None) -> int:

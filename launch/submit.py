@@ -17,7 +17,7 @@ import submitit
 from rich.console import Console
 from rich.table import Table
 
-from jobs.attempt import CONFIG_FILE, PHASES, now
+from jobs.attempt import CONFIG_FILE, PHASES
 from jobs.slurm import TrainingJob
 from jobs.torchrun import AGENT_IGNORES, Rendezvous, torchrun_command
 from launch.manifest import (
@@ -31,6 +31,7 @@ from launch.manifest import (
 )
 from launch.spec import Run, SlurmConfig, SweepSpec
 from sogclr.config import RunConfig, dump_run_config
+from sogclr.state import now
 
 SLURM_FOLDER = "slurm"
 

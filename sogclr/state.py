@@ -18,6 +18,11 @@ from sogclr.atomic import write_atomic
 STATUSES = ("running", "preempted", "done", "failed")
 
 
+def now() -> str:
+    """The current UTC time as the run records write it (ISO 8601, seconds)."""
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
 def read_state(path: str | Path) -> dict[str, Any]:
     """The record at `path`, or {} when there is none yet."""
     try:
@@ -38,6 +43,6 @@ def update_state(path: str | Path, **fields: Any) -> dict[str, Any]:
     state = read_state(path)
     state.setdefault("attempts", [])
     state.setdefault("requeues", 0)
-    state.update(fields, updated=datetime.now(UTC).isoformat(timespec="seconds"))
+    state.update(fields, updated=now())
     write_json_atomic(path, state)
     return state
