@@ -1,14 +1,27 @@
 """One attempt of a training phase, and what to do after it: the part of a job that knows no SLURM.
 
 An attempt starts torchrun, waits for it, and reads the phase's `state.json` (exit codes do not survive
-torchrun reliably; the trainer's record does). The attempt is appended to `attempts`, and `next_action`
-decides: `done`, `requeue` (resume from the saved step), or `fail`. SLURM jobs and local mode share this.
+torchrun reliably; the trainer's record does). Its outcome is one of
+
+    done        the phase finished
+    preempted   the trainers stopped at a step on a stop signal (the SLURM layer may refine this into
+                `timeout` or `cancelled` from SLURM's own view of the job)
+    transient   the trainers were lost, not wrong: a rank killed by a signal (OOM killer, kill -9), a rank
+                that lost its peer, a node failure, or an attempt that ended without a word (found and
+                recorded as such by the next attempt)
+    failed      training code raised: a bug, retried never
+
+The attempt is appended to `attempts`, and `next_action` decides: `done`, `requeue` (resume from the saved
+step), `fail`, or `end` (SLURM is ending the job, as after a cancel: neither requeue nor fail it).
+SLURM jobs and local mode share this.
 """
 
 from __future__ import annotations
 
 import signal
 import subprocess
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -16,7 +29,10 @@ from typing import Any, Literal
 from jobs.torchrun import signal_tree, start_ignoring_stop_signals
 from sogclr.state import now, read_state, update_state
 
-Action = Literal["done", "requeue", "fail"]
+Action = Literal["done", "requeue", "fail", "end"]
+# Outcomes after which the job comes back (a requeue) and resumes from its last checkpoint.
+STOPPED = ("preempted", "timeout")
+RELAY_EVERY_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -39,16 +55,64 @@ PHASES = {
 CONFIG_FILE = "config.yaml"
 
 
-def wait_for(process: subprocess.Popen, warn_after: float | None = None) -> int:
-    """Wait for `process`; after `warn_after` seconds send its tree SLURM's warning signal (USR2) once."""
+@dataclass(frozen=True)
+class Budget:
+    """How often one submission may come back: after stop signals, and after transient failures."""
+
+    max_requeues: int
+    max_failures: int = 3
+
+
+def wait_for(
+    process: subprocess.Popen,
+    stop_after: float | None = None,
+    stop_requested: Callable[[], bool] = lambda: False,
+) -> int:
+    """Wait for `process`; once a stop is due, tell its trainers with USR2, again every few seconds.
+
+    A stop is due `stop_after` seconds from now, or as soon as `stop_requested()` (this process got a
+    stop signal). Repeating it reaches trainers that were still starting (they inherit the signal
+    ignored until their handlers are in place) and is harmless to the others: the flag is already set.
+    """
+    deadline = None if stop_after is None else time.monotonic() + stop_after
+    last_relay = None
     try:
-        return process.wait(timeout=warn_after)
-    except subprocess.TimeoutExpired:
-        signal_tree(process.pid, signal.SIGUSR2)
-        return process.wait()
+        while True:
+            try:
+                return process.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                pass
+            due = stop_requested() or (deadline is not None and time.monotonic() >= deadline)
+            if due and (last_relay is None or time.monotonic() - last_relay >= RELAY_EVERY_S):
+                signal_tree(process.pid, signal.SIGUSR2)
+                last_relay = time.monotonic()
     except KeyboardInterrupt:  # Ctrl-C reached torchrun too; let it stop its workers first
         process.wait()
         raise
+
+
+def begin_attempt(state_path: Path, where: dict[str, Any]) -> dict[str, Any]:
+    """Mark an attempt as started; an earlier one still marked never finished, and is recorded as lost.
+
+    Returns this attempt's opening record (`where`, start time and step).
+    """
+    state = read_state(state_path)
+    opening = {**where, "started": now(), "start_step": state.get("step", 0)}
+    lost = state.get("current_attempt")
+    fields: dict[str, Any] = {"status": "running", "current_attempt": opening}
+    if lost:
+        fields["attempts"] = _numbered(
+            state,
+            {
+                **lost,
+                "ended": None,
+                "end_step": state.get("step", 0),
+                "outcome": "transient",
+                "reason": "lost: the attempt ended without a word (its node or job task was killed)",
+            },
+        )
+    update_state(state_path, **fields)
+    return opening
 
 
 def run_attempt(
@@ -56,64 +120,86 @@ def run_attempt(
     state_path: Path,
     where: dict[str, Any],
     log: Path | None = None,
-    warn_after: float | None = None,
+    stop_after: float | None = None,
     env: dict[str, str] | None = None,
+    stop_requested: Callable[[], bool] = lambda: False,
 ) -> dict[str, Any]:
     """Run `command` (a torchrun) once and return its attempt record; `where` says which job/host ran it.
 
-    The status is set to `running` first, so a trainer that dies without recording reads as a failure,
-    not as the previous attempt's outcome.
+    The status is set to `running` first, so a trainer that dies without recording reads as lost, not as
+    the previous attempt's outcome.
     """
-    start_step = read_state(state_path).get("step", 0)
-    update_state(state_path, status="running")
-    started = now()
-    returncode = wait_for(start_ignoring_stop_signals(command, log, env), warn_after)
+    opening = begin_attempt(state_path, where)
+    returncode = wait_for(start_ignoring_stop_signals(command, log, env), stop_after, stop_requested)
     state = read_state(state_path)
-    outcome = state["status"] if state.get("status") in ("done", "preempted", "failed") else "failed"
-    return {
-        **where,
-        "started": started,
-        "ended": now(),
-        "start_step": start_step,
-        "end_step": state.get("step", 0),
-        "outcome": outcome,
-        "reason": _reason(outcome, state, returncode),
-    }
+    outcome, reason = classify(state, returncode)
+    return {**opening, "ended": now(), "end_step": state.get("step", 0), "outcome": outcome, "reason": reason}
 
 
-def _reason(outcome: str, state: dict[str, Any], returncode: int) -> str | None:
-    if outcome == "preempted":
-        return f"signal {state.get('signal')}"
-    if outcome == "failed":
-        return state.get("error") or f"training exited with code {returncode} without recording an outcome"
-    return None
+def classify(state: dict[str, Any], returncode: int) -> tuple[str, str | None]:
+    """The outcome of an attempt from what the trainers recorded, and why."""
+    status = state.get("status")
+    if status == "done":
+        return "done", None
+    if status == "preempted":
+        return "preempted", f"signal {state.get('signal')}"
+    if status == "failed" and state.get("failure") != "peer":
+        return "failed", state.get("error")
+    if status == "failed":
+        return "transient", f"a rank lost its peer: {state.get('error')}"
+    return "transient", f"training processes ended without a record (torchrun exit code {returncode})"
 
 
-def finish_attempt(state_path: Path, attempt: dict[str, Any], max_requeues: int) -> Action:
+def finish_attempt(state_path: Path, attempt: dict[str, Any], budget: Budget) -> Action:
     """Append `attempt` to state.json, decide what comes next, and record that decision."""
     state = read_state(state_path)
-    attempts = [*state.get("attempts", []), {"attempt": len(state.get("attempts", [])) + 1, **attempt}]
+    attempts = _numbered(state, attempt)
     requeues = state.get("requeues", 0)
-    action, reason = next_action(attempts, requeues, max_requeues)
-    fields: dict[str, Any] = {"attempts": attempts, "requeues": requeues + (action == "requeue")}
+    action, reason = next_action(attempts, budget)
+    fields: dict[str, Any] = {
+        "attempts": attempts,
+        "current_attempt": None,
+        "requeues": requeues + (action == "requeue"),
+    }
     if action == "fail" and attempt["outcome"] != "failed":  # we give up, though training did not fail
         fields.update(status="failed", error=reason)
+    elif action == "end":
+        fields.update(status=attempt["outcome"])
+    elif action == "requeue" and attempt["outcome"] == "transient":
+        fields.update(status="preempted", error=None)  # waiting for the requeue, as after a stop signal
     update_state(state_path, **fields)
     return action
 
 
-def next_action(
-    attempts: list[dict[str, Any]], requeues: int, max_requeues: int
-) -> tuple[Action, str | None]:
-    """What follows the last attempt, and why when it is `fail`."""
+def _numbered(state: dict[str, Any], attempt: dict[str, Any]) -> list[dict[str, Any]]:
+    attempts = state.get("attempts", [])
+    return [*attempts, {"attempt": len(attempts) + 1, **attempt}]
+
+
+def next_action(attempts: list[dict[str, Any]], budget: Budget) -> tuple[Action, str | None]:
+    """What follows the last attempt, and why when it is `fail`.
+
+    Budgets count the attempts of the last attempt's submission (its job id): a resubmission starts
+    afresh, keeping the history.
+    """
     last = attempts[-1]
-    if last["outcome"] == "done":
+    outcome = last["outcome"]
+    if outcome == "done":
         return "done", None
-    if last["outcome"] != "preempted":
+    if outcome == "failed":
         return "fail", last.get("reason")
-    if requeues >= max_requeues:
-        return "fail", f"preempted, but max_requeues ({max_requeues}) requeues are used up"
-    last_two = attempts[-2:]
+    if outcome not in (*STOPPED, "transient"):  # cancelled: SLURM ends the job
+        return "end", None
+    submission = [a for a in attempts if a.get("job_id") == last.get("job_id")]
+    if outcome == "transient":
+        failures = sum(a["outcome"] == "transient" for a in submission)
+        if failures > budget.max_failures:
+            return "fail", f"{last['reason']}; max_failures ({budget.max_failures}) retries are used up"
+        return "requeue", None
+    requeues = sum(a["outcome"] in STOPPED for a in submission[:-1])
+    if requeues >= budget.max_requeues:
+        return "fail", f"preempted, but max_requeues ({budget.max_requeues}) requeues are used up"
+    last_two = [a for a in submission if a["outcome"] in STOPPED][-2:]
     if len(last_two) == 2 and all(a["end_step"] == a["start_step"] for a in last_two):
-        return "fail", "two attempts in a row ended without progress; not requeueing again"
+        return "fail", "two stops in a row without progress; not requeueing again"
     return "requeue", None

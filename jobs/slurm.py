@@ -1,16 +1,29 @@
-"""The submitit job function: one task per node starts torchrun, then node 0 requeues, finishes or fails.
+"""The submitit job function: one task per node starts torchrun, then node 0 decides for the job.
 
-SLURM signals every process of the job step, so the workers receive USR2/TERM themselves; torchrun runs
-with both ignored, and this process replaces submitit's handlers (whose `checkpoint()` would requeue
-from a process that cannot see the model) with ones that only note the signal. After torchrun exits,
-node 0 reads the phase's state.json: `done` returns, `preempted` runs `scontrol requeue` (same job id,
-same run directory; afterok dependents still wait), anything else raises so the job ends FAILED and
-`afterok` dependents are cancelled. Other nodes only report their torchrun's exit status.
+SLURM signals every process of the job step (USR2 before the time limit; TERM on preemption or cancel),
+so the trainers receive the signal themselves. torchrun runs with both ignored, and this process replaces
+submitit's handlers (whose `checkpoint()` would requeue from a process that cannot see the model) with
+ones that note the signal and keep telling the trainers until they have stopped (see `wait_for`).
+
+After torchrun exits, node 0 reads the phase's state.json. If the trainers stopped on a signal, SLURM's
+own view of the job says why (asked from inside the job, never guessed from elapsed time):
+
+    still RUNNING, PreemptTime set   preempted: SLURM would end the job COMPLETED once we exit, even with
+                                     PreemptMode=REQUEUE, so node 0 requeues it, exactly once
+    still RUNNING                    a time-limit warning (or `scancel --signal`): node 0 requeues it
+    anything else (COMPLETING, ...)  SLURM is ending it (a cancel): recorded `cancelled`, never requeued
+
+A requeue keeps the job id and run directory, so `afterok` dependents still wait. Transient failures
+(a rank killed, a peer lost) are requeued within `max_failures`; a failure in training code raises, so
+the job ends FAILED. When the run ends without completing, node 0 also cancels the jobs waiting on it
+(its evaluation), which would otherwise stay pending for ever on a cluster without kill_invalid_depend.
+Other nodes run their torchrun and report; they never fail the job themselves (node 0 decides).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 from dataclasses import dataclass
@@ -18,7 +31,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from jobs.attempt import CONFIG_FILE, PHASES, finish_attempt, run_attempt, wait_for
+from jobs.attempt import CONFIG_FILE, PHASES, Budget, finish_attempt, run_attempt, wait_for
 from jobs.torchrun import (
     Rendezvous,
     rendezvous_port,
@@ -27,6 +40,8 @@ from jobs.torchrun import (
     torchrun_command,
 )
 from sogclr.state import read_state
+
+SLURM_QUERY_TIMEOUT_S = 30
 
 
 class JobFailed(RuntimeError):
@@ -69,6 +84,7 @@ class TrainingJob:
     ranks_per_node: int
     cpus_per_task: int
     max_requeues: int
+    max_failures: int = 3
 
     def command(self, task: SlurmTask) -> list[str]:
         return torchrun_command(
@@ -84,33 +100,96 @@ class TrainingJob:
         return threads_per_rank(self.cpus_per_task, self.ranks_per_node)
 
     def __call__(self) -> dict[str, Any]:
-        note_stop_signals()
+        stop = StopNote.install()
         task = SlurmTask.from_environ()
         if task.node_rank != 0:
-            return self._follow(task)
+            return self._follow(task, stop)
         state_path = PHASES[self.phase].state_path(self.run_dir)
         where = {"job_id": task.job_id, "restart_count": task.restart_count, "hosts": task.hosts}
-        attempt = run_attempt(self.command(task), state_path, where, env=self.env())
-        action = finish_attempt(state_path, attempt, self.max_requeues)
+        attempt = run_attempt(
+            self.command(task), state_path, where, env=self.env(), stop_requested=stop.requested
+        )
+        if attempt["outcome"] == "preempted":
+            attempt.update(why_stopped(task.job_id, attempt["reason"]))
+        action = finish_attempt(state_path, attempt, Budget(self.max_requeues, self.max_failures))
+        if action in ("fail", "end"):
+            cancel_dependents(task.job_id)
         if action == "fail":
             raise JobFailed(f"{self.phase} of {self.run_dir} failed: {read_state(state_path).get('error')}")
         if action == "requeue":
             subprocess.run(["scontrol", "requeue", str(task.job_id)], check=True)
         return {"phase": self.phase, "action": action, "attempt": attempt}
 
-    def _follow(self, task: SlurmTask) -> dict[str, Any]:
+    def _follow(self, task: SlurmTask, stop: StopNote) -> dict[str, Any]:
         """Nodes other than 0 run their torchrun; node 0 records and decides for the job."""
-        returncode = wait_for(start_ignoring_stop_signals(self.command(task), env=self.env()))
-        if returncode:
-            raise JobFailed(f"{self.phase} on node {task.node_rank}: torchrun exited with code {returncode}")
-        return {"phase": self.phase, "node_rank": task.node_rank}
+        process = start_ignoring_stop_signals(self.command(task), env=self.env())
+        returncode = wait_for(process, stop_requested=stop.requested)
+        return {"phase": self.phase, "node_rank": task.node_rank, "returncode": returncode}
 
 
-def note_stop_signals() -> None:
-    """Replace submitit's USR2/TERM handlers: the workers act on the signal; this process only logs it."""
-    for sig in (signal.SIGUSR2, signal.SIGTERM):
-        signal.signal(sig, _note)
+class StopNote:
+    """Replaces submitit's USR2/TERM handlers: note the signal; the trainers act on it."""
+
+    def __init__(self) -> None:
+        self.received: signal.Signals | None = None
+
+    @classmethod
+    def install(cls) -> StopNote:
+        note = cls()
+        for sig in (signal.SIGUSR2, signal.SIGTERM):
+            signal.signal(sig, note._note)
+        return note
+
+    def requested(self) -> bool:
+        return self.received is not None
+
+    def _note(self, signum: int, frame: FrameType | None) -> None:
+        self.received = signal.Signals(signum)
+        print(f"job task: received {self.received.name}; telling the training processes", flush=True)
 
 
-def _note(signum: int, frame: FrameType | None) -> None:
-    print(f"job task: received {signal.Signals(signum).name}; the training processes handle it", flush=True)
+def why_stopped(job_id: int, signal_reason: str | None) -> dict[str, str]:
+    """`outcome` and `reason` of an attempt whose trainers stopped on a signal, from SLURM's view."""
+    fields = job_fields(job_id)
+    state = fields.get("JobState", "unknown")
+    if state != "RUNNING":
+        ended_as = accounted_state(job_id) or state
+        return {"outcome": "cancelled", "reason": f"{signal_reason}; SLURM is ending the job ({ended_as})"}
+    preempted_at = fields.get("PreemptTime", "None")
+    if preempted_at not in ("None", "Unknown", ""):
+        return {"outcome": "preempted", "reason": f"{signal_reason}; preempted by SLURM at {preempted_at}"}
+    return {"outcome": "timeout", "reason": f"{signal_reason}; a warning before the time limit"}
+
+
+def job_fields(job_id: int) -> dict[str, str]:
+    """`scontrol show job -o` as KEY -> value ({} if the controller does not answer)."""
+    result = _slurm(["scontrol", "show", "job", "-o", str(job_id)])
+    return dict(re.findall(r"(\w+)=(\S*)", result.stdout)) if result.returncode == 0 else {}
+
+
+def accounted_state(job_id: int) -> str | None:
+    """The job's state in accounting ('CANCELLED by 0' -> 'CANCELLED'), if accounting answers."""
+    result = _slurm(["sacct", "-n", "-X", "-P", "-o", "State", "-j", str(job_id)])
+    words = result.stdout.split() if result.returncode == 0 else []
+    return words[0] if words else None
+
+
+def cancel_dependents(job_id: int) -> list[str]:
+    """scancel the jobs that wait on `job_id` (`afterok:ID` and the like): they can never run now."""
+    result = _slurm(["squeue", "-h", "-t", "PD", "-o", "%i|%E"])
+    if result.returncode != 0:
+        return []
+    waiting = re.compile(rf"\bafter\w*:{job_id}(?![0-9])")
+    dependents = [
+        line.split("|")[0] for line in result.stdout.splitlines() if waiting.search(line.partition("|")[2])
+    ]
+    if dependents:
+        _slurm(["scancel", *dependents])
+    return dependents
+
+
+def _slurm(command: list[str]) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=SLURM_QUERY_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return subprocess.CompletedProcess(command, 1, "", str(error))

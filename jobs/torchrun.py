@@ -14,9 +14,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-# torchrun runs with SLURM's warning signal ignored (SIG_IGN survives exec): unhandled, USR2 kills the
-# agent and with it the workers, which install their own handler. (TERM torchrun handles itself.)
-AGENT_IGNORES = ("USR2",)
+# torchrun runs with SLURM's stop signals ignored (SIG_IGN survives exec), so that only the trainers act
+# on them: unhandled, USR2 kills the agent and with it the workers; on TERM the agent would forward it and
+# SIGKILL the trainers 30 s later, maybe in the middle of their save. The agent must also not install its
+# own TERM handler over SIG_IGN (it reads which signals to handle from this variable).
+AGENT_IGNORES = ("USR2", "TERM")
+AGENT_ENV = {"TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGINT,SIGHUP,SIGQUIT"}
 # `trap ''` sets SIG_IGN before exec; unlike preexec_fn it is safe when several runs launch from threads.
 _IGNORING_EXEC = f"trap '' {' '.join(AGENT_IGNORES)}; exec \"$@\""
 
@@ -75,9 +78,9 @@ def threads_per_rank(cpus: int, ranks: int) -> dict[str, str]:
 def start_ignoring_stop_signals(
     command: list[str], log: Path | None = None, env: dict[str, str] | None = None
 ) -> subprocess.Popen:
-    """Start `command` with USR2 ignored, `env` added to ours; output to `log` (appended) or ours."""
+    """Start `command` with USR2 and TERM ignored, `env` added to ours; output to `log` (appended) or ours."""
     wrapped = ["sh", "-c", _IGNORING_EXEC, command[0], *command]
-    full_env = {**os.environ, **(env or {})}
+    full_env = {**os.environ, **AGENT_ENV, **(env or {})}
     if log is None:
         return subprocess.Popen(wrapped, env=full_env)
     log.parent.mkdir(parents=True, exist_ok=True)

@@ -18,11 +18,12 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from jobs.attempt import CONFIG_FILE, PHASES, finish_attempt, run_attempt
+from jobs.attempt import CONFIG_FILE, PHASES, Budget, finish_attempt, run_attempt
 from jobs.torchrun import threads_per_rank, torchrun_command
 from launch.manifest import phase_done
 from launch.spec import Run, SweepSpec
 from launch.submit import phase_resources, write_run_config
+from sogclr.state import now
 
 LOG_DIR = "local"  # <run_dir>/local/<phase>.log: torchrun's output in local mode
 
@@ -63,14 +64,16 @@ def run_locally(run: Run, preempt_after: float | None, console: Console) -> str:
 def run_phase_locally(run: Run, phase: str, warn_after: float | None, console: Console) -> str:
     """Attempts of one phase until it is done or gives up; `warn_after` applies to the first one."""
     state_path = PHASES[phase].state_path(run.run_dir)
+    resources = phase_resources(run, phase)
     ranks = local_ranks(run, phase)
     command = torchrun_command(PHASES[phase].module, run.run_dir / CONFIG_FILE, ranks)
-    env = threads_per_rank(min(phase_resources(run, phase).cpus_per_task, os.cpu_count() or 1), ranks)
+    env = threads_per_rank(min(resources.cpus_per_task, os.cpu_count() or 1), ranks)
     log = run.run_dir / LOG_DIR / f"{phase}.log"
+    budget = Budget(resources.max_requeues, resources.max_failures)
+    where = {"job_id": f"local-{now()}", "hosts": ["localhost"]}  # one submission: one budget
     while True:
-        where = {"job_id": "local", "hosts": ["localhost"]}
         attempt = run_attempt(command, state_path, where, log, warn_after, env)
-        action = finish_attempt(state_path, attempt, phase_resources(run, phase).max_requeues)
+        action = finish_attempt(state_path, attempt, budget)
         console.print(
             f"{run.name} {phase}: {attempt['outcome']} at step {attempt['end_step']} -> {action}",
             highlight=False,

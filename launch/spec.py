@@ -60,7 +60,15 @@ class SlurmConfig(Schema):
     signal_lead_s: int = Field(
         300, ge=0, description="Seconds before the time limit that SLURM warns (USR2)."
     )
-    max_requeues: int = Field(20, ge=0, description="Give up after this many requeues of one run.")
+    max_requeues: int = Field(
+        20, ge=0, description="Give up after this many requeues (preemption, time limit) per submission."
+    )
+    max_failures: int = Field(
+        3,
+        ge=0,
+        description="Requeue after at most this many transient failures per submission (a rank killed, "
+        "a peer or node lost); a Python exception in training fails at once.",
+    )
     additional: dict[str, str | int | bool] = Field(
         default_factory=dict, description="Extra sbatch parameters, e.g. {exclusive: true, reservation: x}."
     )

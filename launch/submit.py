@@ -130,7 +130,13 @@ def phase_resources(run: Run, phase: str) -> SlurmConfig:
 def training_job(run: Run, phase: str) -> TrainingJob:
     slurm = phase_resources(run, phase)
     return TrainingJob(
-        phase, run.run_dir, slurm.nodes, slurm.ranks_per_node, slurm.cpus_per_task, slurm.max_requeues
+        phase,
+        run.run_dir,
+        slurm.nodes,
+        slurm.ranks_per_node,
+        slurm.cpus_per_task,
+        slurm.max_requeues,
+        slurm.max_failures,
     )
 
 

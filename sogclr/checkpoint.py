@@ -151,8 +151,9 @@ class CheckpointManager:
         if self.is_main:
             _link_atomic(self.directory / LAST, self.directory / FINAL)
 
-    def load_latest(self) -> dict[str, Any] | None:
-        """The newest checkpoint that loads, or None; unreadable files are skipped with a warning."""
+    def load_latest(self) -> tuple[Path, dict[str, Any]] | None:
+        """The newest checkpoint that loads, with its path, or None; unreadable files are skipped with
+        a warning."""
         candidates = [self.directory / LAST] + [path for _, path in _step_files(self.directory)]
         tried = set()
         for path in candidates:
@@ -160,9 +161,16 @@ class CheckpointManager:
                 continue  # last.pt and the newest ckpt-*.pt are usually one file
             tried.add(inode)
             try:
-                return load_file(path)
+                return path, load_file(path)
             except Exception as error:  # truncated or corrupt: any of several unpickling errors
                 warnings.warn(
                     f"skipping unreadable checkpoint {path}: {type(error).__name__}: {error}", stacklevel=2
                 )
         return None
+
+    def remove_temporary_files(self) -> list[Path]:
+        """Delete what a save that was killed half-way left behind (write_atomic's `.NAME.PID.tmp`)."""
+        leftovers = sorted(self.directory.glob(".*.tmp")) if self.directory.is_dir() else []
+        for path in leftovers:
+            path.unlink(missing_ok=True)
+        return leftovers

@@ -26,6 +26,15 @@ class Schema(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def collective_timeout_field() -> Any:
+    return Field(
+        300.0,
+        gt=0,
+        description="Seconds a collective may wait for a peer: when a rank or node is lost, the "
+        "others fail after this (then the job is requeued) instead of holding the allocation.",
+    )
+
+
 class CheckpointConfig(Schema):
     every_minutes: float = Field(
         10.0, gt=0, description="Save last.pt at least this often (and at epoch end)."
@@ -81,6 +90,7 @@ class PretrainConfig(Schema):
     compile: bool = Field(False, description="torch.compile the model.")
     seed: int = Field(0, ge=0, description="Seed of initialisation, shuffling and augmentation.")
     log_every_steps: int = Field(10, gt=0, description="Write metrics.jsonl every N steps.")
+    collective_timeout_s: float = collective_timeout_field()
     tensorboard: bool = Field(False, description="Also write TensorBoard events under the run directory.")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
 
@@ -107,6 +117,7 @@ class LinclsConfig(Schema):
     workers: int = Field(8, ge=0, description="Data-loading processes per rank.")
     seed: int = Field(0, ge=0, description="Seed of shuffling, augmentation and classifier init.")
     log_every_steps: int = Field(10, gt=0, description="Write metrics.jsonl every N steps.")
+    collective_timeout_s: float = collective_timeout_field()
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
 
 

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Sampler
 from torchvision.datasets import ImageFolder
 
 from sogclr.config import PretrainConfig
+from sogclr.distributed import ignore_stop_signals
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -395,6 +396,7 @@ def build_loader(
         batch_size=batch_size,
         sampler=sampler,
         num_workers=workers,
+        worker_init_fn=ignore_stop_signals,
         pin_memory=pin_memory,
         drop_last=False,
         persistent_workers=workers > 0,

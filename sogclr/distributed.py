@@ -36,8 +36,12 @@ class DistEnv:
         return self.world_size > 1
 
 
-def init_distributed(timeout_minutes: float = 30.0) -> DistEnv:
-    """Join torchrun's process group if launched by it; pick this rank's device."""
+def init_distributed(timeout_s: float = 300.0) -> DistEnv:
+    """Join torchrun's process group if launched by it; pick this rank's device.
+
+    `timeout_s` bounds every collective: when a peer is gone, the survivors fail after it instead of
+    holding the allocation (NCCL's watchdog and gloo both honour it).
+    """
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -50,9 +54,13 @@ def init_distributed(timeout_minutes: float = 30.0) -> DistEnv:
         return DistEnv(rank, local_rank, world_size, device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(
-        backend, timeout=timedelta(minutes=timeout_minutes), device_id=device if backend == "nccl" else None
+        backend, timeout=timedelta(seconds=timeout_s), device_id=device if backend == "nccl" else None
     )
-    control_group = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
+    control_group = (
+        dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+        if backend != "gloo"
+        else dist.group.WORLD
+    )
     return DistEnv(rank, local_rank, world_size, device, control_group)
 
 
@@ -76,6 +84,23 @@ def agree(env: DistEnv, *flags: bool) -> tuple[bool, ...]:
     return tuple(bool(vote) for vote in votes.tolist())
 
 
+def broadcast_from_main(env: DistEnv, value: object) -> object:
+    """Rank 0's `value` on every rank (over the control group); unchanged without a process group."""
+    if not env.distributed:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0, group=env.control_group)
+    return box[0]
+
+
+def is_peer_failure(error: BaseException) -> bool:
+    """True for errors of the collectives themselves (a peer died, a connection broke, a timeout):
+    what a rank sees when another rank or node is lost, as opposed to a bug in training code."""
+    return isinstance(error, dist.DistError) or (
+        isinstance(error, RuntimeError) and "gloo" in str(error).lower()
+    )
+
+
 def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate equally shaped tensors from every rank along dim 0 (rank order), without gradient."""
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
@@ -83,6 +108,17 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     out = tensor.new_empty((dist.get_world_size() * tensor.shape[0], *tensor.shape[1:]))
     dist.all_gather_into_tensor(out, tensor.contiguous())
     return out
+
+
+def ignore_stop_signals(worker_id: int | None = None) -> None:
+    """For helper processes (DataLoader workers, as `worker_init_fn`): ignore SIGTERM and SIGUSR2.
+
+    SLURM signals every process of a job step. PyTorch's loader workers die of a SIGTERM that their
+    parent did not send (by design), and the trainer would then fail instead of stopping at the agreed
+    step; ignoring it keeps them feeding the trainer until it stops and shuts them down itself.
+    """
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class StopSignals:
@@ -98,7 +134,8 @@ class StopSignals:
         self._previous: dict[signal.Signals, object] = {}
 
     def _record(self, signum: int, frame: FrameType | None) -> None:
-        self.received = signal.Signals(signum)
+        if self.received is None:  # the first one says why; repeats (the job task relays) do not
+            self.received = signal.Signals(signum)
 
     def __enter__(self) -> StopSignals:
         for sig in self.signals:

@@ -55,7 +55,9 @@ def train(cfg: RunConfig) -> str:
     """Linear evaluation (or its resumption) of the run in `cfg.run_dir`; returns the final status."""
     if cfg.lincls is None:
         raise ValueError(f"the config of {cfg.run_dir} has no lincls section")
-    return run_process(cfg.run_dir / LINCLS_DIR / STATE_FILE, partial(_evaluate, cfg))
+    return run_process(
+        cfg.run_dir / LINCLS_DIR / STATE_FILE, partial(_evaluate, cfg), cfg.lincls.collective_timeout_s
+    )
 
 
 def _evaluate(cfg: RunConfig, env: DistEnv, signals: StopSignals) -> str:

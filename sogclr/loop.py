@@ -16,9 +16,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sogclr.checkpoint import CheckpointManager, rng_state, set_rng_state
-from sogclr.distributed import DistEnv, StopSignals, agree, cleanup, init_distributed
-from sogclr.state import update_state
+from sogclr.checkpoint import CheckpointManager, load_file, rng_state, set_rng_state
+from sogclr.distributed import (
+    DistEnv,
+    StopSignals,
+    agree,
+    broadcast_from_main,
+    cleanup,
+    init_distributed,
+    is_peer_failure,
+)
+from sogclr.state import read_state, update_state
 
 
 @dataclass
@@ -68,8 +76,12 @@ class Session:
         self.saved_step: int | None = None
 
     def resume(self) -> Progress:
-        """Load the newest readable checkpoint, if any, into the stateful objects and the RNGs."""
-        payload = self.checkpoints.load_latest()
+        """Load the newest readable checkpoint, if any, into the stateful objects and the RNGs.
+
+        Rank 0 chooses the file and every rank loads exactly that one: a rank that cannot read it fails
+        the run rather than resuming from another step than its peers.
+        """
+        payload = self._load_resume_point()
         if payload is not None:
             if payload["steps_per_epoch"] != self.progress.steps_per_epoch:
                 raise ValueError(
@@ -81,8 +93,25 @@ class Session:
             set_rng_state(payload["rng"])
             self.progress.epoch, self.progress.step_in_epoch = payload["epoch"], payload["step_in_epoch"]
             self.saved_step = self.progress.global_step
-        self.record(status="running", total_steps=self.total_steps, error=None, signal=None)
+        self.record(status="running", total_steps=self.total_steps, error=None, failure=None, signal=None)
         return self.progress
+
+    def _load_resume_point(self) -> dict[str, Any] | None:
+        chosen, payload = None, None
+        if self.env.is_main:
+            self.checkpoints.remove_temporary_files()
+            if (latest := self.checkpoints.load_latest()) is not None:
+                chosen, payload = latest
+        chosen = broadcast_from_main(self.env, chosen and str(chosen))
+        if chosen is None or self.env.is_main:
+            return payload
+        try:
+            return load_file(Path(chosen))
+        except Exception as error:
+            raise RuntimeError(
+                f"rank {self.env.rank} cannot read the checkpoint rank 0 resumes from, {chosen}: "
+                f"{type(error).__name__}: {error}"
+            ) from error
 
     def save(self) -> None:
         """Checkpoint the current position (once per step: a second call at the same step is a no-op)."""
@@ -156,14 +185,16 @@ def run_epochs(
     return True
 
 
-def run_process(state_path: Path, body: Callable[[DistEnv, StopSignals], str]) -> str:
+def run_process(
+    state_path: Path, body: Callable[[DistEnv, StopSignals], str], collective_timeout_s: float = 300.0
+) -> str:
     """Run `body(env, signals)` inside this process's distributed context and stop-signal handlers.
 
     An exception is recorded as `failed` in `state_path` (by every rank that raises: only the failing rank
     knows the message; writes are atomic replaces), then propagates. The process group is always torn down.
     """
     with StopSignals() as signals:  # before joining the group: a warning during start-up is kept
-        env = init_distributed()
+        env = init_distributed(collective_timeout_s)
         try:
             with _recording_failure(state_path):
                 return body(env, signals)
@@ -173,8 +204,16 @@ def run_process(state_path: Path, body: Callable[[DistEnv, StopSignals], str]) -
 
 @contextmanager
 def _recording_failure(state_path: Path) -> Iterator[None]:
+    """Record an exception as `failed`, saying whether it was the collectives' (`failure: peer`: a
+    rank or node was lost, which the job layer retries) or the training code's (`exception`: a bug).
+
+    A peer failure never overwrites another rank's record: the rank that really failed records first,
+    before its exit breaks the others' connections.
+    """
     try:
         yield
     except Exception as error:
-        update_state(state_path, status="failed", error=f"{type(error).__name__}: {error}")
+        kind = "peer" if is_peer_failure(error) else "exception"
+        if kind == "exception" or read_state(state_path).get("status") != "failed":
+            update_state(state_path, status="failed", failure=kind, error=f"{type(error).__name__}: {error}")
         raise

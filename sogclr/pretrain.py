@@ -34,7 +34,7 @@ CHECKPOINT_DIR = "checkpoints"
 
 def train(cfg: RunConfig) -> str:
     """Pretrain (or resume pretraining) the run in `cfg.run_dir`; returns the final status."""
-    return run_process(cfg.run_dir / STATE_FILE, partial(_pretrain, cfg))
+    return run_process(cfg.run_dir / STATE_FILE, partial(_pretrain, cfg), cfg.pretrain.collective_timeout_s)
 
 
 def _pretrain(cfg: RunConfig, env: DistEnv, signals: StopSignals) -> str:

@@ -1,9 +1,10 @@
 """The outcome record of a training process, `state.json`, shared with the job layer.
 
 Exit codes do not survive torchrun reliably, so this file is the truth about a run: `status` is one of
-running | preempted | done | failed, `step` is the global step of the last saved checkpoint. The job layer
-appends to `attempts` and counts `requeues`; the trainer only updates its own fields and keeps the rest.
-Only rank 0 writes.
+running | preempted | done | failed (the trainer's) or cancelled (the job layer's, when SLURM ends the job),
+`step` is the global step of the last saved checkpoint. The job layer appends to `attempts`, counts
+`requeues` and marks the attempt in progress (`current_attempt`); the trainer only updates its own fields
+and keeps the rest. Rank 0 writes, and any rank that fails records its error.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 from sogclr.atomic import write_atomic
 
-STATUSES = ("running", "preempted", "done", "failed")
+STATUSES = ("running", "preempted", "done", "failed", "cancelled")
 
 
 def now() -> str:

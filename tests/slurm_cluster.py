@@ -46,6 +46,10 @@ __all__ = [
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "local-slurm"
 REQUIRE_ENV = "SOGCLR_REQUIRE_SLURM"
+# Configured as shared clusters commonly are: partition-priority preemption with a grace time (jobs run
+# in `low`; a job in `high` that needs their CPUs preempts them with SIGTERM, SIGKILL 30 s later).
+CLUSTER_VARIANT = {"SOGCLR_SLURM_PREEMPT": "requeue", "SOGCLR_SLURM_GRACE_S": "30"}
+HIGH_PARTITION = "high"
 
 # Job states after which SLURM will not run the job again by itself.
 FINAL_STATES = frozenset(
@@ -174,6 +178,26 @@ class SlurmCluster:
             f"{sorted(wanted)}\n{self._describe(job_id)}"
         )
 
+    def node_of(self, job_id: str | int) -> str:
+        """The (first) node a running job runs on."""
+        nodes = self.run("squeue", "-h", "-j", str(job_id), "-o", "%N").stdout.strip()
+        return self.run("scontrol", "show", "hostnames", nodes).stdout.split()[0]
+
+    def preempt_node(self, node: str) -> str:
+        """Preempt whatever runs on `node` as a shared cluster does: a high-priority job that needs all
+        of the node's CPUs (SLURM then sends the running jobs SIGTERM, and requeues them). Its id."""
+        cpus = self.run("sinfo", "-h", "-n", node, "-o", "%c").stdout.split()[0]
+        return self.sbatch(
+            "#!/bin/sh\nsleep 1\n", "-p", HIGH_PARTITION, "-w", node, "-c", cpus, "-o", "/dev/null"
+        )
+
+    def lose_node(self, node: str) -> None:
+        """A node failure: its slurmd and every process of its job steps killed."""
+        self.run(str(SCRIPT), "lose-node", node)
+
+    def restore_node(self, node: str) -> None:
+        self.run(str(SCRIPT), "restore-node", node)
+
     def _describe(self, job_id: str | int) -> str:
         return self.run("scontrol", "show", "job", str(job_id), check=False).stdout
 
@@ -192,7 +216,7 @@ def _unavailable_reason() -> str | None:
 
 
 def _script(command: str, timeout: float) -> subprocess.CompletedProcess[str]:
-    return _run([str(SCRIPT), command], check=False, timeout=timeout)
+    return _run([str(SCRIPT), command], env={**os.environ, **CLUSTER_VARIANT}, check=False, timeout=timeout)
 
 
 def _client_env() -> dict[str, str]:
@@ -210,7 +234,8 @@ def _connect() -> SlurmCluster:
     env = _client_env()
     client_env = {**os.environ, **env}
     nodes = _run(["sinfo", "-h", "-N", "-o", "%N"], env=client_env).stdout.split()
-    partition = _run(["sinfo", "-h", "-o", "%R"], env=client_env).stdout.split()[0]
+    partitions = _run(["sinfo", "-h", "-o", "%P"], env=client_env).stdout.split()
+    partition = next(name.rstrip("*") for name in partitions if name.endswith("*"))
     return SlurmCluster(
         conf=Path(env["SLURM_CONF"]), env=env, nodes=tuple(sorted(set(nodes))), partition=partition
     )

@@ -65,13 +65,24 @@ def test_damaged_last_falls_back_to_previous_with_warning(tmp_path: Path, damage
         last.write_bytes(b"\x00not a checkpoint" * 100)
         expected = 2
     with pytest.warns(UserWarning, match="skipping unreadable checkpoint .*last.pt"):
-        payload = CheckpointManager(tmp_path, CheckpointConfig()).load_latest()
+        path, payload = CheckpointManager(tmp_path, CheckpointConfig()).load_latest()
+    assert path.name == f"ckpt-{expected:09d}.pt"
     assert payload["step"] == expected
     assert torch.equal(payload["weights"], torch.arange(10_000.0) + expected - 1)
 
 
 def test_empty_directory_has_nothing_to_resume(tmp_path: Path) -> None:
     assert CheckpointManager(tmp_path / "none", CheckpointConfig()).load_latest() is None
+
+
+def test_a_killed_save_leaves_nothing_once_resumed(tmp_path: Path) -> None:
+    manager = CheckpointManager(tmp_path, CheckpointConfig())
+    manager.save({"step": 1}, 1)
+    leftovers = [tmp_path / ".ckpt-000000002.pt.4242.tmp", tmp_path / ".last.pt.tmp"]
+    for path in leftovers:
+        path.write_bytes(b"half a checkpoint")
+    assert manager.remove_temporary_files() == sorted(leftovers)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-000000001.pt", "last.pt"]
 
 
 def draws() -> tuple:
