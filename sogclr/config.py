@@ -92,6 +92,16 @@ class PretrainConfig(Schema):
     log_every_steps: int = Field(10, gt=0, description="Write metrics.jsonl every N steps.")
     collective_timeout_s: float = collective_timeout_field()
     tensorboard: bool = Field(False, description="Also write TensorBoard events under the run directory.")
+    objective_every_epochs: int | None = Field(
+        None,
+        gt=0,
+        description="Every N epochs, log the exact global contrastive objectives (SogCLR's and SimCLR's, "
+        "all views of the subset as negatives) of the current encoder over a fixed subset of the training "
+        "set, one fixed pair of views per image, to metrics.jsonl; None: never. Does not change training.",
+    )
+    objective_subset: int = Field(
+        10_000, ge=2, description="Images in that fixed subset (evenly spaced; all if the set is smaller)."
+    )
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
 
     @field_validator("loss", mode="before")

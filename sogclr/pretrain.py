@@ -9,6 +9,8 @@ with `checkpoints/final.pt` and `done`.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 
@@ -16,10 +18,18 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from sogclr.checkpoint import CheckpointManager, seed_everything
+from sogclr.checkpoint import CheckpointManager, rng_state, seed_everything, set_rng_state
 from sogclr.cli import parse_run_config
 from sogclr.config import PretrainConfig, RunConfig
-from sogclr.data import ResumableDistributedSampler, build_loader, build_pretrain_dataset, set_loader_epoch
+from sogclr.data import (
+    IndexedImageFolder,
+    PretrainAugment,
+    ResumableDistributedSampler,
+    build_loader,
+    build_pretrain_dataset,
+    set_loader_epoch,
+)
+from sogclr.diagnostics import GlobalObjective
 from sogclr.distributed import DistEnv, StopSignals
 from sogclr.loop import Progress, Session, run_epochs, run_process
 from sogclr.losses import GlobalContrastiveLoss, SimCLRLoss
@@ -80,6 +90,8 @@ def _pretrain(cfg: RunConfig, env: DistEnv, signals: StopSignals) -> str:
         log_path, total_steps, env.is_main, tensorboard_dir if pcfg.tensorboard else None, "pretrain"
     ) as logger:
         monitor = PretrainMonitor(logger, criterion, pcfg, step)
+        metrics = epoch_end_metrics(pcfg, dataset, sampler.local_batch, env.device)
+        evaluation = EpochEndEvaluation(model, metrics, logger, progress)
 
         def one_step(batch: tuple) -> None:
             views, _, index = batch
@@ -90,7 +102,7 @@ def _pretrain(cfg: RunConfig, env: DistEnv, signals: StopSignals) -> str:
             set_loader_epoch(loader, epoch, start_step)
             return loader
 
-        if not run_epochs(session, pcfg.epochs, epoch_batches, one_step):
+        if not run_epochs(session, pcfg.epochs, epoch_batches, one_step, evaluation):
             return "preempted"
     session.finish()
     session.record(status="done")
@@ -214,6 +226,65 @@ class PretrainMonitor:
             images_per_s=self.throughput.pop(),
             **(estimator_stats(log_u) if log_u is not None else {}),
         )
+
+
+@dataclass(frozen=True)
+class ScheduledMetric:
+    """A metric of the model (name -> value) computed after every `every_epochs` epochs."""
+
+    every_epochs: int
+    compute: Callable[[nn.Module], dict[str, float]]
+
+
+def epoch_end_metrics(
+    cfg: PretrainConfig, dataset: IndexedImageFolder, local_batch: int, device: torch.device
+) -> list[ScheduledMetric]:
+    """The metrics the config asks for after epochs (none by default)."""
+    metrics = []
+    if cfg.objective_every_epochs is not None:
+        augment = PretrainAugment(cfg.image_size, cfg.crop_min)
+        dtype = autocast_dtype(cfg, device)
+        objective = GlobalObjective(
+            dataset, augment, cfg.objective_subset, cfg.temperature, local_batch, cfg.workers, dtype
+        )
+        metrics.append(ScheduledMetric(cfg.objective_every_epochs, objective))
+    return metrics
+
+
+class EpochEndEvaluation:
+    """After an epoch, the metrics that are due, in one metrics.jsonl record (rank 0; every rank computes,
+    as metrics may gather across ranks). Training never notices: see `evaluating`."""
+
+    def __init__(
+        self, model: nn.Module, metrics: list[ScheduledMetric], logger: MetricsLogger, progress: Progress
+    ) -> None:
+        self.model = model
+        self.metrics = metrics
+        self.logger = logger
+        self.progress = progress
+
+    def __call__(self, epoch: int) -> None:
+        due = [metric for metric in self.metrics if (epoch + 1) % metric.every_epochs == 0]
+        if not due:
+            return
+        with evaluating(self.model):
+            values = {name: value for metric in due for name, value in metric.compute(self.model).items()}
+        self.logger.log(self.progress.global_step, epoch=epoch, **values)
+
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """Eval mode without gradients, then the model's mode and every global RNG state as they were: a
+    train-mode forward would update BN running statistics (state), and a draw from a global generator
+    would change what training draws next. So weights end the same with metrics on or off."""
+    was_training, rng = model.training, rng_state()
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+        set_rng_state(rng)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,201 @@
+"""The exact global objectives against per-anchor brute force, the gradient-bias diagnostic's limiting cases,
+and the epoch-end objective metric: it must leave training untouched (same weights with it on or off)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sogclr.checkpoint import load_file
+from sogclr.config import PretrainConfig
+from sogclr.data import PretrainAugment, build_pretrain_dataset, sample_rng
+from sogclr.diagnostics import (
+    anchor_terms,
+    batch_gradients,
+    evenly_spaced,
+    global_objective,
+    global_simclr_objective,
+    gradient_bias,
+    identity_head,
+    shared_log_u,
+    shared_u_limit_gradient,
+    true_gradient,
+)
+from sogclr.loop import Progress
+from sogclr.losses import GlobalContrastiveLoss, SimCLRLoss
+from sogclr.metrics import MetricsLogger
+from sogclr.model import build_pretrain_model
+from sogclr.pretrain import EpochEndEvaluation, epoch_end_metrics
+from tests.runs import assert_same_training_state, start_module, tiny_pretrain, wait_ok, write_config
+from tests.tiny import STEPS_PER_EPOCH
+
+TEMPERATURE = 0.3
+
+
+def projections(num_images: int, dim: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    z1 = torch.randn(num_images, dim, generator=generator, dtype=torch.float64)
+    return z1, z1 + 0.5 * torch.randn(num_images, dim, generator=generator, dtype=torch.float64)
+
+
+def brute_force_objectives(z1: torch.Tensor, z2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per anchor (view 1 of every image, then view 2), one anchor at a time: (SogCLR's, NT-Xent)."""
+    views = [F.normalize(z1, dim=1), F.normalize(z2, dim=1)]
+    num_images = z1.shape[0]
+    sogclr, simclr = [], []
+    for view, i in itertools.product(range(2), range(num_images)):
+        anchor = views[view][i]
+        s_pos = anchor @ views[1 - view][i]
+        negatives = [anchor @ views[v][j] for v in range(2) for j in range(num_images) if j != i]
+        exps = torch.stack([torch.exp(s / TEMPERATURE) for s in negatives])
+        sogclr.append(TEMPERATURE * torch.log(exps.mean()) - s_pos)
+        simclr.append(
+            -torch.log(torch.exp(s_pos / TEMPERATURE) / (torch.exp(s_pos / TEMPERATURE) + exps.sum()))
+        )
+    return torch.stack(sogclr), torch.stack(simclr)
+
+
+def test_exact_objectives_and_gradients_match_brute_force() -> None:
+    z1, z2 = projections(5)
+    ours1, ours2 = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+    terms = anchor_terms(F.normalize(ours1, dim=1), F.normalize(ours2, dim=1), TEMPERATURE, chunk_rows=3)
+    ours = (global_objective(terms, TEMPERATURE), global_simclr_objective(terms, TEMPERATURE))
+    ref1, ref2 = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+    reference = brute_force_objectives(ref1, ref2)
+    for mine, theirs in zip(ours, reference):
+        torch.testing.assert_close(mine, theirs, rtol=1e-10, atol=1e-12)
+    (ours[0].sum() + 2 * ours[1].sum()).backward()
+    (reference[0].sum() + 2 * reference[1].sum()).backward()
+    torch.testing.assert_close(ours1.grad, ref1.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ours2.grad, ref2.grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_true_gradient_is_the_head_gradient_of_the_brute_force_objective(which: int) -> None:
+    z1, z2 = projections(5)
+    head = identity_head(z1.shape[1]).double()
+    objective = brute_force_objectives(head(z1), head(z2))[which]
+    (2 * objective.mean()).backward()  # our losses: mean over images of the sum over both views
+    ours = true_gradient(z1, z2, (global_objective, global_simclr_objective)[which], TEMPERATURE)
+    torch.testing.assert_close(ours, head.weight.grad.flatten(), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "criterion, objective",
+    [
+        (SimCLRLoss(TEMPERATURE), global_simclr_objective),
+        (GlobalContrastiveLoss(6, TEMPERATURE, 1.0), global_objective),
+    ],
+)
+def test_in_batch_bias_is_zero_when_the_batch_is_the_whole_dataset(criterion, objective) -> None:
+    z1, z2 = projections(6)
+    truth = true_gradient(z1, z2, objective, TEMPERATURE)
+    stats = gradient_bias(z1.float(), z2.float(), criterion, truth, batch_size=6, passes=3)
+    assert stats.estimates == 3
+    assert stats.bias < 1e-5 and stats.variance < 1e-10 and stats.cosine > 1 - 1e-9
+
+
+def test_sogclr_with_gamma_one_is_the_in_batch_estimate() -> None:
+    """gamma = 1 discards u however warm it is: the same estimates as a cold loss, and each one the exact
+    gradient of the global objective of the batch alone (the in-batch, DCL, estimate)."""
+    z1, z2 = projections(12)
+    z1, z2 = z1.float(), z2.float()
+    truth = true_gradient(z1, z2, global_objective, TEMPERATURE)
+    cold = gradient_bias(z1, z2, GlobalContrastiveLoss(12, TEMPERATURE, 1.0), truth, 4, passes=5)
+    warm = gradient_bias(
+        z1, z2, GlobalContrastiveLoss(12, TEMPERATURE, 1.0), truth, 4, passes=5, warmup_passes=7
+    )
+    assert warm == cold and cold.bias > 0.01  # a batch of 4 out of 12 is biased
+
+    index = torch.tensor([7, 2, 9, 4])
+    criterion = GlobalContrastiveLoss(12, TEMPERATURE, 1.0)
+    estimate = next(batch_gradients(identity_head(4), z1, z2, criterion, [index]))
+    batch_objective = true_gradient(z1[index], z2[index], global_objective, TEMPERATURE)
+    torch.testing.assert_close(estimate, batch_objective, rtol=1e-5, atol=1e-6)
+
+
+def test_sogclr_with_a_settled_shared_u_averages_to_the_shared_u_limit() -> None:
+    """With u held at the image mean of the two views' exact g (gamma -> 0), SogCLR's estimates averaged
+    over every possible batch are `shared_u_limit_gradient`, which differs from the true gradient."""
+    num_images, batch_size = 6, 3
+    z1, z2 = projections(num_images)
+    z1, z2 = z1.float(), z2.float()
+    criterion = GlobalContrastiveLoss(num_images, TEMPERATURE, gamma=0.0)  # u' = u: the estimator is frozen
+    terms = anchor_terms(F.normalize(z1.double(), dim=1), F.normalize(z2.double(), dim=1), TEMPERATURE)
+    criterion.log_u.copy_(shared_log_u(terms)[:num_images])
+    batches = [torch.tensor(b) for b in itertools.combinations(range(num_images), batch_size)]
+    head = identity_head(z1.shape[1])
+    mean = torch.stack(list(batch_gradients(head, z1, z2, criterion, batches))).mean(dim=0)
+    limit = shared_u_limit_gradient(z1, z2, TEMPERATURE)
+    torch.testing.assert_close(mean, limit, rtol=1e-4, atol=1e-6)
+    truth = true_gradient(z1, z2, global_objective, TEMPERATURE)
+    assert (limit - truth).norm() > 1e-3 * truth.norm()
+
+
+def test_evenly_spaced_subsets() -> None:
+    assert evenly_spaced(10, 4) == [0, 2, 5, 7]
+    assert evenly_spaced(3, 10) == [0, 1, 2]
+
+
+def tiny_config(data_dir: Path, **overrides: object) -> PretrainConfig:
+    return PretrainConfig.model_validate(tiny_pretrain(data_dir, workers=0, **overrides))
+
+
+def test_epoch_end_objective_leaves_model_mode_and_rng_as_they_were(tmp_path: Path, data_dir: Path) -> None:
+    cfg = tiny_config(data_dir, objective_every_epochs=2, objective_subset=40)
+    dataset = build_pretrain_dataset(cfg)
+    torch.manual_seed(0)
+    model = build_pretrain_model(cfg).train()
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    rng_before = torch.get_rng_state()
+    with MetricsLogger(tmp_path / "metrics.jsonl", total_steps=4) as logger:
+        metrics = epoch_end_metrics(cfg, dataset, local_batch=16, device=torch.device("cpu"))
+        evaluate = EpochEndEvaluation(model, metrics, logger, Progress(steps_per_epoch=15, epoch=2))
+        evaluate(epoch=0)  # not due
+        evaluate(epoch=1)
+    assert model.training and torch.equal(torch.get_rng_state(), rng_before)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), f"{name} changed"
+    [record] = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert record["step"] == 30 and record["epoch"] == 1
+
+    # The same views, made here: epoch 0's augmentation of 40 evenly spaced images, through the eval model.
+    augment = PretrainAugment(cfg.image_size, cfg.crop_min)
+    indices = evenly_spaced(len(dataset), 40)
+    views = [augment(dataset.loader(dataset.samples[i][0]), sample_rng(cfg.seed, 0, i)) for i in indices]
+    with torch.no_grad():
+        z = model.eval()(torch.stack([torch.stack(pair) for pair in views]).flatten(0, 1)).view(40, 2, -1)
+    terms = anchor_terms(F.normalize(z[:, 0], dim=1), F.normalize(z[:, 1], dim=1), cfg.temperature)
+    assert record["global_objective"] == pytest.approx(
+        global_objective(terms, cfg.temperature).mean().item(), rel=1e-5
+    )
+    simclr = 2 * global_simclr_objective(terms, cfg.temperature).mean().item()
+    assert record["global_simclr_objective"] == pytest.approx(simclr, rel=1e-5)
+
+
+def test_pretraining_with_the_objective_metric_ends_with_the_same_weights(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    off, on = tmp_path / "off", tmp_path / "on"
+    runs = [
+        start_module("sogclr.pretrain", write_config(off, tiny_pretrain(data_dir))),
+        start_module(
+            "sogclr.pretrain",
+            write_config(on, tiny_pretrain(data_dir, objective_every_epochs=1, objective_subset=100)),
+        ),
+    ]
+    for run in runs:
+        wait_ok(run)
+    assert_same_training_state(off / "checkpoints" / "final.pt", on / "checkpoints" / "final.pt")
+    rng_off, rng_on = (load_file(run / "checkpoints" / "final.pt")["rng"] for run in (off, on))
+    assert torch.equal(rng_off["torch"], rng_on["torch"])
+    assert torch.equal(rng_off["python"]["internal"], rng_on["python"]["internal"])
+    assert torch.equal(rng_off["numpy"]["keys"], rng_on["numpy"]["keys"])
+    records = [json.loads(line) for line in (on / "metrics.jsonl").read_text().splitlines()]
+    objectives = [(r["step"], r["epoch"]) for r in records if "global_objective" in r]
+    assert objectives == [(STEPS_PER_EPOCH, 0), (2 * STEPS_PER_EPOCH, 1)]
