@@ -56,6 +56,13 @@ class PretrainConfig(Schema):
     image_size: int = Field(224, ge=8, description="Crop size of the augmented views.")
     crop_min: float = Field(0.08, gt=0, le=1, description="Smallest RandomResizedCrop area fraction.")
     workers: int = Field(8, ge=0, description="Data-loading processes per rank.")
+    augment_on: Literal["device", "loader"] = Field(
+        "device",
+        description="device: loader workers only decode and crop, and the training device applies colour "
+        "jitter, grayscale, blur, flip and normalisation to the whole batch (loaders spend under a third of "
+        "the CPU time per ImageNet-sized image); loader: all of it in the workers, with PIL. Both make the "
+        "same views.",
+    )
     # model
     arch: Arch = Field("resnet50", description="torchvision ResNet backbone.")
     small_stem: bool = Field(False, description="3x3 stride-1 stem without max-pool (CIFAR-sized images).")

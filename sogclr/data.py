@@ -11,6 +11,7 @@ changes what a sample sees, and ranks never share augmentation parameters (they 
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import random
@@ -28,19 +29,10 @@ from PIL import Image, ImageFilter
 from torch.utils.data import DataLoader, Sampler
 from torchvision.datasets import ImageFolder
 
+from sogclr.augment import IMAGENET_MEAN, IMAGENET_STD, CropBatch, ViewParams, crop_box, draw_two_views
 from sogclr.config import PretrainConfig
 from sogclr.distributed import ignore_stop_signals
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-# The reference augmentation recipe (NOTES-sogclr.md); the blur sigma is defined at 224 px.
-JITTER_PROBABILITY = 0.8
-JITTER_STRENGTH = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
-GRAYSCALE_PROBABILITY = 0.2
-BLUR_SIGMA = (0.1, 2.0)
-BLUR_REFERENCE_SIZE = 224
-CROP_ASPECT_RATIO = (3 / 4, 4 / 3)
 EVAL_CROP_SCALE = (0.08, 1.0)  # torchvision's RandomResizedCrop default, as the reference linear eval
 
 # Independent random streams derived from one seed.
@@ -160,32 +152,49 @@ def _digit_image(counts: np.ndarray) -> Image.Image:
 
 # --------------------------------------------------------------------------------------------------------
 # Augmentations: each takes (PIL image, random.Random) and draws every parameter from that generator.
+# The image comes opened but not yet decoded (`open_image`), so a transform can pick a reduced JPEG
+# decoding scale before it decodes; each transform decodes it itself (`decoded_rgb`).
+
+# Reduced JPEG decoding (libjpeg's DCT scaling, PIL's draft mode): 1/8, 1/4, 1/2, the largest first.
+JPEG_REDUCTIONS = (8, 4, 2)
 
 
 @dataclass(frozen=True)
 class PretrainAugment:
-    """Two views of one image, both from the SogCLR/SimCLR recipe.
+    """Two views of one image, both from the SogCLR/SimCLR recipe, made with PIL (`augment_on: loader`).
 
     RandomResizedCrop(scale=(crop_min, 1)), ColorJitter(0.4, 0.4, 0.2, 0.1) in random order with p=0.8,
     grayscale p=0.2, PIL Gaussian blur always (sigma in [0.1, 2] at 224 px, scaled by image_size / 224 so
-    the blur keeps its size relative to the image), horizontal flip, ImageNet normalisation.
+    the blur keeps its size relative to the image), horizontal flip, ImageNet normalisation. Parameters:
+    `sogclr.augment.draw_view_params`.
     """
 
     image_size: int = 224
     crop_min: float = 0.08
 
     def __call__(self, image: Image.Image, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.view(image, rng), self.view(image, rng)
+        image = decoded_rgb(image)
+        first, second = draw_two_views(rng, image.width, image.height, self.image_size, self.crop_min)
+        return augmented_view(image, first, self.image_size), augmented_view(image, second, self.image_size)
 
-    def view(self, image: Image.Image, rng: random.Random) -> torch.Tensor:
-        image = random_resized_crop(image, self.image_size, (self.crop_min, 1.0), rng)
-        if rng.random() < JITTER_PROBABILITY:
-            image = color_jitter(image, rng)
-        if rng.random() < GRAYSCALE_PROBABILITY:
-            image = F.rgb_to_grayscale(image, num_output_channels=3)
-        sigma = rng.uniform(*BLUR_SIGMA) * self.image_size / BLUR_REFERENCE_SIZE
-        image = image.filter(ImageFilter.GaussianBlur(radius=sigma))  # PIL's radius is the std deviation
-        return normalised_tensor(random_flip(image, rng))
+
+@dataclass(frozen=True)
+class PretrainCrops:
+    """The loader's part of `augment_on: device`: each view's random resized crop, uint8, with the rest of
+    its parameters (`sogclr.augment.CropBatch`); `sogclr.augment.finish_views` then does the rest on the
+    training device, batched. The draws are `PretrainAugment`'s, so both make the same views.
+
+    A JPEG is decoded at a reduced scale when both crops allow it (`decode_for_crops`).
+    """
+
+    image_size: int = 224
+    crop_min: float = 0.08
+
+    def __call__(self, image: Image.Image, rng: random.Random) -> tuple[CropBatch, CropBatch]:
+        views = draw_two_views(rng, image.width, image.height, self.image_size, self.crop_min)
+        image, scale = decode_for_crops(image, views, self.image_size)
+        first, second = (CropBatch.of(crop_pixels(image, v.box, scale, self.image_size), v) for v in views)
+        return first, second
 
 
 @dataclass(frozen=True)
@@ -196,6 +205,7 @@ class EvalAugment:
     train: bool = True
 
     def __call__(self, image: Image.Image, rng: random.Random) -> torch.Tensor:
+        image = decoded_rgb(image)
         if self.train:
             image = random_flip(random_resized_crop(image, self.image_size, EVAL_CROP_SCALE, rng), rng)
         else:
@@ -204,52 +214,37 @@ class EvalAugment:
         return normalised_tensor(image)
 
 
+def augmented_view(image: Image.Image, params: ViewParams, image_size: int) -> torch.Tensor:
+    """The view of `image` that `params` describe, made with PIL, as a normalised float tensor."""
+    top, left, height, width = params.box
+    image = F.resized_crop(image, top, left, height, width, [image_size, image_size])
+    if params.jitter:
+        image = color_jitter(image, params.factors, params.order)
+    if params.grayscale:
+        image = F.rgb_to_grayscale(image, num_output_channels=3)
+    image = image.filter(ImageFilter.GaussianBlur(radius=params.blur_sigma))  # PIL's radius is the std
+    if params.flip:
+        image = F.hflip(image)
+    return normalised_tensor(image)
+
+
+# Indexed by sogclr.augment's BRIGHTNESS, CONTRAST, SATURATION, HUE.
+_PIL_JITTER = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation, F.adjust_hue)
+
+
+def color_jitter(image: Image.Image, factors: Sequence[float], order: Sequence[int]) -> Image.Image:
+    """ColorJitter: the four factors (brightness, contrast, saturation, hue), applied in `order`."""
+    for op in order:
+        image = _PIL_JITTER[op](image, factors[op])
+    return image
+
+
 def random_resized_crop(
     image: Image.Image, size: int, scale: tuple[float, float], rng: random.Random
 ) -> Image.Image:
     """torchvision's RandomResizedCrop (aspect ratio in [3/4, 4/3], 10 tries, then a central crop)."""
-    top, left, height, width = _crop_box(image.width, image.height, scale, rng)
+    top, left, height, width = crop_box(image.width, image.height, scale, rng)
     return F.resized_crop(image, top, left, height, width, [size, size])
-
-
-def _crop_box(
-    image_width: int,
-    image_height: int,
-    scale: tuple[float, float],
-    rng: random.Random,
-) -> tuple[int, int, int, int]:
-    area = image_width * image_height
-    ratio = CROP_ASPECT_RATIO
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target_area = area * rng.uniform(*scale)
-        aspect = math.exp(rng.uniform(*log_ratio))
-        width = round(math.sqrt(target_area * aspect))
-        height = round(math.sqrt(target_area / aspect))
-        if 0 < width <= image_width and 0 < height <= image_height:
-            return rng.randint(0, image_height - height), rng.randint(0, image_width - width), height, width
-    # No sample fitted: the whole image, cut to the nearest allowed aspect ratio.
-    width, height = image_width, image_height
-    if width / height < ratio[0]:
-        height = round(width / ratio[0])
-    elif width / height > ratio[1]:
-        width = round(height * ratio[1])
-    return (image_height - height) // 2, (image_width - width) // 2, height, width
-
-
-def color_jitter(image: Image.Image, rng: random.Random) -> Image.Image:
-    """torchvision's ColorJitter(0.4, 0.4, 0.2, 0.1): four factors, applied in a random order."""
-    brightness, contrast, saturation, hue = JITTER_STRENGTH
-    ops = [
-        (F.adjust_brightness, rng.uniform(1 - brightness, 1 + brightness)),
-        (F.adjust_contrast, rng.uniform(1 - contrast, 1 + contrast)),
-        (F.adjust_saturation, rng.uniform(1 - saturation, 1 + saturation)),
-        (F.adjust_hue, rng.uniform(-hue, hue)),
-    ]
-    rng.shuffle(ops)
-    for op, factor in ops:
-        image = op(image, factor)
-    return image
 
 
 def random_flip(image: Image.Image, rng: random.Random) -> Image.Image:
@@ -260,6 +255,48 @@ def normalised_tensor(image: Image.Image) -> torch.Tensor:
     return F.normalize(F.to_tensor(image), IMAGENET_MEAN, IMAGENET_STD, inplace=True)
 
 
+def open_image(path: str) -> Image.Image:
+    """The image file at `path`, read and opened (its size is known) but not decoded."""
+    with open(path, "rb") as file:
+        return Image.open(io.BytesIO(file.read()))
+
+
+def decoded_rgb(image: Image.Image) -> Image.Image:
+    """`image` decoded, in RGB (without a copy when it already is)."""
+    image.load()
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def decode_for_crops(image: Image.Image, views: Sequence[ViewParams], size: int) -> tuple[Image.Image, float]:
+    """Decode `image` at the smallest JPEG scale at which every view's crop still spans at least `size`
+    pixels a side; returns the RGB image and its scale against the full size (1, 1/2, 1/4 or 1/8).
+
+    The crop boxes, scaled with it, cover the same part of the picture, and are still shrunk (never
+    enlarged) to `size`. Images in other formats, or whose crops are too small, decode at full size.
+    """
+    smallest_side = min(min(view.box[2:]) for view in views)
+    reduction = next((r for r in JPEG_REDUCTIONS if smallest_side >= r * size), 1)
+    full_width = image.width
+    drafted = None
+    if reduction > 1:
+        # The full image's box in the reduced one, or None where draft() does nothing (not a JPEG).
+        drafted = image.draft("RGB", (image.width // reduction, image.height // reduction))
+    scale = drafted[1][2] / full_width if drafted else 1.0
+    return decoded_rgb(image), scale
+
+
+def crop_pixels(image: Image.Image, box: tuple[int, int, int, int], scale: float, size: int) -> torch.Tensor:
+    """The crop `box` (top, left, height, width in full-size pixels) of `image`, decoded at `scale`,
+    resized to `size` x `size` (bilinear, antialiased): uint8 `[3, size, size]`."""
+    top, left, height, width = (side * scale for side in box)
+    # Cut out the whole pixels the box touches, then resize exactly the box (fractional at a reduced
+    # scale): the crop's edges do not move, and, as in RandomResizedCrop, only its own pixels are read.
+    outer = (math.floor(left), math.floor(top), math.ceil(left + width), math.ceil(top + height))
+    inner = (left - outer[0], top - outer[1], left + width - outer[0], top + height - outer[1])
+    crop = image.crop(outer).resize((size, size), Image.Resampling.BILINEAR, box=inner)
+    return F.pil_to_tensor(crop)
+
+
 # --------------------------------------------------------------------------------------------------------
 # Dataset
 
@@ -267,9 +304,10 @@ def normalised_tensor(image: Image.Image) -> torch.Tensor:
 class IndexedImageFolder(ImageFolder):
     """An ImageFolder whose items are `(transform(image, rng), target, index)`.
 
-    `rng` is a `random.Random` seeded from `(seed, epoch, index)`. The epoch lives in a shared-memory
-    tensor, so `set_epoch` in the main process reaches DataLoader workers too, persistent ones included
-    (they hold a copy of the dataset made when they started). Call it before iterating the epoch's loader.
+    `image` is opened but not decoded (`open_image`); `rng` is a `random.Random` seeded from
+    `(seed, epoch, index)`. The epoch lives in a shared-memory tensor, so `set_epoch` in the main process
+    reaches DataLoader workers too, persistent ones included (they hold a copy of the dataset made when
+    they started). Call it before iterating the epoch's loader.
     `classes`, if given, restricts the dataset to those class folders (ImageNet-100).
     """
 
@@ -277,7 +315,7 @@ class IndexedImageFolder(ImageFolder):
         self, root: str | Path, transform: Augment, seed: int = 0, classes: Sequence[str] | None = None
     ) -> None:
         self.class_subset = None if classes is None else sorted(classes)
-        super().__init__(root, transform=transform)
+        super().__init__(root, transform=transform, loader=open_image)
         self.seed = seed
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
 
@@ -299,10 +337,14 @@ class IndexedImageFolder(ImageFolder):
         return self.transform(image, sample_rng(self.seed, self.epoch, index)), target, index
 
 
+PRETRAIN_TRANSFORMS = {"loader": PretrainAugment, "device": PretrainCrops}  # by `augment_on`
+
+
 def build_pretrain_dataset(cfg: PretrainConfig) -> IndexedImageFolder:
-    """The train split with the two-view pretraining augmentation."""
+    """The train split with the two-view pretraining augmentation: all of it (`augment_on: loader`), or
+    the crops that the training device finishes (`augment_on: device`)."""
     root = prepare_data_root(cfg)
-    augment = PretrainAugment(cfg.image_size, cfg.crop_min)
+    augment = PRETRAIN_TRANSFORMS[cfg.augment_on](cfg.image_size, cfg.crop_min)
     return IndexedImageFolder(root / "train", augment, seed=cfg.seed, classes=_class_subset(cfg))
 
 

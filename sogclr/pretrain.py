@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from sogclr.augment import CropBatch, finish_views
 from sogclr.checkpoint import CheckpointManager, rng_state, seed_everything, set_rng_state
 from sogclr.cli import parse_run_config
 from sogclr.config import PretrainConfig, RunConfig
@@ -180,11 +181,13 @@ class PretrainStep:
             global_step, self.total_steps, cfg.gamma, cfg.gamma_schedule, cfg.gamma_decay_fraction
         )
 
-    def __call__(self, views: list[torch.Tensor], index: torch.Tensor, global_step: int) -> torch.Tensor:
+    def __call__(
+        self, views: list[torch.Tensor | CropBatch], index: torch.Tensor, global_step: int
+    ) -> torch.Tensor:
         set_lr(self.optimizer, self.lr(global_step))
         if isinstance(self.criterion, GlobalContrastiveLoss):
             self.criterion.gamma = self.gamma(global_step)
-        x1, x2 = (v.to(self.device, non_blocking=True, memory_format=self.memory_format) for v in views)
+        x1, x2 = (self.model_input(v) for v in views)
         index = index.to(self.device, non_blocking=True)
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
             z1, z2 = self.model(x1, x2)
@@ -194,6 +197,13 @@ class PretrainStep:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return loss.detach()
+
+    def model_input(self, view: torch.Tensor | CropBatch) -> torch.Tensor:
+        """A batch of views on the device, in the model's memory format; crops (`augment_on: device`) are
+        moved as uint8 and finished there."""
+        if isinstance(view, CropBatch):
+            view = finish_views(view.to(self.device, non_blocking=True))
+        return view.to(self.device, non_blocking=True, memory_format=self.memory_format)
 
 
 class PretrainMonitor:

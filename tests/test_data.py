@@ -12,8 +12,10 @@ import pytest
 import torch
 from PIL import Image
 from sklearn.datasets import load_digits
+from torch.utils.data import default_collate
 from torchvision.transforms import RandomResizedCrop
 
+from sogclr.augment import CropBatch, crop_box, finish_views
 from sogclr.config import PretrainConfig
 from sogclr.data import (
     DIGITS_VERSION,
@@ -22,7 +24,6 @@ from sogclr.data import (
     PretrainAugment,
     ResumableDistributedSampler,
     ShardSampler,
-    _crop_box,
     _materialise_once,
     build_lincls_datasets,
     build_loader,
@@ -248,7 +249,7 @@ def test_crop_box_follows_random_resized_crop() -> None:
     rng = sample_rng(0, 0, 0)
     for width, height in ((500, 375), (32, 32)):
         for _ in range(200):
-            top, left, h, w = _crop_box(width, height, (0.2, 1.0), rng)
+            top, left, h, w = crop_box(width, height, (0.2, 1.0), rng)
             assert 0 <= top <= height - h and 0 <= left <= width - w
             # Sides are rounded to whole pixels, so ratio and area hold up to half a pixel per side.
             assert (w - 0.5) / (h + 0.5) <= 4 / 3 and (w + 0.5) / (h - 0.5) >= 3 / 4
@@ -257,7 +258,7 @@ def test_crop_box_follows_random_resized_crop() -> None:
     expected = RandomResizedCrop.get_params(
         Image.new("RGB", (40, 300)), scale=[0.2, 1.0], ratio=[3 / 4, 4 / 3]
     )
-    assert _crop_box(40, 300, (0.2, 1.0), rng) == tuple(expected) == (123, 0, 53, 40)
+    assert crop_box(40, 300, (0.2, 1.0), rng) == tuple(expected) == (123, 0, 53, 40)
 
 
 def digit_image(index: int) -> Image.Image:
@@ -292,11 +293,20 @@ def test_eval_augment_val_is_deterministic_center_crop() -> None:
 # --------------------------------------------------------------------------------------- dataset, loader
 
 
-def test_pretrain_dataset_returns_two_views_target_and_index(digits_cache: Path) -> None:
-    dataset = build_pretrain_dataset(digits_config(digits_cache))
+def finished(views: torch.Tensor | CropBatch) -> torch.Tensor:
+    """A batch of views as the model gets them: crops (augment_on=device) finished, here on the CPU."""
+    return finish_views(views) if isinstance(views, CropBatch) else views
+
+
+@pytest.mark.parametrize("augment_on", ["loader", "device"])
+def test_pretrain_dataset_returns_two_views_target_and_index(digits_cache: Path, augment_on: str) -> None:
+    dataset = build_pretrain_dataset(digits_config(digits_cache, augment_on=augment_on))
     assert dataset.classes == [str(d) for d in range(10)] and len(dataset) == 1797 - 360
     (view1, view2), target, index = dataset[123]
-    assert view1.shape == view2.shape == (3, 32, 32)
+    if augment_on == "device":
+        assert view1.pixels.dtype == torch.uint8
+        view1, view2 = (finished(default_collate([view]))[0] for view in (view1, view2))
+    assert view1.shape == view2.shape == (3, 32, 32) and view1.dtype == torch.float32
     assert index == 123 and target == int(Path(dataset.samples[123][0]).parent.name)
     assert not torch.equal(view1, view2)
 
@@ -317,7 +327,8 @@ def load_epochs(dataset: IndexedImageFolder, workers: int, epochs: int) -> list[
     for epoch in range(epochs):
         set_loader_epoch(loader, epoch)
         views = {}
-        for (view1, view2), targets, indices in loader:
+        for batch_views, targets, indices in loader:
+            view1, view2 = (finished(views) for views in batch_views)
             assert view1.shape == (16, 3, 32, 32) and targets.dtype == indices.dtype == torch.int64
             assert targets.tolist() == [dataset.targets[i] for i in indices.tolist()]
             views.update(zip(indices.tolist(), torch.stack([view1, view2], 1)))
@@ -325,8 +336,9 @@ def load_epochs(dataset: IndexedImageFolder, workers: int, epochs: int) -> list[
     return seen
 
 
-def test_augmentations_do_not_depend_on_loader_workers(digits_cache: Path) -> None:
-    dataset = build_pretrain_dataset(digits_config(digits_cache, seed=1))
+@pytest.mark.parametrize("augment_on", ["loader", "device"])
+def test_augmentations_do_not_depend_on_loader_workers(digits_cache: Path, augment_on: str) -> None:
+    dataset = build_pretrain_dataset(digits_config(digits_cache, seed=1, augment_on=augment_on))
     in_process = load_epochs(dataset, workers=0, epochs=2)
     persistent_workers = load_epochs(dataset, workers=2, epochs=2)
     for epoch in range(2):

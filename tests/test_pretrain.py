@@ -1,6 +1,7 @@
 """Pretraining end to end on CPU: a run stopped by a real SIGUSR2 mid-epoch and resumed is bit-identical to
-a run never stopped (one process, and two gloo ranks under torchrun); state.json and metrics.jsonl tell
-the story. Tiny: digits at 16 px, ResNet-18, a 64-wide projector, batch 64 (22 steps per epoch).
+a run never stopped (one process with either augmentation path, and two gloo ranks under torchrun);
+state.json and metrics.jsonl tell the story. Tiny: digits at 16 px, ResNet-18, a 64-wide projector,
+batch 64 (22 steps per epoch).
 """
 
 from __future__ import annotations
@@ -28,11 +29,13 @@ from tests.tiny import STEPS_PER_EPOCH
 def test_sigusr2_mid_epoch_then_resume_is_bit_identical(tmp_path: Path, data_dir: Path) -> None:
     straight = tmp_path / "straight"
     # Runs concurrently with the interrupted one below (two single-thread processes on two cores).
-    uninterrupted = start_module("sogclr.pretrain", write_config(straight, tiny_pretrain(data_dir)))
+    # The whole augmentation in the loader here; test_device_augmentation_... covers the other path.
+    pretrain = tiny_pretrain(data_dir, augment_on="loader")
+    uninterrupted = start_module("sogclr.pretrain", write_config(straight, pretrain))
 
     resumed = tmp_path / "resumed"
     # Extra step-based saves on this run only: when checkpoints are written must not change numerics.
-    config = write_config(resumed, tiny_pretrain(data_dir, checkpoint={"every_steps": 4}))
+    config = write_config(resumed, pretrain | {"checkpoint": {"every_steps": 4}})
     update_state(resumed / "state.json", attempts=[{"job_id": "1"}])  # as the job layer would
     interrupt_at(config, resumed, step=5)
 
@@ -56,6 +59,24 @@ def test_sigusr2_mid_epoch_then_resume_is_bit_identical(tmp_path: Path, data_dir
     ].keys()
     assert sorted({r["step"] for r in records}) == list(range(1, 2 * STEPS_PER_EPOCH + 1))
     assert len(sorted((resumed / "checkpoints").glob("ckpt-*.pt"))) == 2  # keep=2 by default
+
+
+def test_device_augmentation_stopped_and_resumed_is_bit_identical(tmp_path: Path, data_dir: Path) -> None:
+    # Crops from the loader worker, the rest of the augmentation in the training process.
+    pretrain = tiny_pretrain(data_dir, epochs=1, augment_on="device")
+    straight = tmp_path / "straight"
+    uninterrupted = start_module("sogclr.pretrain", write_config(straight, pretrain))
+
+    resumed = tmp_path / "resumed"
+    config = write_config(resumed, pretrain)
+    interrupt_at(config, resumed, step=5)
+    state = read_state(resumed / "state.json")
+    assert state["status"] == "preempted" and 5 <= state["step"] < STEPS_PER_EPOCH
+
+    run_module("sogclr.pretrain", config)
+    assert read_state(resumed / "state.json")["status"] == "done"
+    wait_ok(uninterrupted)
+    assert_same_training_state(straight / "checkpoints" / "final.pt", resumed / "checkpoints" / "final.pt")
 
 
 def test_two_ranks_stop_together_and_resume_bit_identical(tmp_path: Path, data_dir: Path) -> None:
