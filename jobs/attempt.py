@@ -171,6 +171,30 @@ def finish_attempt(state_path: Path, attempt: dict[str, Any], budget: Budget) ->
     return action
 
 
+def close_unrecorded_attempt(state_path: Path, slurm_state: str) -> bool:
+    """Record the attempt in progress as ended when SLURM says its job has ended for good (lower-case
+    state), though its job task never recorded it (killed first, as after a cancel whose trainers took
+    longer than KillWait to stop). True if there was such an attempt."""
+    state = read_state(state_path)
+    current = state.get("current_attempt")
+    if not current:
+        return False
+    reason = f"the job ended {slurm_state.upper()} before its job task could record the attempt"
+    outcome = "cancelled" if slurm_state == "cancelled" else "failed"
+    attempt = {
+        **current,
+        "ended": None,
+        "end_step": state.get("step", 0),
+        "outcome": outcome,
+        "reason": reason,
+    }
+    error = None if outcome == "cancelled" else reason
+    update_state(
+        state_path, status=outcome, error=error, attempts=_numbered(state, attempt), current_attempt=None
+    )
+    return True
+
+
 def _numbered(state: dict[str, Any], attempt: dict[str, Any]) -> list[dict[str, Any]]:
     attempts = state.get("attempts", [])
     return [*attempts, {"attempt": len(attempts) + 1, **attempt}]

@@ -26,6 +26,7 @@ import os
 import re
 import signal
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -151,7 +152,9 @@ class StopNote:
 def why_stopped(job_id: int, signal_reason: str | None) -> dict[str, str]:
     """`outcome` and `reason` of an attempt whose trainers stopped on a signal, from SLURM's view."""
     fields = job_fields(job_id)
-    state = fields.get("JobState", "unknown")
+    state = fields.get("JobState")
+    if state is None:  # no answer: a requeue is the step that loses nothing (it fails if SLURM is ending it)
+        return {"outcome": "preempted", "reason": f"{signal_reason}; the controller did not say why"}
     if state != "RUNNING":
         ended_as = accounted_state(job_id) or state
         return {"outcome": "cancelled", "reason": f"{signal_reason}; SLURM is ending the job ({ended_as})"}
@@ -161,10 +164,14 @@ def why_stopped(job_id: int, signal_reason: str | None) -> dict[str, str]:
     return {"outcome": "timeout", "reason": f"{signal_reason}; a warning before the time limit"}
 
 
-def job_fields(job_id: int) -> dict[str, str]:
-    """`scontrol show job -o` as KEY -> value ({} if the controller does not answer)."""
-    result = _slurm(["scontrol", "show", "job", "-o", str(job_id)])
-    return dict(re.findall(r"(\w+)=(\S*)", result.stdout)) if result.returncode == 0 else {}
+def job_fields(job_id: int, tries: int = 3) -> dict[str, str]:
+    """`scontrol show job -o` as KEY -> value ({} if the controller does not answer, `tries` times)."""
+    for attempt in range(tries):
+        result = _slurm(["scontrol", "show", "job", "-o", str(job_id)])
+        if result.returncode == 0:
+            return dict(re.findall(r"(\w+)=(\S*)", result.stdout))
+        time.sleep(2**attempt)
+    return {}
 
 
 def accounted_state(job_id: int) -> str | None:

@@ -7,6 +7,7 @@ id. `--max-restarts 0`: lasting retries are SLURM requeues from the last checkpo
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -17,9 +18,11 @@ from pathlib import Path
 # torchrun runs with SLURM's stop signals ignored (SIG_IGN survives exec), so that only the trainers act
 # on them: unhandled, USR2 kills the agent and with it the workers; on TERM the agent would forward it and
 # SIGKILL the trainers 30 s later, maybe in the middle of their save. The agent must also not install its
-# own TERM handler over SIG_IGN (it reads which signals to handle from this variable).
+# own TERM handler over SIG_IGN: recent torchrun takes the signals it handles from --signals-to-handle
+# (whose default overrides the environment), older ones from the environment variable alone.
 AGENT_IGNORES = ("USR2", "TERM")
-AGENT_ENV = {"TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGINT,SIGHUP,SIGQUIT"}
+AGENT_HANDLES = "SIGINT,SIGHUP,SIGQUIT"
+AGENT_ENV = {"TORCHELASTIC_SIGNALS_TO_HANDLE": AGENT_HANDLES}
 # `trap ''` sets SIG_IGN before exec; unlike preexec_fn it is safe when several runs launch from threads.
 _IGNORING_EXEC = f"trap '' {' '.join(AGENT_IGNORES)}; exec \"$@\""
 
@@ -51,7 +54,7 @@ def torchrun_command(
     rendezvous: Rendezvous | None = None,
 ) -> list[str]:
     """`python -m torch.distributed.run ... -m MODULE --config CONFIG` for one node."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--max-restarts", "0"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--max-restarts", "0", *_agent_signal_options()]
     if nnodes == 1:
         command += ["--standalone"]
     else:
@@ -62,6 +65,15 @@ def torchrun_command(
             "--rdzv-backend", "c10d", "--rdzv-endpoint", rendezvous.endpoint, "--rdzv-id", rendezvous.run_id,
         ]  # fmt: skip
     return command + ["--nproc-per-node", str(nproc_per_node), "-m", module, "--config", str(config)]
+
+
+@functools.cache
+def _agent_signal_options() -> list[str]:
+    from torch.distributed.run import get_args_parser  # torch only when a command line is built
+
+    if "--signals-to-handle" in get_args_parser()._option_string_actions:
+        return ["--signals-to-handle", AGENT_HANDLES]
+    return []
 
 
 def threads_per_rank(cpus: int, ranks: int) -> dict[str, str]:

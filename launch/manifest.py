@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jobs.attempt import PHASES
+from jobs.attempt import PHASES, close_unrecorded_attempt
 from launch.spec import Run
 from sogclr.state import read_state, write_json_atomic
 
@@ -114,11 +114,20 @@ def phase_standing(run: Run, phase: str, manifest: dict[str, Any], states: dict[
 
 
 def standings(runs: list[Run], manifest: dict[str, Any]) -> dict[str, dict[str, PhaseStanding]]:
-    """run -> phase -> standing, with one squeue and at most one sacct call for the whole sweep."""
+    """run -> phase -> standing, with one squeue and at most one sacct call for the whole sweep.
+
+    A job that SLURM has ended for good while its run directory still shows an attempt in progress gets
+    that attempt closed (`close_unrecorded_attempt`), so the run directory agrees with SLURM.
+    """
     job_ids = [
         job_id for run in runs for phase in PHASES if (job_id := current_job(manifest, run.name, phase))
     ]
     states = slurm_states(job_ids)
+    for run in runs:
+        for phase in PHASES:
+            state = states.get(current_job(manifest, run.name, phase) or "")
+            if state is not None and state not in ACTIVE and state != "completed":
+                close_unrecorded_attempt(PHASES[phase].state_path(run.run_dir), state)
     return {
         run.name: {phase: phase_standing(run, phase, manifest, states) for phase in PHASES} for run in runs
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,44 @@ def show_status(spec: SweepSpec, runs: list[Run], console: Console) -> int:
             _format(result.get("top1")),
         )
     console.print(table)
+    for warning in save_time_warnings(runs, partition_grace_times()):
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False)
     return 0
+
+
+def partition_grace_times() -> dict[str | None, int]:
+    """Partition -> GraceTime in seconds, for partitions that preempt (key None: the default one)."""
+    result = subprocess.run(["scontrol", "show", "partition", "-o"], capture_output=True, text=True)
+    grace: dict[str | None, int] = {}
+    for line in result.stdout.splitlines() if result.returncode == 0 else []:
+        fields = dict(re.findall(r"(\w+)=(\S*)", line))
+        if fields.get("PreemptMode", "OFF").upper() == "OFF" or not fields.get("GraceTime", "").isdigit():
+            continue
+        grace[fields["PartitionName"]] = int(fields["GraceTime"])
+        if fields.get("Default") == "YES":
+            grace[None] = int(fields["GraceTime"])
+    return grace
+
+
+def save_time_warnings(runs: list[Run], grace_times: dict[str | None, int]) -> list[str]:
+    """Runs whose last checkpoint took longer than the time they get to save after a stop signal."""
+    warnings = []
+    for run in runs:
+        took = read_state(run.run_dir / "state.json").get("last_save_s")
+        if took is None:
+            continue
+        lead, grace = run.slurm.signal_lead_s, grace_times.get(run.slurm.partition)
+        if lead < took:
+            warnings.append(
+                f"{run.name}: its last save took {took:.1f} s, longer than slurm.signal_lead_s ({lead} s): "
+                "at the time limit it may be killed mid-save and lose the steps since its last checkpoint"
+            )
+        if grace is not None and grace < took:
+            warnings.append(
+                f"{run.name}: its last save took {took:.1f} s, longer than the partition's GraceTime "
+                f"({grace} s): a preemption may kill it mid-save and lose the steps since its last checkpoint"
+            )
+    return warnings
 
 
 def cancel(spec: SweepSpec, runs: list[Run], console: Console) -> int:

@@ -10,6 +10,7 @@ checkpoints are written never changes the result: a resumed run continues bit fo
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -118,6 +119,7 @@ class Session:
         progress = self.progress
         if self.saved_step == progress.global_step:
             return
+        started = time.monotonic()
         payload = {key: obj.state_dict() for key, obj in self.stateful.items()}
         payload.update(
             epoch=progress.epoch,
@@ -130,7 +132,8 @@ class Session:
         )
         self.checkpoints.save(payload, progress.global_step)
         self.saved_step = progress.global_step
-        self.record(status="running")
+        # What a stop on a signal costs: it must fit in the warning lead and the cluster's grace time.
+        self.record(status="running", last_save_s=round(time.monotonic() - started, 3))
 
     def boundary(self, epoch_end: bool) -> bool:
         """At a step boundary: save if due; on a stop signal (any rank) save and return True."""

@@ -192,8 +192,13 @@ class SlurmCluster:
         )
 
     def lose_node(self, node: str) -> None:
-        """A node failure: its slurmd and every process of its job steps killed."""
+        """A node failure: its slurmd and every process of its job steps killed at once. SLURM marks
+        the node DOWN after SlurmdTimeout (20 s) and ends its jobs NODE_FAIL (then requeues them)."""
         self.run(str(SCRIPT), "lose-node", node)
+
+    def node_state(self, node: str) -> str:
+        """`idle`, `mixed`, `allocated`, `down*`, ... as sinfo says."""
+        return self.run("sinfo", "-h", "-N", "-n", node, "-o", "%T").stdout.split()[0]
 
     def restore_node(self, node: str) -> None:
         self.run(str(SCRIPT), "restore-node", node)

@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from jobs.attempt import Budget, begin_attempt, finish_attempt, next_action, run_attempt
+from jobs.attempt import (
+    Budget,
+    begin_attempt,
+    close_unrecorded_attempt,
+    finish_attempt,
+    next_action,
+    run_attempt,
+)
 from sogclr.state import read_state, update_state
 
 # A stand-in trainer: records `status` and `step` in state.json as sogclr's entry points do, then exits.
@@ -152,3 +159,18 @@ def test_a_stop_request_is_repeated_until_a_starting_trainer_acts_on_it(tmp_path
     command = [sys.executable, "-c", slow_starter + WAITING_TRAINER, str(state_path)]
     record = run_attempt(command, state_path, {}, stop_requested=lambda: True)
     assert record["outcome"] == "preempted" and record["end_step"] == 7
+
+
+@pytest.mark.parametrize("slurm_state, status", [("cancelled", "cancelled"), ("node_fail", "failed")])
+def test_an_attempt_slurm_ended_before_it_was_recorded_is_closed(
+    tmp_path: Path, slurm_state: str, status: str
+):
+    state_path = tmp_path / "state.json"
+    begin_attempt(state_path, {"job_id": 7})
+    update_state(state_path, status="preempted", step=5)  # the trainers saved; then SIGKILL took the job task
+    assert close_unrecorded_attempt(state_path, slurm_state)
+    state = read_state(state_path)
+    (attempt,) = state["attempts"]
+    assert state["status"] == status and attempt["outcome"] == status and attempt["end_step"] == 5
+    assert slurm_state.upper() in attempt["reason"] and state["current_attempt"] is None
+    assert not close_unrecorded_attempt(state_path, slurm_state)  # nothing left to close

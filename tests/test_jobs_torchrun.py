@@ -62,17 +62,50 @@ def test_rendezvous_port_is_a_function_of_the_job_id(job_id: int):
     assert rendezvous_port(job_id) == rendezvous_port(job_id + 20000)
 
 
-PROBE = "import signal; print(signal.getsignal(signal.SIGUSR2) == signal.SIG_IGN, flush=True)"
+PROBE = (
+    "import signal; print([signal.getsignal(s) == signal.SIG_IGN for s in (signal.SIGUSR2, signal.SIGTERM)])"
+)
 GRANDCHILD = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {PROBE!r}])"
 
 
 @pytest.mark.parametrize("code", [PROBE, GRANDCHILD], ids=["torchrun", "its workers"])
-def test_started_with_usr2_ignored(tmp_path, code: str):
-    """SIG_IGN survives exec: the agent survives SLURM's USR2; workers install their own handler."""
+def test_started_with_stop_signals_ignored(tmp_path, code: str):
+    """SIG_IGN survives exec: the agent survives SLURM's signals; workers install their own handlers."""
     out = tmp_path / "out.txt"
     process = start_ignoring_stop_signals([sys.executable, "-c", code], log=out)
     assert process.wait(timeout=60) == 0
-    assert out.read_text().strip() == "True"
+    assert out.read_text().strip() == "[True, True]"
+
+
+# A trainer that takes its time to stop on SIGTERM (a slow save), then records that it finished.
+SLOW_STOPPER = """
+import pathlib, signal, sys, time
+stop = []
+signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+pathlib.Path(sys.argv[1]).write_text("started")
+while not stop:
+    time.sleep(0.1)
+time.sleep(3)
+pathlib.Path(sys.argv[1]).write_text("saved")
+"""
+
+
+def test_torchrun_leaves_a_sigterm_to_its_workers(tmp_path):
+    """SLURM sends TERM to every process of the step: the agent must neither forward it nor kill the
+    worker after its shutdown timeout, only wait for the worker to finish."""
+    script, marker, log = tmp_path / "trainer.py", tmp_path / "marker", tmp_path / "log.txt"
+    script.write_text(SLOW_STOPPER)
+    command = torchrun_command("unused", "unused", 1)
+    command = [*command[: command.index("-m", 3)], str(script), str(marker)]  # a script, not a module
+    agent = start_ignoring_stop_signals(command, log=log)
+    for _ in range(600):  # until the worker has installed its handler
+        if marker.exists():
+            break
+        subprocess.run(["sleep", "0.1"])
+    signal_tree(agent.pid, signal.SIGTERM)
+    assert agent.wait(timeout=120) == 0, log.read_text()
+    assert marker.read_text() == "saved"
+    assert "death signal" not in log.read_text()
 
 
 def test_signal_tree_reaches_every_descendant():

@@ -1,0 +1,43 @@
+"""`status` warnings: a run whose checkpoint takes longer than the time it gets to save after a signal."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from launch.spec import expand, load_spec
+from launch.status import partition_grace_times, save_time_warnings
+from sogclr.state import update_state
+from tests.tiny import write_tiny_spec
+
+
+@pytest.mark.parametrize(
+    "last_save_s, lead, grace, expected",
+    [
+        (5.0, 60, 30, []),
+        (45.0, 60, 30, ["GraceTime (30 s)"]),
+        (90.0, 60, 30, ["signal_lead_s (60 s)", "GraceTime (30 s)"]),
+        (90.0, 60, None, ["signal_lead_s (60 s)"]),  # a partition that does not preempt
+    ],
+)
+def test_a_save_longer_than_the_lead_or_grace_time_is_warned(
+    tmp_path: Path, last_save_s: float, lead: int, grace: int | None, expected: list[str]
+):
+    (run,) = expand(load_spec(write_tiny_spec(tmp_path, "w", slurm={"signal_lead_s": lead})))
+    update_state(run.run_dir / "state.json", status="running", last_save_s=last_save_s)
+    warnings = save_time_warnings([run], {} if grace is None else {None: grace})
+    assert len(warnings) == len(expected)
+    for warning, words in zip(warnings, expected, strict=True):
+        assert warning.startswith("w: its last save took") and words in warning
+
+
+def test_a_run_that_never_saved_is_not_warned(tmp_path: Path):
+    (run,) = expand(load_spec(write_tiny_spec(tmp_path, "w")))
+    assert save_time_warnings([run], {None: 0}) == []
+
+
+@pytest.mark.slurm
+def test_grace_times_are_read_from_the_controller():
+    # the test cluster: `low` (default) preempts with GraceTime=30, `high` does not preempt
+    assert partition_grace_times() == {"low": 30, None: 30}
