@@ -169,7 +169,7 @@ def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) ->
 
     Hue, the costly operation, runs once on the whole batch; each sample's other three operations run
     before or after it, as its order says. Hue comes somewhere in 0..3, so at most positions 0..2 come
-    before it and 1..3 after it.
+    before it and 1..3 after it. Samples without jitter carry the identity factors (1, 1, 1, 0).
     """
     hue_at = (order == HUE).long().argmax(dim=1)
     for position in range(3):
