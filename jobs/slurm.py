@@ -33,6 +33,7 @@ from types import FrameType
 from typing import Any
 
 from jobs.attempt import CONFIG_FILE, PHASES, Budget, finish_attempt, run_attempt, wait_for
+from jobs.code import running_code
 from jobs.torchrun import (
     Rendezvous,
     rendezvous_port,
@@ -106,7 +107,12 @@ class TrainingJob:
         if task.node_rank != 0:
             return self._follow(task, stop)
         state_path = PHASES[self.phase].state_path(self.run_dir)
-        where = {"job_id": task.job_id, "restart_count": task.restart_count, "hosts": task.hosts}
+        where = {
+            "job_id": task.job_id,
+            "restart_count": task.restart_count,
+            "hosts": task.hosts,
+            "code": running_code(),
+        }
         attempt = run_attempt(
             self.command(task), state_path, where, env=self.env(), stop_requested=stop.requested
         )

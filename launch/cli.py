@@ -40,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--resubmit-failed", action="store_true", help="also resubmit runs that failed or were cancelled"
     )
     submit.add_argument("--run", metavar="NAME", help="only this run (--debug: which run to debug)")
+    submit.add_argument(
+        "--no-snapshot",
+        action="store_true",
+        help="jobs run the code installed when each attempt starts, not the code frozen now",
+    )
 
     status = commands.add_parser("status", help="show the state of every run")
     _add_spec_arguments(status)
@@ -101,7 +106,9 @@ def cmd_submit(args: argparse.Namespace, console: Console) -> int:
         return local.run_local(
             spec, runs, parallel=args.parallel, preempt_after=args.preempt_after, console=console
         )
-    return submit.submit_sweep(spec, runs, resubmit_failed=args.resubmit_failed, console=console)
+    return submit.submit_sweep(
+        spec, runs, resubmit_failed=args.resubmit_failed, console=console, snapshot=not args.no_snapshot
+    )
 
 
 def cmd_status(args: argparse.Namespace, console: Console) -> int:

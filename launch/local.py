@@ -21,6 +21,7 @@ from rich.table import Table
 from jobs.attempt import CONFIG_FILE, PHASES, Budget, finish_attempt, run_attempt
 from jobs.torchrun import threads_per_rank, torchrun_command
 from launch.manifest import phase_done
+from launch.snapshot import live_code
 from launch.spec import Run, SweepSpec
 from launch.submit import phase_resources, write_run_config
 from sogclr.state import now
@@ -51,7 +52,7 @@ def run_local(
 
 def run_locally(run: Run, preempt_after: float | None, console: Console) -> str:
     """Both phases of one run; returns `done` or which phase failed."""
-    write_run_config(run)
+    write_run_config(run, live_code())
     for phase in ["pretrain", "lincls"] if run.config.lincls is not None else ["pretrain"]:
         if phase_done(run, phase):
             continue
@@ -92,7 +93,7 @@ def run_debug(run: Run) -> int:
     """Pretrain (and evaluate) one run in this process; on an exception, the debugger (or the traceback)."""
     from sogclr import lincls, pretrain  # the training library, in-process: no torchrun, one rank
 
-    config = write_run_config(run)
+    config = write_run_config(run, live_code())
     try:
         status = pretrain.train(config)
         if status == "done" and config.lincls is not None:

@@ -9,8 +9,6 @@ them, and a failed pretraining cancels its evaluation (kill_invalid_depend) or l
 
 from __future__ import annotations
 
-import subprocess
-from pathlib import Path
 from typing import Any
 
 import submitit
@@ -29,6 +27,7 @@ from launch.manifest import (
     sweep_lock,
     write_manifest,
 )
+from launch.snapshot import CODE_DIR, Snapshot, freeze, live_code
 from launch.spec import Run, SlurmConfig, SweepSpec
 from sogclr.config import RunConfig, dump_run_config
 from sogclr.state import now
@@ -36,8 +35,14 @@ from sogclr.state import now
 SLURM_FOLDER = "slurm"
 
 
-def submit_sweep(spec: SweepSpec, runs: list[Run], resubmit_failed: bool, console: Console) -> int:
-    """Submit what each run still needs; print run, job ids and what was done. Returns the exit status."""
+def submit_sweep(
+    spec: SweepSpec, runs: list[Run], resubmit_failed: bool, console: Console, snapshot: bool = True
+) -> int:
+    """Submit what each run still needs; print run, job ids and what was done. Returns the exit status.
+
+    The jobs run the code frozen now (launch/snapshot.py); with `snapshot=False`, whatever is installed
+    when each attempt starts.
+    """
     directory = spec.directory
     table = Table(title=f"{spec.name}: submission", title_justify="left")
     for column in ("run", "pretraining job", "linear-eval job", "action"):
@@ -45,9 +50,16 @@ def submit_sweep(spec: SweepSpec, runs: list[Run], resubmit_failed: bool, consol
     with sweep_lock(directory):
         manifest = read_manifest(directory)
         where = standings(runs, manifest)
+        code = freeze(directory) if snapshot else None
+        if code is None:
+            console.print(
+                "[yellow]warning:[/] --no-snapshot: jobs import the code installed when each "
+                "attempt starts; edits made while they wait or run change what they run",
+                highlight=False,
+            )
         for run in runs:
             phases, action = phases_to_submit(run, where[run.name], resubmit_failed)
-            for phase, job_id in submit_run(run, phases).items():
+            for phase, job_id in submit_run(run, phases, code).items():
                 record_job(manifest, run.name, phase, job_id, now())
             write_manifest(directory, manifest)  # after every run: a crash midway loses no job id
             ids = [current_job(manifest, run.name, phase) or "-" for phase in PHASES]
@@ -81,46 +93,34 @@ def _unless_settled(
     return [], f"nothing: {what} {standing.state} (--resubmit-failed to submit again)"
 
 
-def submit_run(run: Run, phases: list[str]) -> dict[str, str]:
+def submit_run(run: Run, phases: list[str], code: Snapshot | None) -> dict[str, str]:
     """Write the run's config, submit `phases` (lincls after pretrain); returns phase -> job id."""
     if not phases:
         return {}
-    write_run_config(run)
+    write_run_config(run, code.record() if code else live_code())
     job_ids: dict[str, str] = {}
     for phase in phases:
         after = job_ids.get("pretrain")
-        executor = make_executor(run, phase, dependency=f"afterok:{after}" if after else None)
+        executor = make_executor(run, phase, dependency=f"afterok:{after}" if after else None, code=code)
         job_ids[phase] = executor.submit(training_job(run, phase)).job_id
     return job_ids
 
 
-def write_run_config(run: Run) -> RunConfig:
+def write_run_config(run: Run, code: dict[str, Any]) -> RunConfig:
     """Write `<run_dir>/config.yaml`, the file every phase reads, with provenance; returns it."""
-    config = provenance_config(run)
+    config = provenance_config(run, code)
     run.run_dir.mkdir(parents=True, exist_ok=True)
     dump_run_config(config, run.run_dir / CONFIG_FILE)
     return config
 
 
-def provenance_config(run: Run) -> RunConfig:
-    """The run's config with `meta` extended by the code version and the resources it runs on."""
+def provenance_config(run: Run, code: dict[str, Any]) -> RunConfig:
+    """The run's config with `meta` extended by the code it runs (`meta.code`) and its resources."""
     resources = {"pretrain": run.slurm.model_dump(mode="json")}
     if run.lincls_slurm is not None:
         resources["lincls"] = run.lincls_slurm.model_dump(mode="json")
-    meta = {**run.config.meta, "git": git_provenance(Path.cwd()), "resources": resources}
+    meta = {**run.config.meta, "code": code, "resources": resources}
     return run.config.model_copy(update={"meta": meta})
-
-
-def git_provenance(directory: Path) -> dict[str, Any] | None:
-    """Commit and dirty flag of the git checkout at `directory`; None outside a repository with commits."""
-
-    def git(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["git", "-C", str(directory), *args], capture_output=True, text=True)
-
-    commit = git("rev-parse", "HEAD")
-    if commit.returncode:
-        return None
-    return {"commit": commit.stdout.strip(), "dirty": bool(git("status", "--porcelain").stdout.strip())}
 
 
 def phase_resources(run: Run, phase: str) -> SlurmConfig:
@@ -140,8 +140,11 @@ def training_job(run: Run, phase: str) -> TrainingJob:
     )
 
 
-def make_executor(run: Run, phase: str, dependency: str | None = None) -> submitit.SlurmExecutor:
-    """A submitit executor with the phase's resources, `--requeue`, and USR2 `signal_lead_s` early."""
+def make_executor(
+    run: Run, phase: str, dependency: str | None = None, code: Snapshot | None = None
+) -> submitit.SlurmExecutor:
+    """A submitit executor with the phase's resources, `--requeue`, USR2 `signal_lead_s` early, and the
+    frozen `code` first on every process's PYTHONPATH."""
     slurm = phase_resources(run, phase)
     executor = submitit.SlurmExecutor(folder=run.run_dir / SLURM_FOLDER)
     optional = {
@@ -161,7 +164,7 @@ def make_executor(run: Run, phase: str, dependency: str | None = None) -> submit
         ntasks_per_node=1,
         cpus_per_task=slurm.cpus_per_task,
         time=slurm.time,
-        setup=list(slurm.setup),
+        setup=([code.setup_line()] if code else []) + list(slurm.setup),
         signal_delay_s=slurm.signal_lead_s,
         additional_parameters=extra,
         **{key: value for key, value in optional.items() if value is not None},
@@ -172,9 +175,10 @@ def make_executor(run: Run, phase: str, dependency: str | None = None) -> submit
 def describe_job(run: Run) -> str:
     """For `--dry-run -v`: each phase's sbatch script and its nodes' torchrun command lines."""
     parts = []
+    code = Snapshot(run.run_dir.parent / CODE_DIR / "<digest>", "<digest>", None)  # frozen at submission
     for phase in ["pretrain", "lincls"] if run.lincls_slurm is not None else ["pretrain"]:
         dependency = "afterok:<pretraining job id>" if phase == "lincls" else None
-        executor = make_executor(run, phase, dependency)
+        executor = make_executor(run, phase, dependency, code)
         # submitit's own rendering of the script it would submit (private, but exactly what sbatch gets)
         script = executor._make_submission_file_text(executor._submitit_command_str, uid="<uid>")
         parts += [

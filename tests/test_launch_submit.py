@@ -19,8 +19,9 @@ from launch.manifest import (
     sweep_lock,
     write_manifest,
 )
+from launch.snapshot import git_provenance
 from launch.spec import Run, expand, load_spec
-from launch.submit import describe_job, git_provenance, phases_to_submit, provenance_config
+from launch.submit import describe_job, phases_to_submit, provenance_config
 from sogclr.state import update_state
 
 SPEC = {
@@ -126,7 +127,7 @@ def test_sbatch_script_and_torchrun_lines(run: Run):
     assert not run.run_dir.exists()  # a dry run writes nothing
 
 
-def test_provenance_names_the_point_resources_and_commit(run: Run, tmp_path: Path, monkeypatch):
+def test_provenance_names_the_point_resources_and_code(run: Run, tmp_path: Path):
     repo = tmp_path / "repo"
     repo.mkdir()
     git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
@@ -140,7 +141,7 @@ def test_provenance_names_the_point_resources_and_commit(run: Run, tmp_path: Pat
     (repo / "a.txt").write_text("b")
     assert git_provenance(repo) == {"commit": commit, "dirty": True}
 
-    monkeypatch.chdir(repo)
-    meta = provenance_config(run).meta
-    assert meta["git"]["commit"] == commit and meta["sweep"] == "unit"
+    code = {"snapshot": "0123abcd", "path": "/sweep/code/0123abcd", "git": git_provenance(repo)}
+    meta = provenance_config(run, code).meta
+    assert meta["code"] == code and meta["sweep"] == "unit"
     assert meta["resources"]["pretrain"]["nodes"] == 2 and meta["resources"]["lincls"]["nodes"] == 1
