@@ -34,6 +34,7 @@ def _type_name(annotation: object) -> str:
         return " \\| ".join(str(arg) for arg in typing.get_args(annotation))
     text = getattr(annotation, "__name__", None) if not typing.get_args(annotation) else None
     text = text or re.sub(r"\b(?:\w+\.)+(\w+)", r"\1", str(annotation))  # launch.spec.X -> X
+    text = re.sub(r"Annotated\[(.+?), \w+\(func=<[^>]*>\)\]", r"\1", text)  # validators are not types
     return text.replace("|", "\\|")
 
 

@@ -13,10 +13,18 @@ import itertools
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from sogclr.config import LinclsConfig, PretrainConfig, RunConfig, Schema, apply_overrides, set_path
 
@@ -38,6 +46,40 @@ def parse_time_limit(text: str) -> int:
     if minutes > 59 or seconds > 59:
         raise ValueError(f"minutes and seconds must be below 60, got {text!r}")
     return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+
+
+# sbatch options the launcher sets from the spec's own fields or relies on (one task per node, its
+# signal and requeue, its log paths, the evaluation's dependency): `slurm.additional` may not set them.
+# Written with underscores; submitit turns `_` into `-`, so `ntasks-per-node` is the same key.
+RESERVED_SBATCH = frozenset(
+    "account array chdir constraint cpus_per_gpu cpus_per_task dependency error export gpus gpus_per_node "
+    "gpus_per_task gres job_name mem mem_per_cpu mem_per_gpu nodes no_requeue ntasks ntasks_per_node "
+    "open_mode output parsable partition qos requeue signal time wrap".split()
+)
+_OPTION = re.compile(r"^[a-z][a-z0-9_-]*$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _sbatch_option(key: str) -> str:
+    if not _OPTION.match(key):
+        raise ValueError("not an sbatch option name (lower-case letters, digits, - and _)")
+    if key.replace("-", "_") in RESERVED_SBATCH:
+        raise ValueError(
+            "the launcher sets this option (from the slurm section's own fields, or for itself); "
+            f"not allowed here: {', '.join(sorted(RESERVED_SBATCH))}"
+        )
+    return key
+
+
+def _sbatch_value(value: str | int | bool) -> str | int | bool:
+    # A newline would end the #SBATCH line and start a line of its own in the batch script.
+    if isinstance(value, str) and _CONTROL.search(value):
+        raise ValueError("a newline or control character would inject lines into the sbatch script")
+    return value
+
+
+SbatchOption = Annotated[str, AfterValidator(_sbatch_option)]
+SbatchValue = Annotated[str | int | bool, AfterValidator(_sbatch_value)]
 
 
 class SlurmConfig(Schema):
@@ -69,8 +111,10 @@ class SlurmConfig(Schema):
         description="Requeue after at most this many transient failures per submission (a rank killed, "
         "a peer or node lost); a Python exception in training fails at once.",
     )
-    additional: dict[str, str | int | bool] = Field(
-        default_factory=dict, description="Extra sbatch parameters, e.g. {exclusive: true, reservation: x}."
+    additional: dict[SbatchOption, SbatchValue] = Field(
+        default_factory=dict,
+        description="Extra sbatch parameters, e.g. {exclusive: true, reservation: x}; not the options the "
+        "launcher sets itself (listed under Running on a cluster).",
     )
 
     @field_validator("time")
@@ -196,7 +240,7 @@ def validate(model: type[BaseModel], data: Any, where: str = "") -> Any:
 def describe(err: ValidationError, model: type[BaseModel], where: str = "") -> str:
     """The first validation problem as one line: `field: what is wrong (got value)`."""
     problem = err.errors()[0]
-    loc = [str(part) for part in problem["loc"]]
+    loc = [str(part) for part in problem["loc"] if part != "[key]"]  # a bad dict key: name the key
     field = ".".join([where, *loc] if where else loc) or "spec"
     if problem["type"] == "extra_forbidden":
         known = _field_names(model, loc[:-1])

@@ -185,6 +185,26 @@ BAD_SPECS = {
     ),
     "time format": (_edit("slurm.time", "30m"), "slurm.time: expected HH:MM:SS or D-HH:MM:SS"),
     "lincls resources": (_edit("lincls.slurm", {"nodez": 2}), "lincls.slurm.nodez: unknown key"),
+    "additional sets nodes": (
+        _edit("slurm.additional", {"nodes": 4}),
+        "slurm.additional.nodes: the launcher sets this option",
+    ),
+    "additional, dashes": (
+        _edit("slurm.additional", {"ntasks-per-node": 2}),
+        "slurm.additional.ntasks-per-node: the launcher sets this option",
+    ),
+    "additional sets signal for lincls": (
+        _edit("lincls.slurm", {"additional": {"signal": "USR1@60"}}),
+        "lincls.slurm.additional.signal: the launcher sets this option",
+    ),
+    "additional injects a line": (
+        _edit("slurm.additional", {"comment": "x\n#SBATCH --nodes=64"}),
+        "slurm.additional.comment: a newline or control character",
+    ),
+    "additional key is no option": (
+        _edit("slurm.additional", {"x --nodes": 2}),
+        "slurm.additional.x --nodes: not an sbatch option name",
+    ),
     "missing data dir": (
         _edit("pretrain", {**quickstart()["pretrain"], "dataset": "folder", "data_dir": "/no/such/dir"}),
         "pretrain.data_dir: /no/such/dir does not exist",
@@ -245,3 +265,9 @@ def test_readme_spec_reference_matches_the_schema() -> None:
 def test_shipped_run_config_is_valid() -> None:
     config = load_run_config(CONFIGS / "run" / "digits.yaml")
     assert config.pretrain.dataset == "digits" and config.lincls is not None
+
+
+def test_additional_takes_other_sbatch_options(tmp_path: Path) -> None:
+    data = {**quickstart(), "slurm": {"additional": {"hold": True, "x": "a b"}}}
+    spec = load_spec(write_spec(tmp_path, data))
+    assert spec.slurm.additional == {"hold": True, "x": "a b"}
