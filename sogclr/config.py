@@ -183,6 +183,30 @@ def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     return RunConfig.model_validate(apply_overrides(data, list(overrides)))
 
 
+RECIPE_SECTIONS = ("pretrain", "lincls")
+# Not the recipe: when checkpoints are written never changes the result (see sogclr/loop.py).
+NOT_RECIPE = frozenset({"pretrain.checkpoint", "lincls.checkpoint"})
+
+
+def recipe_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """`section.field: old -> new` for each recipe field that differs between two dumped run configs
+    (`model_dump(mode="json")`); `meta`, `run_dir` and the checkpoint policy are not the recipe."""
+    return [
+        f"{key}: {before!r} -> {after!r}"
+        for section in RECIPE_SECTIONS
+        for key, before, after in _differences(old.get(section), new.get(section), section)
+    ]
+
+
+def _differences(old: Any, new: Any, key: str) -> list[tuple[str, Any, Any]]:
+    if key in NOT_RECIPE:
+        return []
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = [*old, *(k for k in new if k not in old)]
+        return [d for k in keys for d in _differences(old.get(k), new.get(k), f"{key}.{k}")]
+    return [] if old == new else [(key, old, new)]
+
+
 def dump_run_config(config: RunConfig, path: str | Path) -> None:
     """Write the config as YAML, atomically (readers never see half a file)."""
     text = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from sogclr.checkpoint import CheckpointManager, load_file, rng_state, set_rng_state
+from sogclr.config import recipe_differences
 from sogclr.distributed import (
     DistEnv,
     StopSignals,
@@ -88,6 +89,11 @@ class Session:
                 raise ValueError(
                     f"checkpoint has {payload['steps_per_epoch']} steps per epoch, this run "
                     f"{self.progress.steps_per_epoch}: the dataset or global batch size changed"
+                )
+            if differences := recipe_differences(payload["config"], self.config):
+                # continuing would mix two schedules (epochs, lr, gamma) in one run without a word
+                raise ValueError(
+                    f"checkpoint's recipe differs from this run's config: {'; '.join(differences)}"
                 )
             for key, obj in self.stateful.items():
                 obj.load_state_dict(payload[key])
