@@ -10,13 +10,12 @@ whose in-batch version biases the gradient, more so the smaller the batch, while
 views per image, the dataset is a fixed set of 2N embeddings: the objective and its gradient with respect
 to a small trainable head are exact, and any loss's mini-batch gradients can be compared with them.
 
-- `anchor_terms`, `global_objective`, `global_simclr_objective`: the exact objectives of 2N embeddings.
+- `anchor_terms`, `global_objective`, `global_objective_pooled_views`, `global_simclr_objective`: exact
+  objectives of 2N embeddings.
 - `FixedViews`, `project_fixed_views`, `GlobalObjective`: the objectives of an encoder over a fixed
   subset of its training set (a pretraining metric; also the input of the study).
-- `true_gradient`, `gradient_bias`: the exact gradient with respect to a linear head on the frozen
+- `exact_reference`, `gradient_bias`: the exact gradient with respect to a linear head on the frozen
   projections, and the bias, variance and cosine of a loss's mini-batch gradient estimates of it.
-- `shared_u_limit_gradient`: where SogCLR's estimates tend at small gamma with fixed views (one u per
-  image serves both of its views, whose exact g differ).
 """
 
 from __future__ import annotations
@@ -77,6 +76,21 @@ def anchor_terms(h1: Tensor, h2: Tensor, temperature: float, chunk_rows: int = 4
 def global_objective(terms: AnchorTerms, temperature: float) -> Tensor:
     """SogCLR's global contrastive objective per anchor, T log mean_neg exp(s / T) - s_pos, `[2N]`."""
     return temperature * terms.log_mean_neg - terms.s_pos
+
+
+def global_objective_pooled_views(terms: AnchorTerms, temperature: float) -> Tensor:
+    """The same with each image's two views pooled inside the log, per anchor: T log((g_1 + g_2) / 2) - s_pos,
+    g_v the mean exp(s / T) over the negatives of view v (every image's anchors share one value).
+
+    This is what `GlobalContrastiveLoss` estimates without bias as gamma -> 0: it keeps one u per image,
+    the mean of its two views' estimates (NOTES-sogclr.md step 4, as the reference code), and weights both
+    anchors with it. In training, where views are drawn afresh every epoch, u pools the anchor's
+    augmentations in the same way. With fixed views it differs from `global_objective`, whose terms are
+    the anchor's own.
+    """
+    num_images = terms.log_mean_neg.shape[0] // 2
+    pooled = torch.logaddexp(*terms.log_mean_neg.view(2, num_images)) - math.log(2)
+    return temperature * pooled.repeat(2) - terms.s_pos
 
 
 def global_simclr_objective(terms: AnchorTerms, temperature: float) -> Tensor:
@@ -150,9 +164,11 @@ def project_fixed_views(
 class GlobalObjective:
     """The exact global objectives of an encoder over a fixed subset of `dataset` (fixed views too).
 
-    `global_objective` is SogCLR's, per anchor: the units of a sogclr run's logged `objective`
-    (T log u - s_pos with u replaced by the exact mean over the subset). `global_simclr_objective` is
-    NT-Xent over the subset, two views summed: the units of a simclr run's `objective`.
+    In the units of a sogclr run's logged `objective` (T log u - s_pos, mean per anchor):
+    `global_objective`, SogCLR's with each anchor's own negatives, and `global_objective_pooled_views`,
+    with each image's two views pooled inside the log, the exact counterpart of that logged value (u is one
+    number per image). `global_simclr_objective`: NT-Xent over the subset, the two views summed, in the
+    units of a simclr run's `objective`.
     """
 
     def __init__(
@@ -178,6 +194,9 @@ class GlobalObjective:
         terms = anchor_terms(F.normalize(z1, dim=1), F.normalize(z2, dim=1), self.temperature)
         return {
             "global_objective": global_objective(terms, self.temperature).mean().item(),
+            "global_objective_pooled_views": global_objective_pooled_views(terms, self.temperature)
+            .mean()
+            .item(),
             "global_simclr_objective": 2 * global_simclr_objective(terms, self.temperature).mean().item(),
         }
 
@@ -197,41 +216,53 @@ def identity_head(dim: int) -> nn.Linear:
     return head
 
 
-def _exact_head_gradient(
-    z1: Tensor, z2: Tensor, temperature: float, per_anchor: Callable[[AnchorTerms], Tensor]
-) -> Tensor:
-    """The gradient (float64, flattened) with respect to the identity head of the mean over images of the
-    sum over both views of `per_anchor` (2x its mean per anchor: our losses sum the two views)."""
+def head_terms(head: nn.Linear, z1: Tensor, z2: Tensor, temperature: float) -> AnchorTerms:
+    """The anchor terms of the projections `z1, z2` `[N, d]` through `head`, differentiable in its weight."""
+    return anchor_terms(F.normalize(head(z1), dim=1), F.normalize(head(z2), dim=1), temperature)
+
+
+def _weight_gradient(loss: Tensor, head: nn.Linear, retain_graph: bool = False) -> Tensor:
+    return torch.autograd.grad(loss, head.weight, retain_graph=retain_graph)[0].flatten().double()
+
+
+@dataclass(frozen=True)
+class ExactReference:
+    """An objective's exact gradient over all 2N fixed projections, with respect to an identity head on
+    them, scaled as our losses are (mean over images of the sum over both views: 2x the mean per anchor);
+    and its derivatives in each anchor's two terms, from which `control` builds control variates."""
+
+    gradient: Tensor  # [d * d] float64
+    log_mean_neg: Tensor  # [2N] the exact terms
+    d_s_pos: Tensor  # [2N] derivative of the scaled objective in each anchor's s_pos
+    d_log_mean_neg: Tensor  # [2N] ... and in its log_mean_neg
+
+    def control(self, batch_terms: AnchorTerms, index: Tensor, head: nn.Linear) -> Tensor:
+        """An unbiased estimate of `gradient` from the batch `index` alone: `batch_terms` are the batch's
+        anchor terms through `head` (`head_terms`), whose graph is kept for other references' controls.
+
+        The objective linearised in each anchor's terms, with exp(batch log-mean - exact log-mean) for the
+        log-mean: its mean over uniformly drawn batches is 1 at every head, so its gradient's mean is the
+        exact log-mean's. Subtracted from a loss's estimate on the same batch, it cancels most of their
+        shared sampling noise, so that the bias is measured from far fewer batches.
+        """
+        num_images = self.log_mean_neg.shape[0] // 2
+        anchors = torch.cat([index, index + num_images])
+        ratio = (batch_terms.log_mean_neg - self.log_mean_neg[anchors]).exp()
+        linearised = self.d_s_pos[anchors] * batch_terms.s_pos + self.d_log_mean_neg[anchors] * ratio
+        # Each anchor is in a batch with probability b / N.
+        return _weight_gradient(linearised.sum() * num_images / index.shape[0], head, retain_graph=True)
+
+
+def exact_reference(z1: Tensor, z2: Tensor, objective: Objective, temperature: float) -> ExactReference:
+    """The exact gradient of `objective` over all of the projections `z1, z2` `[N, d]` (float64)."""
     head = identity_head(z1.shape[1]).double()
-    h1, h2 = (F.normalize(head(z.double()), dim=1) for z in (z1, z2))
-    loss = 2 * per_anchor(anchor_terms(h1, h2, temperature)).mean()
-    return torch.autograd.grad(loss, head.weight)[0].flatten()
-
-
-def true_gradient(z1: Tensor, z2: Tensor, objective: Objective, temperature: float) -> Tensor:
-    """The exact gradient of `objective` over all of the projections `z1, z2` `[N, d]`, head at identity."""
-    return _exact_head_gradient(z1, z2, temperature, lambda terms: objective(terms, temperature))
-
-
-def shared_log_u(terms: AnchorTerms) -> Tensor:
-    """Per anchor `[2N]`, log of what SogCLR's u tends to at small gamma for a fixed encoder and fixed views:
-    one value per image, the mean of its two views' exact mean exp(s / T), used for both of its anchors."""
-    num_images = terms.log_mean_neg.shape[0] // 2
-    per_image = torch.logaddexp(*terms.log_mean_neg.view(2, num_images)) - math.log(2)
-    return per_image.repeat(2)
-
-
-def shared_u_limit_gradient(z1: Tensor, z2: Tensor, temperature: float) -> Tensor:
-    """The mean mini-batch gradient of `GlobalContrastiveLoss` whose u has settled at `shared_log_u`
-    (gamma -> 0), exactly: over uniformly drawn batches the weights e_aj / u_a average to all negatives',
-    so the mean gradient is that of T g_a / u_a - s_pos with u held fixed (g_a: the exact mean exp(s / T)).
-    It equals the true gradient only where each anchor's u is its own g."""
-
-    def surrogate(terms: AnchorTerms) -> Tensor:
-        log_u = shared_log_u(terms).detach()
-        return temperature * (terms.log_mean_neg - log_u).exp() - terms.s_pos
-
-    return _exact_head_gradient(z1, z2, temperature, surrogate)
+    terms = head_terms(head, z1.double(), z2.double(), temperature)
+    s_pos, log_mean_neg = (term.detach().requires_grad_() for term in terms)
+    scaled = 2 * objective(AnchorTerms(s_pos, log_mean_neg), temperature).mean()
+    d_s_pos, d_log_mean_neg = torch.autograd.grad(scaled, (s_pos, log_mean_neg))
+    # The chain rule through the terms: the same gradient as differentiating the objective directly.
+    gradient = _weight_gradient((d_s_pos * terms.s_pos + d_log_mean_neg * terms.log_mean_neg).sum(), head)
+    return ExactReference(gradient, log_mean_neg.detach(), d_s_pos, d_log_mean_neg)
 
 
 def shuffled_batches(
@@ -246,75 +277,100 @@ def shuffled_batches(
 
 
 def batch_gradients(
-    head: nn.Linear, z1: Tensor, z2: Tensor, criterion: nn.Module, batches: Iterable[Tensor]
-) -> Iterator[Tensor]:
-    """`criterion`'s gradient estimate with respect to the head on each batch, flattened (float64)."""
+    criterion: nn.Module,
+    references: Sequence[ExactReference],
+    z1: Tensor,
+    z2: Tensor,
+    temperature: float,
+    batches: Iterable[Tensor],
+) -> Iterator[tuple[Tensor, list[Tensor]]]:
+    """Per batch: `criterion`'s gradient estimate with respect to the identity head, and each reference's
+    control variate from the same batch (all flattened; float64 sums of the dtype of `z1, z2`)."""
+    head, control_head = identity_head(z1.shape[1]).to(z1.dtype), identity_head(z1.shape[1]).to(z1.dtype)
     for index in batches:
-        loss = criterion(head(z1[index]), head(z2[index]), index)
-        yield torch.autograd.grad(loss, head.weight)[0].flatten().double()
+        estimate = _weight_gradient(criterion(head(z1[index]), head(z2[index]), index), head)
+        terms = head_terms(control_head, z1[index], z2[index], temperature)
+        yield estimate, [reference.control(terms, index, control_head) for reference in references]
 
 
 @torch.no_grad()
-def warm_up(head: nn.Linear, z1: Tensor, z2: Tensor, criterion: nn.Module, batches: Iterable[Tensor]) -> None:
-    """Forward passes only, so that a loss with state (SogCLR's `u`) settles at this fixed encoder."""
+def warm_up(criterion: nn.Module, z1: Tensor, z2: Tensor, batches: Iterable[Tensor]) -> None:
+    """Forward passes only, so that a loss with state (SogCLR's `u`) settles at these projections (the
+    identity head's)."""
     for index in batches:
-        criterion(head(z1[index]), head(z2[index]), index)
+        criterion(z1[index], z2[index], index)
 
 
 @dataclass(frozen=True)
 class EstimateStats:
-    """How a stream of gradient estimates relates to the true gradient; all relative to its norm."""
+    """How a loss's gradient estimates relate to the true gradient; all relative to its norm."""
 
     bias: float  # |mean estimate - truth| / |truth|
-    variance: float  # mean |estimate - mean estimate|^2 / |truth|^2
+    variance: float  # mean |estimate - mean estimate|^2 / |truth|^2 (over single batches)
     cosine: float  # cosine of the angle between the mean estimate and the truth
-    noise: float  # sqrt(variance / estimates): what `bias` reads from sampling alone, for independent draws
+    noise: float  # standard error of `bias` from the finite number of batches (independent ones)
     estimates: int
 
 
-def estimate_stats(estimates: Iterable[Tensor], truth: Tensor) -> EstimateStats:
-    """Compare a stream of flattened estimates with `truth`, keeping only running sums (float64)."""
-    truth = truth.double()
-    total, total_square, count = torch.zeros_like(truth), 0.0, 0
-    for estimate in estimates:
-        total += estimate
-        total_square += estimate.square().sum().item()
-        count += 1
-    if count == 0:
-        raise ValueError("no estimates: the batch size is larger than the dataset")
-    mean, scale = total / count, truth.square().sum().item()
-    variance = max(total_square / count - mean.square().sum().item(), 0.0) / scale
-    return EstimateStats(
-        bias=((mean - truth).norm() / truth.norm()).item(),
-        variance=variance,
-        cosine=F.cosine_similarity(mean, truth, dim=0).item(),
-        noise=math.sqrt(variance / count),
-        estimates=count,
-    )
+class StatsAccumulator:
+    """Running sums (float64) over (estimate, control) pairs, compared with `truth`.
+
+    The bias is the mean of estimate - control: each control is an unbiased estimate of `truth` from the
+    estimate's own batch, so the difference keeps the bias and loses most of the noise.
+    """
+
+    def __init__(self, truth: Tensor) -> None:
+        self.truth = truth
+        self.total, self.total_difference = torch.zeros_like(truth), torch.zeros_like(truth)
+        self.square, self.difference_square, self.count = 0.0, 0.0, 0
+
+    def add(self, estimate: Tensor, control: Tensor) -> None:
+        difference = estimate - control
+        self.total += estimate
+        self.total_difference += difference
+        self.square += estimate.square().sum().item()
+        self.difference_square += difference.square().sum().item()
+        self.count += 1
+
+    def stats(self) -> EstimateStats:
+        if self.count == 0:
+            raise ValueError("no estimates: the batch size is larger than the dataset")
+        scale, count = self.truth.square().sum().item(), self.count
+        bias = self.total_difference / count
+        spread = max(self.difference_square / count - bias.square().sum().item(), 0.0)
+        return EstimateStats(
+            bias=math.sqrt(bias.square().sum().item() / scale),
+            variance=max(self.square / count - (self.total / count).square().sum().item(), 0.0) / scale,
+            cosine=F.cosine_similarity(self.truth + bias, self.truth, dim=0).item(),
+            noise=math.sqrt(spread / count / scale),
+            estimates=count,
+        )
 
 
 def gradient_bias(
     z1: Tensor,
     z2: Tensor,
     criterion: nn.Module,
-    truth: Tensor,
+    references: Sequence[ExactReference],
+    temperature: float,
     batch_size: int,
     passes: int,
     warmup_passes: int = 0,
     seed: int = 0,
-) -> EstimateStats:
-    """How `criterion`'s mini-batch gradients estimate `truth` (a `true_gradient` of `z1, z2`).
+) -> list[EstimateStats]:
+    """How `criterion`'s mini-batch gradients estimate each reference's gradient (`exact_reference`).
 
     `z1, z2` `[N, d]` are the frozen projections of the two fixed views; gradients are taken with respect
     to an identity linear head on them. After `warmup_passes` forward-only passes (for SogCLR's `u`),
     `passes` shuffled passes of batches of `batch_size` give one estimate per batch.
     """
-    head = identity_head(z1.shape[1])
     num_images = z1.shape[0]
     # The warm-up draws its own batches: every criterion is measured on the same ones, warmed up or not.
-    warmup_batches = shuffled_batches(
-        num_images, batch_size, warmup_passes, torch.Generator().manual_seed(seed + 1)
-    )
-    warm_up(head, z1, z2, criterion, warmup_batches)
+    warmup_generator = torch.Generator().manual_seed(seed + 1)
+    warm_up(criterion, z1, z2, shuffled_batches(num_images, batch_size, warmup_passes, warmup_generator))
     batches = shuffled_batches(num_images, batch_size, passes, torch.Generator().manual_seed(seed))
-    return estimate_stats(batch_gradients(head, z1, z2, criterion, batches), truth)
+    accumulators = [StatsAccumulator(reference.gradient) for reference in references]
+    for estimate, controls in batch_gradients(criterion, references, z1, z2, temperature, batches):
+        for accumulator, control in zip(accumulators, controls):
+            accumulator.add(estimate, control)
+    return [accumulator.stats() for accumulator in accumulators]
