@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from jobs.torchrun import signal_tree, start_ignoring_stop_signals
+from sogclr.layout import RunLayout
 from sogclr.state import now, read_state, update_state
 
 Action = Literal["done", "requeue", "fail", "end"]
@@ -37,22 +38,16 @@ RELAY_EVERY_S = 2.0
 
 @dataclass(frozen=True)
 class Phase:
-    """A training entry point and where it records its outcome, relative to the run directory."""
+    """A training entry point; where it records its outcome is the run layout's business."""
 
     name: str
     module: str
-    state_file: str
 
     def state_path(self, run_dir: Path) -> Path:
-        return run_dir / self.state_file
+        return RunLayout(run_dir).phase(self.name).state
 
 
-# The layout of sogclr's outputs (sogclr/pretrain.py, sogclr/lincls.py).
-PHASES = {
-    "pretrain": Phase("pretrain", "sogclr.pretrain", "state.json"),
-    "lincls": Phase("lincls", "sogclr.lincls", "lincls/state.json"),
-}
-CONFIG_FILE = "config.yaml"
+PHASES = {"pretrain": Phase("pretrain", "sogclr.pretrain"), "lincls": Phase("lincls", "sogclr.lincls")}
 
 
 @dataclass(frozen=True)

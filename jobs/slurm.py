@@ -32,7 +32,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from jobs.attempt import CONFIG_FILE, PHASES, Budget, finish_attempt, run_attempt, wait_for
+from jobs.attempt import PHASES, Budget, finish_attempt, run_attempt, wait_for
 from jobs.code import running_code
 from jobs.torchrun import (
     Rendezvous,
@@ -41,6 +41,7 @@ from jobs.torchrun import (
     threads_per_rank,
     torchrun_command,
 )
+from sogclr.layout import RunLayout
 from sogclr.state import read_state
 
 SLURM_QUERY_TIMEOUT_S = 30
@@ -91,7 +92,7 @@ class TrainingJob:
     def command(self, task: SlurmTask) -> list[str]:
         return torchrun_command(
             PHASES[self.phase].module,
-            self.run_dir / CONFIG_FILE,
+            RunLayout(self.run_dir).config,
             self.ranks_per_node,
             self.nodes,
             task.node_rank,

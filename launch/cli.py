@@ -41,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     submit.add_argument("--run", metavar="NAME", help="only this run (--debug: which run to debug)")
     submit.add_argument(
+        "--reconfigure",
+        action="store_true",
+        help="rewrite the config of runs whose recipe differs from the one they were started with",
+    )
+    submit.add_argument(
         "--no-snapshot",
         action="store_true",
         help="jobs run the code installed when each attempt starts, not the code frozen now",
@@ -101,13 +106,23 @@ def cmd_submit(args: argparse.Namespace, console: Console) -> int:
     from launch import local, submit  # heavy imports (submitit, torch) only when really submitting
 
     if args.debug:
-        return local.run_debug(runs[0])
+        return local.run_debug(spec, runs[0], reconfigure=args.reconfigure)
     if args.local:
         return local.run_local(
-            spec, runs, parallel=args.parallel, preempt_after=args.preempt_after, console=console
+            spec,
+            runs,
+            parallel=args.parallel,
+            preempt_after=args.preempt_after,
+            console=console,
+            reconfigure=args.reconfigure,
         )
     return submit.submit_sweep(
-        spec, runs, resubmit_failed=args.resubmit_failed, console=console, snapshot=not args.no_snapshot
+        spec,
+        runs,
+        resubmit_failed=args.resubmit_failed,
+        console=console,
+        snapshot=not args.no_snapshot,
+        reconfigure=args.reconfigure,
     )
 
 

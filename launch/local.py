@@ -12,34 +12,61 @@ import os
 import pdb
 import sys
 import traceback
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
-from jobs.attempt import CONFIG_FILE, PHASES, Budget, finish_attempt, run_attempt
+from jobs.attempt import PHASES, Budget, finish_attempt, run_attempt
 from jobs.torchrun import threads_per_rank, torchrun_command
-from launch.manifest import phase_done
+from launch.manifest import UNKNOWN, phase_done, read_manifest, standings, sweep_lock
 from launch.snapshot import live_code
-from launch.spec import Run, SweepSpec
-from launch.submit import phase_resources, write_run_config
+from launch.spec import Run, SpecError, SweepSpec
+from launch.submit import check_recipes, phase_resources, write_run_config
 from sogclr.state import now
 
-LOG_DIR = "local"  # <run_dir>/local/<phase>.log: torchrun's output in local mode
+
+@contextmanager
+def owning(spec: SweepSpec, runs: list[Run], reconfigure: bool) -> Iterator[None]:
+    """Hold the sweep's lock, and refuse (SpecError) runs whose SLURM jobs are queued or running, or
+    that SLURM cannot say about: one owner per run directory. Also the recipe check of a submission."""
+    with sweep_lock(spec.directory):
+        check_recipes(runs, reconfigure)
+        where = standings(runs, read_manifest(spec.directory))
+        busy = [
+            f"{run.name} ({phase} job {standing.job_id}: {standing.state})"
+            for run in runs
+            for phase, standing in where[run.name].items()
+            if standing.active or standing.state == UNKNOWN
+        ]
+        if busy:
+            raise SpecError(
+                f"{', '.join(busy)}: SLURM jobs may be training in these run directories; "
+                "cancel them (sogclr-submit cancel) or wait for them to end"
+            )
+        yield
 
 
 def run_local(
-    spec: SweepSpec, runs: list[Run], parallel: int, preempt_after: float | None, console: Console
+    spec: SweepSpec,
+    runs: list[Run],
+    parallel: int,
+    preempt_after: float | None,
+    console: Console,
+    reconfigure: bool = False,
 ) -> int:
-    """Run every run (pretraining, then linear eval), `parallel` at once; 0 when all of them finish."""
+    """Run every run (pretraining, then linear eval), `parallel` at once; 0 when all of them finish.
+    Holds the sweep's lock throughout: a submission of the same sweep waits."""
 
     def one(run: Run) -> str:
         outcome = run_locally(run, preempt_after, console)
         console.print(f"{run.name}: {outcome}", highlight=False)
         return outcome
 
-    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+    with owning(spec, runs, reconfigure), ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
         outcomes = list(pool.map(one, runs))
     table = Table(title=f"{spec.name}: local runs", title_justify="left")
     for column in ("run", "outcome", "run directory"):
@@ -58,7 +85,7 @@ def run_locally(run: Run, preempt_after: float | None, console: Console) -> str:
             continue
         warn_after = preempt_after if phase == "pretrain" else None
         if run_phase_locally(run, phase, warn_after, console) != "done":
-            return f"{phase} failed (see {run.run_dir / LOG_DIR / phase}.log)"
+            return f"{phase} failed (see {run.files.local_logs / phase}.log)"
     return "done"
 
 
@@ -67,9 +94,9 @@ def run_phase_locally(run: Run, phase: str, warn_after: float | None, console: C
     state_path = PHASES[phase].state_path(run.run_dir)
     resources = phase_resources(run, phase)
     ranks = local_ranks(run, phase)
-    command = torchrun_command(PHASES[phase].module, run.run_dir / CONFIG_FILE, ranks)
+    command = torchrun_command(PHASES[phase].module, run.files.config, ranks)
     env = threads_per_rank(min(resources.cpus_per_task, os.cpu_count() or 1), ranks)
-    log = run.run_dir / LOG_DIR / f"{phase}.log"
+    log = run.files.local_logs / f"{phase}.log"  # torchrun's output in local mode
     budget = Budget(resources.max_requeues, resources.max_failures)
     where = {"job_id": f"local-{now()}", "hosts": ["localhost"]}  # one submission: one budget
     while True:
@@ -89,8 +116,13 @@ def local_ranks(run: Run, phase: str) -> int:
     return phase_resources(run, phase).ranks_per_node if torch.cuda.is_available() else 1
 
 
-def run_debug(run: Run) -> int:
+def run_debug(spec: SweepSpec, run: Run, reconfigure: bool = False) -> int:
     """Pretrain (and evaluate) one run in this process; on an exception, the debugger (or the traceback)."""
+    with owning(spec, [run], reconfigure):
+        return _debug(run)
+
+
+def _debug(run: Run) -> int:
     from sogclr import lincls, pretrain  # the training library, in-process: no torchrun, one rank
 
     config = write_run_config(run, live_code())

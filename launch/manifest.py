@@ -1,8 +1,9 @@
 """A sweep's record of its SLURM jobs (`<sweep dir>/manifest.json`), its lock, and where each run stands.
 
-The manifest maps run -> phase -> the submissions so far (job id, time), the last one current. Where a run
-stands is read from SLURM first (squeue, then sacct) and from the run directory when SLURM has forgotten
-the job. Submission, status and cancel all use this one view.
+The manifest maps run -> phase -> the submissions so far (job id, time, job name, cluster), the last one
+current. Where a run stands is read from SLURM first (squeue, then sacct) and from the run directory when
+SLURM has forgotten the job; `unknown` when SLURM could not be asked, and `not ours` when the id now names
+another job (its JobName differs, or another cluster). Submission, status and cancel all use this one view.
 """
 
 from __future__ import annotations
@@ -21,12 +22,19 @@ from sogclr.state import read_state, write_json_atomic
 
 MANIFEST_FILE = "manifest.json"
 LOCK_FILE = ".submit.lock"
-# SLURM states of a job that is still queued or may run again (a preempted job with --requeue returns).
+# SLURM states of a job that is still queued or may run again. Not `preempted`: a job SLURM requeues
+# is PENDING again at once, so a job still PREEMPTED was not requeued (PreemptMode=CANCEL) and is over.
 ACTIVE = frozenset(
     "pending running requeued requeue_hold requeue_fed configuring completing suspended resizing "
-    "signaling stage_out preempted".split()
+    "signaling stage_out".split()
 )
 NOT_SUBMITTED = "not submitted"
+UNKNOWN = "unknown"  # SLURM could not be asked: neither live nor forgotten
+NOT_OURS = "not ours"  # the id now names another job (a reset controller, another cluster)
+QUERY_TIMEOUT_S = 60
+# A pending job whose afterok can never be met (its pretraining failed or was cancelled) on a cluster
+# without kill_invalid_depend: it will never run, and a resubmission replaces it.
+NEVER_RUNS = "pending (dependency never satisfied)"
 
 
 @contextmanager
@@ -46,38 +54,92 @@ def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
     write_json_atomic(directory / MANIFEST_FILE, manifest)
 
 
-def record_job(manifest: dict[str, Any], run: str, phase: str, job_id: str, submitted: str) -> None:
+def record_job(
+    manifest: dict[str, Any], run: str, phase: str, job_id: str, submitted: str, **about: str | None
+) -> None:
+    """Append a submission; `about` is what identifies the job later (`job_name`, `cluster`)."""
     manifest["runs"].setdefault(run, {}).setdefault(phase, []).append(
-        {"job_id": job_id, "submitted": submitted}
+        {"job_id": job_id, "submitted": submitted, **about}
     )
 
 
-def current_job(manifest: dict[str, Any], run: str, phase: str) -> str | None:
+def current_submission(manifest: dict[str, Any], run: str, phase: str) -> dict[str, Any] | None:
     submissions = manifest["runs"].get(run, {}).get(phase, [])
-    return submissions[-1]["job_id"] if submissions else None
+    return submissions[-1] if submissions else None
+
+
+def current_job(manifest: dict[str, Any], run: str, phase: str) -> str | None:
+    submission = current_submission(manifest, run, phase)
+    return submission["job_id"] if submission else None
 
 
 # --- SLURM's view -----------------------------------------------------------------------------------
 
 
-def slurm_states(job_ids: list[str]) -> dict[str, str]:
-    """job id -> lower-case SLURM state, from squeue, then sacct; ids SLURM has forgotten are absent."""
-    states = _query(["squeue", "-h", "-o", "%i|%T", "-j"], job_ids)
-    forgotten = [job_id for job_id in job_ids if job_id not in states]
-    return states | _query(["sacct", "-n", "-X", "-P", "-o", "JobIDRaw,State", "-j"], forgotten)
+class SlurmUnavailable(Exception):
+    """SLURM could not be asked (a command failed or is missing): one line saying why."""
 
 
-def _query(command: list[str], job_ids: list[str]) -> dict[str, str]:
+@dataclass(frozen=True)
+class SlurmJob:
+    """What SLURM says of one job id: its lower-case state and its name, or why it could not say."""
+
+    state: str
+    name: str | None = None
+    reason: str | None = None  # why the state is `unknown`
+
+
+def slurm_jobs(job_ids: list[str]) -> dict[str, SlurmJob]:
+    """job id -> SlurmJob, from squeue, then sacct; ids SLURM has forgotten are absent. When a query
+    fails, the ids it was to answer read `unknown`: a failing command is not a forgotten job."""
+    jobs: dict[str, SlurmJob] = {}
+    try:
+        jobs = _query(["squeue", "-h", "-o", "%i|%T|%j|%r", "-j"], job_ids)
+        forgotten = [job_id for job_id in job_ids if job_id not in jobs]
+        jobs |= _query(["sacct", "-n", "-X", "-P", "-o", "JobIDRaw,State,JobName", "-j"], forgotten)
+    except SlurmUnavailable as err:
+        unknown = SlurmJob(UNKNOWN, reason=str(err))
+        jobs = {job_id: jobs.get(job_id, unknown) for job_id in job_ids}
+    return jobs
+
+
+def _query(command: list[str], job_ids: list[str]) -> dict[str, SlurmJob]:
     if not job_ids:
         return {}
-    # squeue fails when none of the ids is known any more: that answer is "nothing".
-    result = subprocess.run([*command, ",".join(job_ids)], capture_output=True, text=True)
-    states = {}
-    for line in result.stdout.splitlines():
-        job_id, _, state = line.partition("|")
+    result = _slurm_command([*command, ",".join(job_ids)], ok_if="Invalid job id")
+    jobs = {}
+    for line in result.splitlines():
+        job_id, state, name, *reason = [*line.split("|"), "", ""][:4]
         if job_id in job_ids and state:
-            states[job_id] = state.split()[0].lower()  # "CANCELLED by 0" -> "cancelled"
-    return states
+            never = state == "PENDING" and reason == ["DependencyNeverSatisfied"]
+            # "CANCELLED by 0" -> "cancelled"
+            jobs[job_id] = SlurmJob(NEVER_RUNS if never else state.split()[0].lower(), name)
+    return jobs
+
+
+def _slurm_command(command: list[str], ok_if: str | None = None) -> str:
+    """stdout of a SLURM client command; SlurmUnavailable when it cannot run or fails (unless its
+    error says `ok_if`: squeue fails when none of the ids is known any more, and that means none)."""
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=QUERY_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise SlurmUnavailable(f"{command[0]}: {err}") from None
+    if result.returncode != 0 and not (ok_if and ok_if in result.stderr):
+        why = " ".join(result.stderr.split()) or f"exit status {result.returncode}"
+        raise SlurmUnavailable(f"{command[0]} failed: {why}")
+    return result.stdout
+
+
+def cluster_name() -> str | None:
+    """This cluster's ClusterName (scontrol show config); None when SLURM cannot say."""
+    try:
+        config = _slurm_command(["scontrol", "show", "config"])
+    except SlurmUnavailable:
+        return None
+    return next(
+        (line.split("=", 1)[1].strip() for line in config.splitlines() if line.startswith("ClusterName")),
+        None,
+    )
 
 
 # --- where a run stands -----------------------------------------------------------------------------
@@ -86,8 +148,9 @@ def _query(command: list[str], job_ids: list[str]) -> dict[str, str]:
 @dataclass(frozen=True)
 class PhaseStanding:
     job_id: str | None
-    state: str  # done | not submitted | a SLURM state | the run directory's status
+    state: str  # done | not submitted | unknown | not ours | a SLURM state | the run directory's status
     from_slurm: bool = False
+    reason: str | None = None  # why `unknown` or `not ours`
 
     @property
     def active(self) -> bool:
@@ -97,20 +160,40 @@ class PhaseStanding:
 
 def phase_done(run: Run, phase: str) -> bool:
     if phase == "lincls":
-        return (run.run_dir / "lincls" / "result.json").is_file()
+        return run.files.lincls.result.is_file()
     return read_state(PHASES[phase].state_path(run.run_dir)).get("status") == "done"
 
 
-def phase_standing(run: Run, phase: str, manifest: dict[str, Any], states: dict[str, str]) -> PhaseStanding:
-    job_id = current_job(manifest, run.name, phase)
+def phase_standing(
+    run: Run, phase: str, manifest: dict[str, Any], jobs: dict[str, SlurmJob], cluster: str | None = None
+) -> PhaseStanding:
+    submission = current_submission(manifest, run.name, phase)
+    job_id = submission["job_id"] if submission else None
     if phase_done(run, phase):
         return PhaseStanding(job_id, "done")
-    if job_id is None:
+    if submission is None:
         return PhaseStanding(None, NOT_SUBMITTED)
-    if job_id in states:
-        return PhaseStanding(job_id, states[job_id], from_slurm=True)
+    job = jobs.get(job_id)
+    if job is not None and job.state == UNKNOWN:
+        return PhaseStanding(job_id, UNKNOWN, reason=job.reason)
+    if (why := not_ours(submission, job, cluster)) is not None:
+        return PhaseStanding(job_id, NOT_OURS, reason=why)
+    if job is not None:
+        return PhaseStanding(job_id, job.state, from_slurm=True)
     status = read_state(PHASES[phase].state_path(run.run_dir)).get("status", "unknown")
     return PhaseStanding(job_id, f"{status} (run dir)")
+
+
+def not_ours(submission: dict[str, Any], job: SlurmJob | None, cluster: str | None) -> str | None:
+    """Why the recorded id no longer names the job we submitted, or None if it may (records written
+    before names were kept, or a cluster that cannot say its name, are taken as ours)."""
+    recorded = submission.get("cluster")
+    if recorded and cluster and recorded != cluster:
+        return f"submitted on cluster {recorded}, this is {cluster}"
+    expected = submission.get("job_name")
+    if job is not None and expected and job.name != expected:
+        return f"job {submission['job_id']} is now {job.name!r}, not {expected!r}"
+    return None
 
 
 def standings(runs: list[Run], manifest: dict[str, Any]) -> dict[str, dict[str, PhaseStanding]]:
@@ -122,12 +205,14 @@ def standings(runs: list[Run], manifest: dict[str, Any]) -> dict[str, dict[str, 
     job_ids = [
         job_id for run in runs for phase in PHASES if (job_id := current_job(manifest, run.name, phase))
     ]
-    states = slurm_states(job_ids)
-    for run in runs:
-        for phase in PHASES:
-            state = states.get(current_job(manifest, run.name, phase) or "")
-            if state is not None and state not in ACTIVE and state != "completed":
-                close_unrecorded_attempt(PHASES[phase].state_path(run.run_dir), state)
-    return {
-        run.name: {phase: phase_standing(run, phase, manifest, states) for phase in PHASES} for run in runs
+    jobs = slurm_jobs(job_ids)
+    cluster = cluster_name() if job_ids else None
+    where = {
+        run.name: {phase: phase_standing(run, phase, manifest, jobs, cluster) for phase in PHASES}
+        for run in runs
     }
+    for run in runs:
+        for phase, standing in where[run.name].items():
+            if standing.from_slurm and standing.state not in ACTIVE and standing.state != "completed":
+                close_unrecorded_attempt(PHASES[phase].state_path(run.run_dir), standing.state)
+    return where

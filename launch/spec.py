@@ -27,6 +27,7 @@ from pydantic import (
 )
 
 from sogclr.config import LinclsConfig, PretrainConfig, RunConfig, Schema, apply_overrides, set_path
+from sogclr.layout import RunLayout
 
 SECTIONS = ("pretrain", "lincls", "slurm")
 BUILTIN_DATASETS = ("digits",)
@@ -204,6 +205,10 @@ class Run:
     @property
     def run_dir(self) -> Path:
         return self.config.run_dir
+
+    @property
+    def files(self) -> RunLayout:
+        return RunLayout(self.config.run_dir)
 
 
 # --- reading ----------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from launch.manifest import read_manifest, standings
+from launch.manifest import NOT_OURS, UNKNOWN, PhaseStanding, read_manifest, standings
 from launch.spec import Run, SweepSpec
 from sogclr.state import read_state
 
@@ -25,15 +25,15 @@ def show_status(spec: SweepSpec, runs: list[Run], console: Console) -> int:
         table.add_column(column, overflow="fold")
     for run in runs:
         pretrain, lincls = where[run.name]["pretrain"], where[run.name]["lincls"]
-        state = read_state(run.run_dir / "state.json")
-        latest = last_record(run.run_dir / "metrics.jsonl") or state  # metrics run ahead of checkpoints
-        result = read_state(run.run_dir / "lincls" / "result.json")
+        state = read_state(run.files.pretrain.state)
+        latest = last_record(run.files.pretrain.metrics) or state  # metrics run ahead of checkpoints
+        result = read_state(run.files.lincls.result)
         table.add_row(
             run.name,
             pretrain.job_id or "-",
             lincls.job_id or "-",
-            pretrain.state,
-            lincls.state if run.config.lincls is not None else "-",
+            shown(pretrain),
+            shown(lincls) if run.config.lincls is not None else "-",
             f"{latest['epoch']}/{latest['step']}" if "step" in latest else "-",
             str(state.get("requeues", 0)),
             _format(latest.get("loss")),
@@ -63,7 +63,7 @@ def save_time_warnings(runs: list[Run], grace_times: dict[str | None, int]) -> l
     """Runs whose last checkpoint took longer than the time they get to save after a stop signal."""
     warnings = []
     for run in runs:
-        took = read_state(run.run_dir / "state.json").get("last_save_s")
+        took = read_state(run.files.pretrain.state).get("last_save_s")
         if took is None:
             continue
         lead, grace = run.slurm.signal_lead_s, grace_times.get(run.slurm.partition)
@@ -80,22 +80,33 @@ def save_time_warnings(runs: list[Run], grace_times: dict[str | None, int]) -> l
     return warnings
 
 
+def shown(standing: PhaseStanding) -> str:
+    """A phase's state for the table, with the reason when it is `unknown` or `not ours`."""
+    return f"{standing.state}: {standing.reason}" if standing.reason else standing.state
+
+
 def cancel(spec: SweepSpec, runs: list[Run], console: Console) -> int:
-    """scancel the recorded, still queued or running jobs of `runs` (and nothing else)."""
+    """scancel the recorded, still queued or running jobs of `runs` (and nothing else). Jobs SLURM cannot
+    say anything about, and ids that now name other jobs, are left alone and listed; 1 if any is unknown."""
     where = standings(runs, read_manifest(spec.directory))
-    targets = {
-        standing.job_id: f"{run.name} {phase}"
-        for run in runs
-        for phase, standing in where[run.name].items()
-        if standing.active
-    }
-    if not targets:
+    targets, untouched = {}, []
+    for run in runs:
+        for phase, standing in where[run.name].items():
+            if standing.active:
+                targets[standing.job_id] = f"{run.name} {phase}"
+            elif standing.state in (UNKNOWN, NOT_OURS):
+                untouched.append(
+                    f"job {standing.job_id} ({run.name} {phase}) not cancelled: {shown(standing)}"
+                )
+    for line in untouched:
+        console.print(f"[yellow]warning:[/] {line}", highlight=False)
+    if targets:
+        subprocess.run(["scancel", *targets], check=True)
+    elif not untouched:
         console.print(f"{spec.name}: no queued or running jobs to cancel")
-        return 0
-    subprocess.run(["scancel", *targets], check=True)
     for job_id, what in targets.items():
         console.print(f"cancelled job {job_id} ({what})", highlight=False)
-    return 0
+    return int(any(standing.state == UNKNOWN for phases in where.values() for standing in phases.values()))
 
 
 def last_record(path: Path) -> dict[str, Any] | None:

@@ -39,15 +39,15 @@ from sogclr.data import (
     set_loader_epoch,
 )
 from sogclr.distributed import DistEnv, StopSignals, all_gather_cat
+from sogclr.layout import RunLayout
 from sogclr.loop import Progress, Session, run_epochs, run_process
 from sogclr.metrics import DeviceMean, MetricsLogger
 from sogclr.model import build_linear_classifier, load_backbone
 from sogclr.optim import build_optimizer, scaled_lr
-from sogclr.pretrain import CHECKPOINT_DIR, STATE_FILE, autocast_dtype
+from sogclr.pretrain import autocast_dtype
 from sogclr.schedules import set_lr, warmup_cosine
 from sogclr.state import read_state, update_state, write_json_atomic
 
-LINCLS_DIR = "lincls"
 Batches = Callable[[int, int], Iterator[tuple[torch.Tensor, torch.Tensor]]]
 
 
@@ -56,7 +56,7 @@ def train(cfg: RunConfig) -> str:
     if cfg.lincls is None:
         raise ValueError(f"the config of {cfg.run_dir} has no lincls section")
     return run_process(
-        cfg.run_dir / LINCLS_DIR / STATE_FILE, partial(_evaluate, cfg), cfg.lincls.collective_timeout_s
+        RunLayout(cfg.run_dir).lincls.state, partial(_evaluate, cfg), cfg.lincls.collective_timeout_s
     )
 
 
@@ -97,20 +97,21 @@ def _evaluate(cfg: RunConfig, env: DistEnv, signals: StopSignals) -> str:
         results[mode] = result
 
     if env.is_main:
-        out = cfg.run_dir / LINCLS_DIR
+        files = RunLayout(cfg.run_dir).lincls
         # Top level: the first mode's numbers (standard when both ran); each mode under its own key.
         write_json_atomic(
-            out / "result.json", {"mode": lcfg.mode, "epochs": lcfg.epochs, **results[modes[0]], **results}
+            files.result, {"mode": lcfg.mode, "epochs": lcfg.epochs, **results[modes[0]], **results}
         )
-        update_state(out / STATE_FILE, status="done")
+        update_state(files.state, status="done")
     return "done"
 
 
 def load_pretrained_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     """The model state_dict of the final pretraining checkpoint; a clear error if there is none."""
-    path = run_dir / CHECKPOINT_DIR / FINAL
+    pretrain = RunLayout(run_dir).pretrain
+    path = pretrain.checkpoints / FINAL
     if not path.exists():
-        status = read_state(run_dir / STATE_FILE).get("status", "not started")
+        status = read_state(pretrain.state).get("status", "not started")
         raise FileNotFoundError(
             f"no final pretraining checkpoint {path} (pretraining status: {status}); "
             "linear evaluation needs a completed pretraining run"
@@ -202,15 +203,15 @@ def fit_linear(
 ) -> dict[str, float] | None:
     """Train `fc` for `lincls.epochs` (resuming if checkpointed); final accuracy, or None if stopped."""
     lcfg = cfg.lincls
-    out = cfg.run_dir / LINCLS_DIR
+    files = RunLayout(cfg.run_dir).lincls
     peak_lr = scaled_lr(lcfg.lr, lcfg.batch_size, lcfg.lr_scaling)
     optimizer = build_optimizer(fc, "sgd", peak_lr, lcfg.weight_decay, lcfg.momentum)
     total_steps = lcfg.epochs * steps_per_epoch
     session = Session(
         env,
         signals,
-        CheckpointManager(out / CHECKPOINT_DIR / mode, lcfg.checkpoint, env.is_main),
-        out / STATE_FILE,
+        CheckpointManager(files.checkpoints / mode, lcfg.checkpoint, env.is_main),
+        files.state,
         stateful={"fc": fc, "optimizer": optimizer},
         progress=Progress(steps_per_epoch),
         total_steps=total_steps,
@@ -221,9 +222,7 @@ def fit_linear(
     model = DistributedDataParallel(fc) if env.distributed else fc
     loss_mean = DeviceMean()
 
-    with MetricsLogger(
-        out / "metrics.jsonl", total_steps, env.is_main, description=f"lincls {mode}"
-    ) as logger:
+    with MetricsLogger(files.metrics, total_steps, env.is_main, description=f"lincls {mode}") as logger:
 
         def step(batch: tuple[torch.Tensor, torch.Tensor]) -> None:
             features, targets = batch

@@ -32,6 +32,7 @@ from sogclr.data import (
 )
 from sogclr.diagnostics import GlobalObjective
 from sogclr.distributed import DistEnv, StopSignals
+from sogclr.layout import RunLayout
 from sogclr.loop import Progress, Session, run_epochs, run_process
 from sogclr.losses import GlobalContrastiveLoss, SimCLRLoss
 from sogclr.metrics import DeviceMean, MetricsLogger, Throughput, estimator_stats
@@ -39,13 +40,11 @@ from sogclr.model import build_pretrain_model, maybe_sync_batchnorm
 from sogclr.optim import build_optimizer, scaled_lr
 from sogclr.schedules import gamma_at, set_lr, warmup_cosine
 
-STATE_FILE = "state.json"
-CHECKPOINT_DIR = "checkpoints"
-
 
 def train(cfg: RunConfig) -> str:
     """Pretrain (or resume pretraining) the run in `cfg.run_dir`; returns the final status."""
-    return run_process(cfg.run_dir / STATE_FILE, partial(_pretrain, cfg), cfg.pretrain.collective_timeout_s)
+    files = RunLayout(cfg.run_dir).pretrain
+    return run_process(files.state, partial(_pretrain, cfg), cfg.pretrain.collective_timeout_s)
 
 
 def _pretrain(cfg: RunConfig, env: DistEnv, signals: StopSignals) -> str:
@@ -71,11 +70,12 @@ def _pretrain(cfg: RunConfig, env: DistEnv, signals: StopSignals) -> str:
     )
     scaler = torch.amp.GradScaler(env.device.type, enabled=autocast_dtype(pcfg, env.device) == torch.float16)
 
+    files = RunLayout(cfg.run_dir).pretrain
     session = Session(
         env,
         signals,
-        CheckpointManager(cfg.run_dir / CHECKPOINT_DIR, pcfg.checkpoint, env.is_main),
-        cfg.run_dir / STATE_FILE,
+        CheckpointManager(files.checkpoints, pcfg.checkpoint, env.is_main),
+        files.state,
         stateful={"model": model, "optimizer": optimizer, "criterion": criterion, "scaler": scaler},
         progress=Progress(sampler.steps_per_epoch),
         total_steps=total_steps,
@@ -86,9 +86,8 @@ def _pretrain(cfg: RunConfig, env: DistEnv, signals: StopSignals) -> str:
     step = PretrainStep(
         wrap_model(model, pcfg, env), criterion, optimizer, scaler, pcfg, total_steps, sampler.steps_per_epoch
     )
-    log_path, tensorboard_dir = cfg.run_dir / "metrics.jsonl", cfg.run_dir / "tensorboard"
     with MetricsLogger(
-        log_path, total_steps, env.is_main, tensorboard_dir if pcfg.tensorboard else None, "pretrain"
+        files.metrics, total_steps, env.is_main, files.tensorboard if pcfg.tensorboard else None, "pretrain"
     ) as logger:
         monitor = PretrainMonitor(logger, criterion, pcfg, step)
         metrics = epoch_end_metrics(pcfg, dataset, sampler.local_batch, env.device)

@@ -47,8 +47,13 @@ __all__ = [
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "local-slurm"
 REQUIRE_ENV = "SOGCLR_REQUIRE_SLURM"
 # Configured as shared clusters commonly are: partition-priority preemption with a grace time (jobs run
-# in `low`; a job in `high` that needs their CPUs preempts them with SIGTERM, SIGKILL 30 s later).
-CLUSTER_VARIANT = {"SOGCLR_SLURM_PREEMPT": "requeue", "SOGCLR_SLURM_GRACE_S": "30"}
+# in `low`; a job in `high` that needs their CPUs preempts them with SIGTERM, SIGKILL 30 s later), and
+# without kill_invalid_depend (SLURM's default: a never-satisfiable afterok job stays pending).
+CLUSTER_VARIANT = {
+    "SOGCLR_SLURM_PREEMPT": "requeue",
+    "SOGCLR_SLURM_GRACE_S": "30",
+    "SOGCLR_SLURM_KILL_INVALID_DEPEND": "0",
+}
 HIGH_PARTITION = "high"
 
 # Job states after which SLURM will not run the job again by itself.
@@ -289,21 +294,27 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
-_SKIPPED_SLURM_TESTS = pytest.StashKey[list]()
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (`--dist loadgroup`), every `slurm` test goes to one worker: one cluster for
+    them all, in file order, while the other tests run on the other workers."""
+    for item in items:
+        if item.get_closest_marker("slurm") is not None:
+            item.add_marker(pytest.mark.xdist_group("slurm"))
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
-    """Note every skipped `slurm` test, whatever skipped it (the fixture, or the test itself)."""
-    outcome = yield
-    report = outcome.get_result()
-    if report.skipped and item.get_closest_marker("slurm") is not None:
-        item.config.stash.setdefault(_SKIPPED_SLURM_TESTS, []).append(item.nodeid)
+_SKIPPED: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Note every skipped `slurm` test, whatever skipped it (the fixture, or the test itself); with
+    xdist this runs where the reports are gathered, so the note reaches the session that finishes."""
+    if report.skipped and "slurm" in report.keywords:
+        _SKIPPED.append(report.nodeid)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """With SOGCLR_REQUIRE_SLURM=1 (CI), a skipped `slurm` test fails the run."""
-    skipped = session.config.stash.get(_SKIPPED_SLURM_TESTS, [])
+    skipped = sorted(set(_SKIPPED))
     if skipped and os.environ.get(REQUIRE_ENV) == "1":
         print(f"\n{REQUIRE_ENV}=1 but {len(skipped)} slurm test(s) were skipped: {', '.join(skipped)}")
         session.exitstatus = pytest.ExitCode.TESTS_FAILED

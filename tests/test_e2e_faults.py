@@ -158,7 +158,7 @@ def test_scancel_ends_the_run_as_cancelled_without_its_evaluation(
     run_dir = runs["cancel"]
     ids = job_ids(workdir, "cancel", "cancel")
     wait_until(lambda: sacct_state(ids["pretrain"]) == "CANCELLED", "the job to be cancelled")
-    wait_until(lambda: sacct_state(ids["lincls"]) == "CANCELLED", "its evaluation to be cancelled")
+    wait_until(lambda: sacct_state(ids["lincls"]) == "CANCELLED", "node 0 to cancel its evaluation")
     wait_until(lambda: read_state(run_dir / "state.json").get("status") == "cancelled", "status cancelled")
     state = read_state(run_dir / "state.json")
     assert outcomes(state)[-1] == "cancelled" and "CANCELLED" in state["attempts"][-1]["reason"]

@@ -169,3 +169,31 @@ def test_cancel_cancels_this_sweeps_jobs_only(workdir: Path, crash_spec: Path, c
     assert "cancelled" in capsys.readouterr().out
     assert submit(long) == 0  # without --resubmit-failed: nothing new
     assert job_ids(workdir, "long", "long") == ids
+
+
+def test_an_evaluation_that_can_never_run_is_replaced_on_resubmission(workdir: Path, capsys, monkeypatch):
+    """Without kill_invalid_depend, cancelling a pretraining before it starts (nothing of ours runs to
+    clean up) leaves its evaluation pending for ever; `status` says so and a resubmission replaces it."""
+    monkeypatch.setenv("COLUMNS", "200")
+    held = {"additional": {"hold": True}}  # the pretraining only: it never starts
+    spec = write_tiny_spec(workdir, "orphan", slurm=held, lincls={"slurm": {"additional": {}}})
+    assert submit(spec) == 0
+    first = job_ids(workdir, "orphan", "orphan")
+    subprocess.run(["scancel", first["pretrain"]], check=True)
+    wait_until(lambda: sacct_state(first["pretrain"]) == "CANCELLED", "the pretraining to be cancelled")
+    never = "pending (dependency never satisfied)"
+    wait_until(lambda: never in cli_out(capsys, "status", str(spec)), "status to see the stuck evaluation")
+
+    assert submit(spec, "--resubmit-failed", "--set", "slurm.additional={}") == 0
+    second = job_ids(workdir, "orphan", "orphan")
+    assert second["pretrain"] != first["pretrain"] and second["lincls"] != first["lincls"]
+    wait_until(lambda: sacct_state(first["lincls"]) == "CANCELLED", "the stuck evaluation to be cancelled")
+    wait_until(
+        (workdir / "runs" / "orphan" / "orphan" / "lincls" / "result.json").is_file, "the new evaluation"
+    )
+
+
+def cli_out(capsys, *args: str) -> str:
+    capsys.readouterr()
+    assert cli.main(list(args)) == 0
+    return capsys.readouterr().out

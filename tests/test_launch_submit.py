@@ -5,13 +5,16 @@ from __future__ import annotations
 import fcntl
 import multiprocessing
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import yaml
 
 from launch.manifest import (
+    UNKNOWN,
     PhaseStanding,
+    SlurmJob,
     current_job,
     phase_standing,
     read_manifest,
@@ -72,9 +75,16 @@ def standing(pretrain: str, lincls: str, active: bool = False, lincls_job: str |
         (standing("done", "failed"), False, []),
         (standing("done", "failed"), True, ["lincls"]),
         (standing("done", "done"), True, []),
+        (standing("unknown", "unknown"), True, []),
+        (standing("done", "unknown"), True, []),
+        ({"pretrain": PhaseStanding("1", "pending", from_slurm=True), "lincls": PhaseStanding(None, "")},
+         False, ["lincls"]),
+        (standing("not ours", "not ours"), False, []),
+        (standing("not ours", "not ours"), True, ["pretrain", "lincls"]),
     ],
 )  # fmt: skip
 def test_what_gets_submitted(run: Run, where: dict, resubmit: bool, expected: list[str]):
+    where = {phase: replace(s, reason="why") if s.state == UNKNOWN else s for phase, s in where.items()}
     phases, reason = phases_to_submit(run, where, resubmit)
     assert phases == expected
     assert reason
@@ -84,12 +94,12 @@ def test_a_forgotten_job_is_read_from_the_run_directory_and_is_not_active(run: R
     manifest = {"runs": {}}
     record_job(manifest, run.name, "pretrain", "7", "t")
     update_state(run.run_dir / "state.json", status="running", step=3)
-    forgotten = phase_standing(run, "pretrain", manifest, states={})
+    forgotten = phase_standing(run, "pretrain", manifest, {})
     assert forgotten.state == "running (run dir)" and not forgotten.active
-    queued = phase_standing(run, "pretrain", manifest, states={"7": "running"})
+    queued = phase_standing(run, "pretrain", manifest, {"7": SlurmJob("running")})
     assert queued.active
     update_state(run.run_dir / "state.json", status="done")
-    assert phase_standing(run, "pretrain", manifest, states={"7": "completing"}).state == "done"
+    assert phase_standing(run, "pretrain", manifest, {"7": SlurmJob("completing")}).state == "done"
 
 
 def _try_lock(path: str, answer: multiprocessing.Queue) -> None:
@@ -145,3 +155,16 @@ def test_provenance_names_the_point_resources_and_code(run: Run, tmp_path: Path)
     meta = provenance_config(run, code).meta
     assert meta["code"] == code and meta["sweep"] == "unit"
     assert meta["resources"]["pretrain"]["nodes"] == 2 and meta["resources"]["lincls"]["nodes"] == 1
+
+
+def test_an_id_that_names_another_job_or_cluster_is_not_ours(run: Run):
+    manifest = {"runs": {}}
+    record_job(manifest, run.name, "pretrain", "7", "t", job_name="unit.unit.pretrain", cluster="c1")
+    ours = phase_standing(run, "pretrain", manifest, {"7": SlurmJob("running", "unit.unit.pretrain")}, "c1")
+    assert ours.active
+    other = phase_standing(run, "pretrain", manifest, {"7": SlurmJob("running", "wrap")}, "c1")
+    assert (other.state, other.active) == ("not ours", False) and "'wrap'" in other.reason
+    elsewhere = phase_standing(run, "pretrain", manifest, {}, "c2")
+    assert elsewhere.state == "not ours" and "cluster c1" in elsewhere.reason
+    unknown = phase_standing(run, "pretrain", manifest, {"7": SlurmJob("unknown", reason="squeue failed")})
+    assert (unknown.state, unknown.reason, unknown.active) == ("unknown", "squeue failed", False)
