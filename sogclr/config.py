@@ -102,9 +102,10 @@ class PretrainConfig(Schema):
     objective_every_epochs: int | None = Field(
         None,
         gt=0,
-        description="Every N epochs, log the exact global contrastive objectives (SogCLR's and SimCLR's, "
-        "all views of the subset as negatives) of the current encoder over a fixed subset of the training "
-        "set, one fixed pair of views per image, to metrics.jsonl; None: never. Does not change training.",
+        description="Every N epochs, log to metrics.jsonl the exact global objectives of the current encoder "
+        "over a fixed subset of the training set (one fixed pair of views per image, every view of the "
+        "subset a negative): SogCLR's per anchor and with each image's views pooled, and NT-Xent; "
+        "None: never. Does not change training.",
     )
     objective_subset: int = Field(
         10_000, ge=2, description="Images in that fixed subset (evenly spaced; all if the set is smaller)."
