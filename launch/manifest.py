@@ -113,8 +113,14 @@ def _query(command: list[str], job_ids: list[str]) -> dict[str, SlurmJob]:
         if job_id in job_ids and state:
             never = state == "PENDING" and reason == ["DependencyNeverSatisfied"]
             # "CANCELLED by 0" -> "cancelled"
-            jobs[job_id] = SlurmJob(NEVER_RUNS if never else state.split()[0].lower(), name)
+            jobs[job_id] = SlurmJob(NEVER_RUNS if never else state.split()[0].lower(), _job_name(name))
     return jobs
+
+
+def _job_name(name: str) -> str | None:
+    """The job's name, or None where SLURM does not know it: accounting shows `allocation` for a while
+    for a job cancelled just after it started (measured on 22.05), which says nothing about whose it is."""
+    return None if name in ("", "allocation") else name
 
 
 def _slurm_command(command: list[str], ok_if: str | None = None) -> str:
@@ -191,7 +197,7 @@ def not_ours(submission: dict[str, Any], job: SlurmJob | None, cluster: str | No
     if recorded and cluster and recorded != cluster:
         return f"submitted on cluster {recorded}, this is {cluster}"
     expected = submission.get("job_name")
-    if job is not None and expected and job.name != expected:
+    if job is not None and job.name is not None and expected and job.name != expected:
         return f"job {submission['job_id']} is now {job.name!r}, not {expected!r}"
     return None
 

@@ -26,7 +26,8 @@ def show_status(spec: SweepSpec, runs: list[Run], console: Console) -> int:
     for run in runs:
         pretrain, lincls = where[run.name]["pretrain"], where[run.name]["lincls"]
         state = read_state(run.files.pretrain.state)
-        latest = last_record(run.files.pretrain.metrics) or state  # metrics run ahead of checkpoints
+        # metrics run ahead of checkpoints; epoch-end evaluations log records without a loss
+        latest = last_record(run.files.pretrain.metrics, having="loss") or state
         result = read_state(run.files.lincls.result)
         table.add_row(
             run.name,
@@ -109,8 +110,9 @@ def cancel(spec: SweepSpec, runs: list[Run], console: Console) -> int:
     return int(any(standing.state == UNKNOWN for phases in where.values() for standing in phases.values()))
 
 
-def last_record(path: Path) -> dict[str, Any] | None:
-    """The last complete record of a metrics.jsonl file (read from the tail, not the whole file)."""
+def last_record(path: Path, having: str) -> dict[str, Any] | None:
+    """The last complete record with the key `having` of a metrics.jsonl file (read from the tail, not
+    the whole file)."""
     try:
         with open(path, "rb") as f:
             f.seek(max(0, f.seek(0, 2) - 65536))
@@ -119,7 +121,7 @@ def last_record(path: Path) -> dict[str, Any] | None:
         return None
     for line in reversed(lines):
         record = _json_or_none(line)
-        if record:
+        if record and having in record:
             return record
     return None
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from launch.spec import expand, load_spec
-from launch.status import partition_grace_times, save_time_warnings
+from launch.status import last_record, partition_grace_times, save_time_warnings
 from sogclr.state import update_state
 from tests.tiny import write_tiny_spec
 
@@ -41,3 +42,13 @@ def test_a_run_that_never_saved_is_not_warned(tmp_path: Path):
 def test_grace_times_are_read_from_the_controller():
     # the test cluster: `low` (default) preempts with GraceTime=30, `high` does not preempt
     assert partition_grace_times() == {"low": 30, None: 30}
+
+
+def test_the_last_loss_is_found_behind_an_epoch_end_evaluation(tmp_path: Path):
+    metrics = tmp_path / "metrics.jsonl"
+    records = [{"step": 21, "loss": 0.7}, {"step": 22, "loss": 0.6}, {"step": 22, "global_objective": 3.1}]
+    metrics.write_text(
+        "".join(json.dumps(r) + "\n" for r in records) + '{"step": 23, "lo'
+    )  # one being written
+    assert last_record(metrics, having="loss") == {"step": 22, "loss": 0.6}
+    assert last_record(tmp_path / "none.jsonl", having="loss") is None

@@ -164,6 +164,8 @@ def test_an_id_that_names_another_job_or_cluster_is_not_ours(run: Run):
     assert ours.active
     other = phase_standing(run, "pretrain", manifest, {"7": SlurmJob("running", "wrap")}, "c1")
     assert (other.state, other.active) == ("not ours", False) and "'wrap'" in other.reason
+    nameless = phase_standing(run, "pretrain", manifest, {"7": SlurmJob("cancelled", None)}, "c1")
+    assert nameless.state == "cancelled"  # accounting that does not know the name yet says nothing
     elsewhere = phase_standing(run, "pretrain", manifest, {}, "c2")
     assert elsewhere.state == "not ours" and "cluster c1" in elsewhere.reason
     unknown = phase_standing(run, "pretrain", manifest, {"7": SlurmJob("unknown", reason="squeue failed")})
