@@ -37,6 +37,8 @@ import pytest
 
 __all__ = [
     "FINAL_STATES",
+    "SLURM_GROUP",
+    "SLURM_MODULE",
     "SlurmCluster",
     "SlurmCommandError",
     "pytest_configure",
@@ -55,6 +57,9 @@ CLUSTER_VARIANT = {
     "SOGCLR_SLURM_KILL_INVALID_DEPEND": "0",
 }
 HIGH_PARTITION = "high"
+# The marks of a module that needs the cluster, and of a module that has a few tests that do.
+SLURM_GROUP = pytest.mark.xdist_group("slurm")
+SLURM_MODULE = [pytest.mark.slurm, SLURM_GROUP]
 
 # Job states after which SLURM will not run the job again by itself.
 FINAL_STATES = frozenset(
@@ -294,13 +299,22 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+@pytest.hookimpl(trylast=True)  # after pytest-xdist has put each test's group into its node id
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under pytest-xdist (`--dist loadgroup`), every `slurm` test goes to one worker: one cluster for
-    them all, in file order, while the other tests run on the other workers."""
+    """Every `slurm` test must be in SLURM_GROUP: under pytest-xdist (`--dist loadgroup`) they then run
+    on one worker, one cluster for all, while the other tests run beside them. A pytest with which the
+    grouping does not take effect is refused: the workers would share and stop each other's cluster."""
     for item in items:
-        if item.get_closest_marker("slurm") is not None:
-            item.add_marker(pytest.mark.xdist_group("slurm"))
+        if item.get_closest_marker("slurm") is not None and item.get_closest_marker("xdist_group") is None:
+            raise pytest.UsageError(
+                f"{item.nodeid}: marked slurm but not in SLURM_GROUP (tests/slurm_cluster.py)"
+            )
+        if getattr(config.option, "loadgroup", False) and item.get_closest_marker("xdist_group"):
+            if not item.nodeid.endswith("@slurm"):
+                raise pytest.UsageError(
+                    f"pytest {pytest.__version__} with this pytest-xdist ignores --dist loadgroup; "
+                    "install the versions setup.cfg's [test] extra asks for"
+                )
 
 
 _SKIPPED: list[str] = []

@@ -31,9 +31,10 @@ from tests.e2e import (
     trainer_pids,
     wait_until,
 )
+from tests.slurm_cluster import SLURM_MODULE
 from tests.tiny import write_tiny_spec
 
-pytestmark = pytest.mark.slurm
+pytestmark = SLURM_MODULE
 
 # Loader workers on: SLURM's SIGTERM reaches them too, and they must not take the trainer down.
 RECIPE = {"epochs": 2, "workers": 1}

@@ -28,9 +28,10 @@ from tests.e2e import (
     submit,
     wait_until,
 )
+from tests.slurm_cluster import SLURM_MODULE
 from tests.tiny import STEPS_PER_EPOCH, write_tiny_spec
 
-pytestmark = pytest.mark.slurm
+pytestmark = SLURM_MODULE
 
 
 # --- the module's sweeps, submitted up front ----------------------------------------------------------

@@ -10,15 +10,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
 from launch import snapshot
 from sogclr.state import read_state
 from tests.e2e import job_ids, last_logged_step, sacct_state, wait_until
+from tests.slurm_cluster import SLURM_MODULE
 from tests.tiny import write_tiny_spec
 
-pytestmark = pytest.mark.slurm
+pytestmark = SLURM_MODULE
 
 BROKEN = "raise ImportError('edited after submission')\n"
 

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from jobs.slurm import cancel_dependents, why_stopped
+from tests.slurm_cluster import SLURM_MODULE
 
-pytestmark = pytest.mark.slurm
+pytestmark = SLURM_MODULE
 
 
 def test_a_running_job_without_a_preemption_was_warned_of_its_time_limit(slurm_cluster):

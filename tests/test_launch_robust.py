@@ -18,7 +18,10 @@ from launch.spec import expand, load_spec
 from launch.submit import check_recipes, write_run_config
 from sogclr import pretrain
 from tests.e2e import job_ids
+from tests.slurm_cluster import SLURM_GROUP
 from tests.tiny import write_tiny_spec
+
+pytestmark = SLURM_GROUP  # some of its tests need the cluster: the same worker as the others
 
 HELD = {"additional": {"hold": True}}  # queued, never started: nothing trains, nothing uses a CPU
 

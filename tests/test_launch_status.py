@@ -10,7 +10,10 @@ import pytest
 from launch.spec import expand, load_spec
 from launch.status import last_record, partition_grace_times, save_time_warnings
 from sogclr.state import update_state
+from tests.slurm_cluster import SLURM_GROUP
 from tests.tiny import write_tiny_spec
+
+pytestmark = SLURM_GROUP  # some of its tests need the cluster: the same worker as the others
 
 
 @pytest.mark.parametrize(

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.slurm_cluster import SCRIPT
+from tests.slurm_cluster import SCRIPT, SLURM_MODULE
 
-pytestmark = pytest.mark.slurm  # the session's cluster has installed the packages
+pytestmark = SLURM_MODULE  # the session's cluster has installed the packages
 
 PORT = 17110  # five ports from here; the session's cluster uses 17010-17014
 NEW_MACHINE_HOSTS = "127.0.0.1 localhost\n::1 localhost ip6-localhost"  # no final newline either

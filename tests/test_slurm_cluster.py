@@ -14,10 +14,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import cloudpickle
-import pytest
 import submitit
 
-pytestmark = pytest.mark.slurm
+from tests.slurm_cluster import SLURM_MODULE
+
+pytestmark = SLURM_MODULE
 
 # Jobs unpickle the functions below by value, so they need not import this test module.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
