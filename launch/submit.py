@@ -4,7 +4,9 @@
 runs that are queued, running or done are left alone; failed or cancelled ones only with
 `--resubmit-failed` (and when pretraining is done, only its evaluation is resubmitted). The evaluation
 job waits with `afterok` on the pretraining job: requeues keep the job id, so the dependency survives
-them, and a failed pretraining cancels its evaluation (kill_invalid_depend) or leaves it never runnable.
+them. A pretraining that ends without completing has its evaluation cancelled by its node 0; one that
+can still never run (nothing of ours ran to cancel it) is replaced, and cancelled, by the resubmission.
+The jobs run the code frozen at submission (launch/snapshot.py).
 """
 
 from __future__ import annotations
