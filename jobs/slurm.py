@@ -176,9 +176,14 @@ def job_fields(job_id: int, tries: int = 3) -> dict[str, str]:
     for attempt in range(tries):
         result = _slurm(["scontrol", "show", "job", "-o", str(job_id)])
         if result.returncode == 0:
-            return dict(re.findall(r"(\w+)=(\S*)", result.stdout))
+            return scontrol_fields(result.stdout)
         time.sleep(2**attempt)
     return {}
+
+
+def scontrol_fields(line: str) -> dict[str, str]:
+    """One record of `scontrol show ... -o` (KEY=value KEY=value ...) as KEY -> value."""
+    return dict(re.findall(r"(\w+)=(\S*)", line))
 
 
 def accounted_state(job_id: int) -> str | None:

@@ -106,7 +106,7 @@ def slurm_jobs(job_ids: list[str]) -> dict[str, SlurmJob]:
 def _query(command: list[str], job_ids: list[str]) -> dict[str, SlurmJob]:
     if not job_ids:
         return {}
-    result = _slurm_command([*command, ",".join(job_ids)], ok_if="Invalid job id")
+    result = slurm_output([*command, ",".join(job_ids)], ok_if="Invalid job id")
     jobs = {}
     for line in result.splitlines():
         job_id, state, name, *reason = [*line.split("|"), "", ""][:4]
@@ -123,7 +123,7 @@ def _job_name(name: str) -> str | None:
     return None if name in ("", "allocation") else name
 
 
-def _slurm_command(command: list[str], ok_if: str | None = None) -> str:
+def slurm_output(command: list[str], ok_if: str | None = None) -> str:
     """stdout of a SLURM client command; SlurmUnavailable when it cannot run or fails (unless its
     error says `ok_if`: squeue fails when none of the ids is known any more, and that means none)."""
     try:
@@ -139,7 +139,7 @@ def _slurm_command(command: list[str], ok_if: str | None = None) -> str:
 def cluster_name() -> str | None:
     """This cluster's ClusterName (scontrol show config); None when SLURM cannot say."""
     try:
-        config = _slurm_command(["scontrol", "show", "config"])
+        config = slurm_output(["scontrol", "show", "config"])
     except SlurmUnavailable:
         return None
     return next(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -11,7 +10,16 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from launch.manifest import NOT_OURS, UNKNOWN, PhaseStanding, read_manifest, standings
+from jobs.slurm import scontrol_fields
+from launch.manifest import (
+    NOT_OURS,
+    UNKNOWN,
+    PhaseStanding,
+    SlurmUnavailable,
+    read_manifest,
+    slurm_output,
+    standings,
+)
 from launch.spec import Run, SweepSpec
 from sogclr.state import read_state
 
@@ -48,10 +56,13 @@ def show_status(spec: SweepSpec, runs: list[Run], console: Console) -> int:
 
 def partition_grace_times() -> dict[str | None, int]:
     """Partition -> GraceTime in seconds, for partitions that preempt (key None: the default one)."""
-    result = subprocess.run(["scontrol", "show", "partition", "-o"], capture_output=True, text=True)
+    try:
+        partitions = slurm_output(["scontrol", "show", "partition", "-o"])
+    except SlurmUnavailable:  # then no warning about grace times: status still shows the runs
+        return {}
     grace: dict[str | None, int] = {}
-    for line in result.stdout.splitlines() if result.returncode == 0 else []:
-        fields = dict(re.findall(r"(\w+)=(\S*)", line))
+    for line in partitions.splitlines():
+        fields = scontrol_fields(line)
         if fields.get("PreemptMode", "OFF").upper() == "OFF" or not fields.get("GraceTime", "").isdigit():
             continue
         grace[fields["PartitionName"]] = int(fields["GraceTime"])
