@@ -62,8 +62,10 @@ def wait_for(
     process: subprocess.Popen,
     stop_after: float | None = None,
     stop_requested: Callable[[], bool] = lambda: False,
+    on_stop: Callable[[], None] = lambda: None,
 ) -> int:
-    """Wait for `process`; once a stop is due, tell its trainers with USR2, again every few seconds.
+    """Wait for `process`; once a stop is due, call `on_stop` once and tell its trainers with USR2,
+    again every few seconds.
 
     A stop is due `stop_after` seconds from now, or as soon as `stop_requested()` (this process got a
     stop signal). Repeating it reaches trainers that were still starting (they inherit the signal
@@ -78,6 +80,8 @@ def wait_for(
             except subprocess.TimeoutExpired:
                 pass
             due = stop_requested() or (deadline is not None and time.monotonic() >= deadline)
+            if due and last_relay is None:
+                on_stop()
             if due and (last_relay is None or time.monotonic() - last_relay >= RELAY_EVERY_S):
                 signal_tree(process.pid, signal.SIGUSR2)
                 last_relay = time.monotonic()
@@ -118,14 +122,17 @@ def run_attempt(
     stop_after: float | None = None,
     env: dict[str, str] | None = None,
     stop_requested: Callable[[], bool] = lambda: False,
+    on_stop: Callable[[], None] = lambda: None,
 ) -> dict[str, Any]:
     """Run `command` (a torchrun) once and return its attempt record; `where` says which job/host ran it.
+    `stop_after`, `stop_requested` and `on_stop` are `wait_for`'s.
 
     The status is set to `running` first, so a trainer that dies without recording reads as lost, not as
     the previous attempt's outcome.
     """
     opening = begin_attempt(state_path, where)
-    returncode = wait_for(start_ignoring_stop_signals(command, log, env), stop_after, stop_requested)
+    process = start_ignoring_stop_signals(command, log, env)
+    returncode = wait_for(process, stop_after, stop_requested, on_stop)
     state = read_state(state_path)
     outcome, reason = classify(state, returncode)
     return {**opening, "ended": now(), "end_step": state.get("step", 0), "outcome": outcome, "reason": reason}

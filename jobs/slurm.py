@@ -16,7 +16,8 @@ own view of the job says why (asked from inside the job, never guessed from elap
 A requeue keeps the job id and run directory, so `afterok` dependents still wait. Transient failures
 (a rank killed, a peer lost) are requeued within `max_failures`; a failure in training code raises, so
 the job ends FAILED. When the run ends without completing, node 0 also cancels the jobs waiting on it
-(its evaluation), which would otherwise stay pending for ever on a cluster without kill_invalid_depend.
+(its evaluation), which would otherwise stay pending for ever on a cluster without kill_invalid_depend;
+after a cancel it does so as soon as the signal arrives, since KillWait may end it before the trainers.
 Other nodes run their torchrun and report; they never fail the job themselves (node 0 decides).
 """
 
@@ -115,10 +116,15 @@ class TrainingJob:
             "code": running_code(),
         }
         attempt = run_attempt(
-            self.command(task), state_path, where, env=self.env(), stop_requested=stop.requested
+            self.command(task),
+            state_path,
+            where,
+            env=self.env(),
+            stop_requested=stop.requested,
+            on_stop=lambda: cancel_dependents_if_ending(task.job_id),
         )
         if attempt["outcome"] == "preempted":
-            attempt.update(why_stopped(task.job_id, attempt["reason"]))
+            attempt.update(why_stopped(task.job_id, stop.reason() or attempt["reason"]))
         action = finish_attempt(state_path, attempt, Budget(self.max_requeues, self.max_failures))
         if action in ("fail", "end"):
             cancel_dependents(task.job_id)
@@ -150,6 +156,10 @@ class StopNote:
 
     def requested(self) -> bool:
         return self.received is not None
+
+    def reason(self) -> str | None:
+        """The signal SLURM sent (the trainers may have seen our USR2 relay first)."""
+        return None if self.received is None else f"signal {self.received.name}"
 
     def _note(self, signum: int, frame: FrameType | None) -> None:
         self.received = signal.Signals(signum)
@@ -186,11 +196,28 @@ def scontrol_fields(line: str) -> dict[str, str]:
     return dict(re.findall(r"(\w+)=(\S*)", line))
 
 
-def accounted_state(job_id: int) -> str | None:
-    """The job's state in accounting ('CANCELLED by 0' -> 'CANCELLED'), if accounting answers."""
-    result = _slurm(["sacct", "-n", "-X", "-P", "-o", "State", "-j", str(job_id)])
-    words = result.stdout.split() if result.returncode == 0 else []
-    return words[0] if words else None
+# States in accounting of a job that has not ended (accounting lags the controller by seconds under load).
+ACCOUNTED_UNENDED = ("PENDING", "RUNNING", "REQUEUED", "RESIZING", "SUSPENDED")
+
+
+def accounted_state(job_id: int, tries: int = 5) -> str | None:
+    """The job's final state in accounting ('CANCELLED by 0' -> 'CANCELLED'), once accounting has it,
+    asking `tries` times a second apart; None if it does not say."""
+    for attempt in range(tries):
+        result = _slurm(["sacct", "-n", "-X", "-P", "-o", "State", "-j", str(job_id)])
+        words = result.stdout.split() if result.returncode == 0 else []
+        if words and words[0] not in ACCOUNTED_UNENDED:
+            return words[0]
+        if attempt + 1 < tries:
+            time.sleep(1)
+    return None
+
+
+def cancel_dependents_if_ending(job_id: int) -> None:
+    """On the stop signal, before the trainers have stopped: if SLURM is ending the job (a cancel), its
+    dependents go now, since KillWait may run out before the attempt is recorded."""
+    if job_fields(job_id, tries=1).get("JobState", "RUNNING") != "RUNNING":
+        cancel_dependents(job_id)
 
 
 def cancel_dependents(job_id: int) -> list[str]:

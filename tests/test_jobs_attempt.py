@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -157,8 +158,12 @@ def test_a_stop_request_is_repeated_until_a_starting_trainer_acts_on_it(tmp_path
     state_path = tmp_path / "state.json"
     slow_starter = "import signal, time; signal.signal(signal.SIGUSR2, signal.SIG_IGN); time.sleep(3)\n"
     command = [sys.executable, "-c", slow_starter + WAITING_TRAINER, str(state_path)]
-    record = run_attempt(command, state_path, {}, stop_requested=lambda: True)
+    stops: list[float] = []
+    record = run_attempt(
+        command, state_path, {}, stop_requested=lambda: True, on_stop=lambda: stops.append(time.time())
+    )
     assert record["outcome"] == "preempted" and record["end_step"] == 7
+    assert len(stops) == 1  # once, though the request is repeated
 
 
 @pytest.mark.parametrize("slurm_state, status", [("cancelled", "cancelled"), ("node_fail", "failed")])
