@@ -34,7 +34,10 @@ from tests.e2e import (
 from tests.slurm_cluster import SLURM_MODULE
 from tests.tiny import write_tiny_spec
 
-pytestmark = SLURM_MODULE
+# The runs train side by side on two nodes, the first test waits for all of them to be dealt their fault
+# and the time-limit run needs several 2-minute attempts: room for a loaded machine.
+pytestmark = [*SLURM_MODULE, pytest.mark.timeout(1800)]
+WAIT_S = 1200
 
 # Loader workers on: SLURM's SIGTERM reaches them too, and they must not take the trainer down.
 RECIPE = {"epochs": 2, "workers": 1}
@@ -112,7 +115,7 @@ def reference(workdir: Path, runs: dict[str, Path]) -> Path:
     """RECIPE trained without interruption, outside SLURM (preempt and kill9 share the recipe)."""
     reference_dir = workdir / "reference"
     process = start_uninterrupted_reference(runs["preempt"], reference_dir)
-    assert process.wait(timeout=600) == 0
+    assert process.wait(timeout=WAIT_S) == 0
     return reference_dir
 
 
@@ -120,8 +123,10 @@ def wait_done(run_dir: Path, workdir: Path) -> dict[str, Any]:
     """Until pretraining is COMPLETED in sacct and the evaluation's result is there; the final state."""
     name = run_dir.name
     ids = job_ids(workdir, name, name)
-    wait_until(lambda: sacct_state(ids["pretrain"]) == "COMPLETED", f"{name}'s pretraining to complete")
-    wait_until((run_dir / "lincls" / "result.json").is_file, f"{name}'s linear evaluation")
+    wait_until(
+        lambda: sacct_state(ids["pretrain"]) == "COMPLETED", f"{name}'s pretraining to complete", WAIT_S
+    )
+    wait_until((run_dir / "lincls" / "result.json").is_file, f"{name}'s linear evaluation", WAIT_S)
     assert sacct_state(ids["lincls"]) in ("COMPLETED", "COMPLETING", "RUNNING")
     state = read_state(run_dir / "state.json")
     attempts_chain(state)
