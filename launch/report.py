@@ -25,8 +25,10 @@ from launch.submit import phase_resources
 from sogclr.state import read_state
 
 REPORT_DIR = "report"  # <sweep dir>/report/: the figures
-HOURS_NOTE = (
-    "wall time: the recorded attempts of both phases (one in progress: up to its last update); "
+TABLE_NOTE = (
+    "objective: the training loss's own objective at its last logged step (SogCLR's and SimCLR's are on "
+    "different scales); global objective: the exact one, the same for every loss, at the last epoch end that "
+    "logged it. wall time: the recorded attempts of both phases (one in progress: up to its last update); "
     "hours: that x the job's nodes x GPUs per node (GPU-h), "
     "or x CPUs per task for CPU jobs (CPU-h)"
 )
@@ -259,7 +261,9 @@ def formatted(row: RunRow) -> dict[str, str]:
         "linear top-1": _number(row.linear_top1, ".2f"),
         "linear top-5": _number(row.linear_top5, ".2f"),
         "wall time": _duration(row.wall_s),
-        "hours": f"{row.hours:.3g} {row.hours_unit}",
+        "hours": f"{row.hours:.3f} {row.hours_unit}"
+        if row.hours < 10
+        else f"{row.hours:.1f} {row.hours_unit}",
         "requeues": str(row.requeues),
     }
 
@@ -274,7 +278,7 @@ def render(rows: list[RunRow], title: str, fmt: str, console: Console) -> None:
     names = columns(rows)
     cells = [[formatted(row)[name] for name in names] for row in rows]
     if fmt == "table":
-        table = Table(title=title, title_justify="left", caption=HOURS_NOTE, caption_justify="left")
+        table = Table(title=title, title_justify="left", caption=TABLE_NOTE, caption_justify="left")
         for name in names:
             table.add_column(name, overflow="fold")
         for line in cells:
