@@ -93,7 +93,6 @@ def collect_run(run: Run, where: dict[str, PhaseStanding]) -> RunRow:
     state = read_state(files.pretrain.state)
     records = read_records(files.pretrain.metrics)
     steps = [r for r in records if "objective" in r]
-    evaluations = [r for r in records if "objective" not in r and "loss" not in r]
     result = read_state(files.lincls.result)
     wall_s, hours, unit = spent(run)
     return RunRow(
@@ -104,9 +103,9 @@ def collect_run(run: Run, where: dict[str, PhaseStanding]) -> RunRow:
         epochs_done=state.get("epoch", 0),
         epochs=run.config.pretrain.epochs,
         objective=steps[-1]["objective"] if steps else None,
-        global_objective=last_value(evaluations, "global_objective"),
-        knn_top1=last_value(evaluations, "knn_top1"),
-        knn_top5=last_value(evaluations, "knn_top5"),
+        global_objective=last_value(records, "global_objective"),
+        knn_top1=last_value(records, "knn_top1"),
+        knn_top5=last_value(records, "knn_top5"),
         linear_top1=result.get("top1"),
         linear_top5=result.get("top5"),
         wall_s=wall_s,
