@@ -23,10 +23,10 @@ from launch.spec import Run, expand, load_spec
 from sogclr.state import read_state
 from tests.tiny import write_tiny_spec
 
-TRAINED = ("bs32-sogclr", "bs32-simclr", "bs64-sogclr")
-UNSTARTED = "bs64-simclr"
+TRAINED = ("bs64-sogclr", "bs64-simclr", "bs128-sogclr")
+UNSTARTED = "bs128-simclr"
 KNN = {"knn_top1": 71.25, "knn_top5": 96.5}
-KNN_RUN = "bs64-sogclr"
+KNN_RUN = "bs128-sogclr"
 
 pytestmark = pytest.mark.xdist_group("report")  # one worker trains the sweep once for every test
 
@@ -41,7 +41,7 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Run]]:
         slurm={"cpus_per_task": 2},
         pretrain={"objective_every_epochs": 1, "objective_subset": 64},
         lincls={"slurm": {"cpus_per_task": 1}},
-        sweep={"product": {"loss": ["sogclr", "simclr"], "batch_size": [32, 64]}},
+        sweep={"product": {"loss": ["sogclr", "simclr"], "batch_size": [64, 128]}},
     )
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("OMP_NUM_THREADS", "1")  # one thread whatever the spec asks: a shared 2-core machine
@@ -93,9 +93,9 @@ def test_the_top1_figure_has_one_line_per_loss_against_batch_size(sweep: tuple[P
     assert numeric_fields(list(rows.values())) == ["pretrain.batch_size"]  # loss is not a number
     series = {line.label: line for line in top1_series(list(rows.values()), "pretrain.batch_size")}
     assert set(series) == {"sogclr", "simclr"}
-    assert series["sogclr"].x == [32, 64]
-    assert series["sogclr"].y == [rows["bs32-sogclr"].linear_top1, rows["bs64-sogclr"].linear_top1]
-    assert (series["simclr"].x, series["simclr"].y) == ([32], [rows["bs32-simclr"].linear_top1])  # not bs64
+    assert series["sogclr"].x == [64, 128]
+    assert series["sogclr"].y == [rows["bs64-sogclr"].linear_top1, rows["bs128-sogclr"].linear_top1]
+    assert (series["simclr"].x, series["simclr"].y) == ([64], [rows["bs64-simclr"].linear_top1])  # not bs128
 
 
 def test_training_curves_follow_the_metrics_and_a_knn_record(sweep: tuple[Path, list[Run]]):
@@ -110,7 +110,7 @@ def test_training_curves_follow_the_metrics_and_a_knn_record(sweep: tuple[Path, 
     assert curves["objective"].y == [r["objective"] for r in steps]
     assert curves["knn_top1"].x == [1] and curves["knn_top1"].y == [KNN["knn_top1"]]
     assert curves["global_objective"].y == [r["global_objective"] for r in records if "global_objective" in r]
-    assert "knn_top1" not in rows["bs32-sogclr"].curves and rows[UNSTARTED].curves == {}
+    assert "knn_top1" not in rows["bs64-sogclr"].curves and rows[UNSTARTED].curves == {}
 
     paths = write_figures(list(rows.values()), spec.parent / "figures")
     assert sorted(path.name for path in paths) == sorted(
@@ -130,16 +130,16 @@ def test_report_prints_md_csv_and_json_and_writes_figures(
     assert cli.main(["report", str(spec), "--format", "json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     by_run = {entry["run"]: entry for entry in printed}
-    assert by_run["bs32-sogclr"]["linear_top1"] == rows["bs32-sogclr"].linear_top1
+    assert by_run["bs64-sogclr"]["linear_top1"] == rows["bs64-sogclr"].linear_top1
     assert by_run[UNSTARTED]["linear_top1"] is None and by_run[UNSTARTED]["objective"] is None
-    assert by_run["bs32-sogclr"]["point"] == {"pretrain.batch_size": 32, "pretrain.loss": "sogclr"}
+    assert by_run["bs64-sogclr"]["point"] == {"pretrain.batch_size": 64, "pretrain.loss": "sogclr"}
 
     assert cli.main(["report", str(spec), "--format", "csv", "--no-figures"]) == 0
     table = {line["run"]: line for line in csv.DictReader(io.StringIO(capsys.readouterr().out))}
-    assert table["bs32-simclr"]["linear top-1"] == f"{rows['bs32-simclr'].linear_top1:.2f}"
+    assert table["bs64-simclr"]["linear top-1"] == f"{rows['bs64-simclr'].linear_top1:.2f}"
     assert table[UNSTARTED]["linear top-1"] == table[UNSTARTED]["kNN top-1"] == "-"
     assert table[UNSTARTED]["standing"] == "pretrain not submitted"
-    assert table["bs64-sogclr"]["batch_size"] == "64" and table["bs64-sogclr"]["epochs"] == "1/1"
+    assert table["bs128-sogclr"]["batch_size"] == "128" and table["bs128-sogclr"]["epochs"] == "1/1"
 
     assert cli.main(["report", str(spec), "--format", "md", "--no-figures"]) == 0
     header, rule, *lines = capsys.readouterr().out.splitlines()
