@@ -284,14 +284,16 @@ def render(rows: list[RunRow], title: str, fmt: str, console: Console) -> None:
             table.add_row(*line)
         console.print(table)
         return
-    text = {"json": lambda: json.dumps(as_json(rows), indent=2) + "\n", "md": lambda: markdown(names, cells)}
-    plain = text.get(fmt, lambda: csv_text(names, cells))()
-    console.print(plain, end="", markup=False, highlight=False, soft_wrap=True)
+    if fmt == "json":
+        text = json.dumps(as_json(rows), indent=2)
+    else:
+        text = markdown(names, cells) if fmt == "md" else csv_text(names, cells)
+    console.print(text.rstrip("\n"), markup=False, highlight=False, soft_wrap=True)
 
 
 def markdown(names: list[str], cells: list[list[str]]) -> str:
     lines = ["| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
-    return "\n".join([*lines, *("| " + " | ".join(line) + " |" for line in cells)]) + "\n"
+    return "\n".join([*lines, *("| " + " | ".join(line) + " |" for line in cells)])
 
 
 def csv_text(names: list[str], cells: list[list[str]]) -> str:
