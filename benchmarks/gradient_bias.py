@@ -201,14 +201,11 @@ def print_tables(title: str, measurement: Measurement, args: argparse.Namespace)
 
 
 def plot(panels: dict[str, Measurement], args: argparse.Namespace) -> None:
-    try:
-        import matplotlib
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("no figure: matplotlib is not installed (pip install -e '.[bench]')")
-        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     figure, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8), sharey=True)
     for ax, (title, measurement) in zip(axes, panels.items()):
         for color, estimator in enumerate(estimators(2, 1.0, args.gammas, 0)):

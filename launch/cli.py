@@ -2,6 +2,7 @@
 
 sogclr-submit SPEC [--dry-run [-v]] [--set a.b=value ...]     submit to SLURM (or --local, --debug)
 sogclr-submit status SPEC                                      where every run stands
+sogclr-submit report SPEC [--format table|md|csv|json]         what every run reached, and figures
 sogclr-submit cancel SPEC [--run NAME]                         cancel this sweep's jobs
 sogclr-submit schema                                           JSON Schema of the spec
 """
@@ -18,7 +19,7 @@ from rich.table import Table
 from launch.spec import Run, SpecError, SweepSpec, check_data_dirs, expand, load_spec
 from sogclr.cli import add_override_argument
 
-COMMANDS = ("submit", "status", "cancel", "schema")
+COMMANDS = ("submit", "status", "report", "cancel", "schema")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = commands.add_parser("status", help="show the state of every run")
     _add_spec_arguments(status)
+
+    report = commands.add_parser("report", help="table of what every run reached, and figures")
+    _add_spec_arguments(report)
+    report.add_argument(
+        "--format", choices=("table", "md", "csv", "json"), default="table", help="how to print the table"
+    )
+    report.add_argument("--no-figures", action="store_true", help="only the table: no PNGs")
 
     cancel = commands.add_parser("cancel", help="cancel this sweep's SLURM jobs")
     _add_spec_arguments(cancel)
@@ -133,6 +141,13 @@ def cmd_status(args: argparse.Namespace, console: Console) -> int:
     return status.show_status(spec, runs, console)
 
 
+def cmd_report(args: argparse.Namespace, console: Console) -> int:
+    from launch import report
+
+    spec, runs = _load(args)
+    return report.show_report(spec, runs, console, args.format, figures=not args.no_figures)
+
+
 def cmd_cancel(args: argparse.Namespace, console: Console) -> int:
     from launch import status
 
@@ -145,7 +160,13 @@ def cmd_schema(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-COMMAND_HANDLERS = {"submit": cmd_submit, "status": cmd_status, "cancel": cmd_cancel, "schema": cmd_schema}
+COMMAND_HANDLERS = {
+    "submit": cmd_submit,
+    "status": cmd_status,
+    "report": cmd_report,
+    "cancel": cmd_cancel,
+    "schema": cmd_schema,
+}
 
 
 def print_runs(spec: SweepSpec, runs: list[Run], console: Console, verbose: bool = False) -> None:

@@ -1,5 +1,7 @@
 """Local mode (`--local`): the sweep's runs on this machine, with the SLURM jobs' resume and requeue rules.
 
+Progress shows live (launch/progress.py), and the closing table has each run's outcome and linear top-1.
+
 Each run uses its usual run directory; a preempted attempt is started again from its checkpoint (that is
 the local requeue, counted against `max_requeues`), and linear evaluation follows a completed pretraining.
 `--preempt-after` rehearses preemption: SLURM's warning signal (USR2) to the training processes after
@@ -23,10 +25,11 @@ from rich.table import Table
 from jobs.attempt import PHASES, Budget, finish_attempt, run_attempt
 from jobs.torchrun import threads_per_rank, torchrun_command
 from launch.manifest import UNKNOWN, phase_done, read_manifest, standings, sweep_lock
+from launch.progress import LiveProgress
 from launch.snapshot import live_code
 from launch.spec import Run, SpecError, SweepSpec
 from launch.submit import check_recipes, phase_resources, write_run_config
-from sogclr.state import now
+from sogclr.state import now, read_state
 
 
 @contextmanager
@@ -61,30 +64,38 @@ def run_local(
     """Run every run (pretraining, then linear eval), `parallel` at once; 0 when all of them finish.
     Holds the sweep's lock throughout: a submission of the same sweep waits."""
 
-    def one(run: Run) -> str:
-        outcome = run_locally(run, preempt_after, console)
-        console.print(f"{run.name}: {outcome}", highlight=False)
-        return outcome
+    with owning(spec, runs, reconfigure), LiveProgress(console, runs) as live:
 
-    with owning(spec, runs, reconfigure), ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
-        outcomes = list(pool.map(one, runs))
+        def one(run: Run) -> str:
+            outcome = run_locally(run, preempt_after, console, live)
+            console.print(f"{run.name}: {outcome}", highlight=False)
+            return outcome
+
+        with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+            outcomes = list(pool.map(one, runs))
     table = Table(title=f"{spec.name}: local runs", title_justify="left")
-    for column in ("run", "outcome", "run directory"):
+    for column in ("run", "outcome", "linear top-1", "run directory"):
         table.add_column(column, overflow="fold")
     for run, outcome in zip(runs, outcomes, strict=True):
-        table.add_row(run.name, outcome, str(run.run_dir))
+        top1 = read_state(run.files.lincls.result).get("top1")
+        table.add_row(run.name, outcome, "-" if top1 is None else f"{top1:.2f}", str(run.run_dir))
     console.print(table)
     return 0 if all(outcome == "done" for outcome in outcomes) else 1
 
 
-def run_locally(run: Run, preempt_after: float | None, console: Console) -> str:
+def run_locally(run: Run, preempt_after: float | None, console: Console, live: LiveProgress) -> str:
     """Both phases of one run; returns `done` or which phase failed."""
     write_run_config(run, live_code())
     for phase in ["pretrain", "lincls"] if run.config.lincls is not None else ["pretrain"]:
         if phase_done(run, phase):
             continue
         warn_after = preempt_after if phase == "pretrain" else None
-        if run_phase_locally(run, phase, warn_after, console) != "done":
+        live.phase_started(run, phase)
+        try:
+            action = run_phase_locally(run, phase, warn_after, console)
+        finally:
+            live.phase_ended(run)
+        if action != "done":
             return f"{phase} failed (see {run.files.local_logs / phase}.log)"
     return "done"
 

@@ -309,8 +309,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             raise pytest.UsageError(
                 f"{item.nodeid}: marked slurm but not in SLURM_GROUP (tests/slurm_cluster.py)"
             )
-        if getattr(config.option, "loadgroup", False) and item.get_closest_marker("xdist_group"):
-            if not item.nodeid.endswith("@slurm"):
+        group = item.get_closest_marker("xdist_group")
+        if getattr(config.option, "loadgroup", False) and group is not None:
+            if not item.nodeid.endswith(f"@{group.args[0]}"):
                 raise pytest.UsageError(
                     f"pytest {pytest.__version__} with this pytest-xdist ignores --dist loadgroup; "
                     "install the versions setup.cfg's [test] extra asks for"

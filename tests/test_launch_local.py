@@ -3,13 +3,16 @@ resumed, evaluated."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
 from launch import cli
+from launch.status import last_record
+from sogclr.layout import RunLayout
 from sogclr.state import read_state
-from tests.tiny import write_tiny_spec
+from tests.tiny import STEPS_PER_EPOCH, write_tiny_spec
 
 
 def write_spec(tmp_path: Path, **pretrain: object) -> Path:
@@ -41,12 +44,24 @@ def test_debug_mode_prints_the_traceback_without_a_terminal(tmp_path: Path, caps
     assert "Traceback" in capsys.readouterr().err
 
 
-def test_parallel_runs_of_a_sweep_all_finish_with_their_evaluation(tmp_path: Path):
+def test_parallel_runs_of_a_sweep_all_finish_with_their_evaluation(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+):
     spec = write_tiny_spec(tmp_path, "pair", sweep={"product": {"gamma": [0.5, 0.9]}})
     assert cli.main([str(spec), "--local", "--parallel", "2"]) == 0
 
+    out = capsys.readouterr().out  # not a terminal: plain progress lines, then the closing table
     for run in ("gamma0.5", "gamma0.9"):
         run_dir = tmp_path / "runs" / "pair" / run
         state = read_state(run_dir / "state.json")
         assert state["status"] == "done" and [a["outcome"] for a in state["attempts"]] == ["done"]
-        assert 0 <= read_state(run_dir / "lincls" / "result.json")["top1"] <= 100
+        top1 = read_state(run_dir / "lincls" / "result.json")["top1"]
+        assert 0 <= top1 <= 100
+        steps = rf"step \d+/{STEPS_PER_EPOCH}, epoch 1/1, loss "
+        assert re.search(rf"^{run} pretrain: {steps}[-.\de]+, objective .* img/s", out, re.MULTILINE)
+        assert re.search(rf"^{run} lincls: {steps}", out, re.MULTILINE)
+        for phase in ("pretrain", "lincls"):  # each phase's last step record is shown at its end
+            last = last_record(RunLayout(run_dir).phase(phase).metrics, having="loss")
+            assert f"{run} {phase}: step {last['step']}/{STEPS_PER_EPOCH}," in out
+        (row,) = [line for line in out.splitlines() if line.startswith(f"│ {run} ")]  # the closing table
+        assert "done" in row and f" {top1:.2f} " in row

@@ -1,0 +1,313 @@
+"""`sogclr-submit report`: what a sweep found, one row per run, and the numbers behind its figures.
+
+Collection reads only run directories (state.json, metrics.jsonl, lincls/result.json) and the standings
+`status` also shows, and returns plain rows and series; rendering (the table here, the PNGs in
+launch/figures.py) draws exactly those. A value a run has not produced yet is None (shown `-`), never 0.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from launch.manifest import NOT_SUBMITTED, PhaseStanding, read_manifest, standings
+from launch.spec import Run, SweepSpec
+from launch.submit import phase_resources
+from sogclr.state import read_state
+
+REPORT_DIR = "report"  # <sweep dir>/report/: the figures
+TABLE_NOTE = (
+    "objective: the training loss's own objective at its last logged step (SogCLR's and SimCLR's are on "
+    "different scales); global objective: the exact one, the same for every loss, at the last epoch end that "
+    "logged it. wall time: the recorded attempts of both phases (one in progress: up to its last update); "
+    "hours: that x the job's nodes x GPUs per node (GPU-h), "
+    "or x CPUs per task for CPU jobs (CPU-h)"
+)
+
+
+@dataclass(frozen=True)
+class Series:
+    """One line of a figure: its label and its points."""
+
+    label: str
+    x: list[float]
+    y: list[float]
+
+
+@dataclass(frozen=True)
+class RunRow:
+    """What one run reached; None where it has not (yet) produced the value."""
+
+    run: str
+    point: dict[str, Any]
+    loss: str
+    standing: str
+    epochs_done: int
+    epochs: int
+    objective: float | None  # the training objective of the last logged step
+    global_objective: float | None  # the exact global objective of the last epoch-end record
+    knn_top1: float | None
+    knn_top5: float | None
+    linear_top1: float | None
+    linear_top5: float | None
+    wall_s: float
+    hours: float
+    hours_unit: str  # GPU-h or CPU-h
+    requeues: int
+    curves: dict[str, Series] = field(default_factory=dict)  # objective, global objective, kNN top-1
+
+
+def show_report(spec: SweepSpec, runs: list[Run], console: Console, fmt: str, figures: bool = True) -> int:
+    """Print the report table in `fmt` (table, md, csv, json) and write the figures."""
+    rows = collect(runs, standings(runs, read_manifest(spec.directory)))
+    render(rows, f"{spec.name}: {len(runs)} run(s)", fmt, console)
+    if figures:
+        from launch.figures import write_figures  # matplotlib: only when drawing
+
+        directory = spec.directory / REPORT_DIR
+        paths = write_figures(rows, directory)
+        notes = console if fmt == "table" else Console(stderr=True)  # stdout stays machine-readable
+        notes.print(f"{len(paths)} figure(s) in {directory}/", highlight=False, soft_wrap=True)
+    return 0
+
+
+# --- collection -------------------------------------------------------------------------------------
+
+
+def collect(runs: list[Run], where: dict[str, dict[str, PhaseStanding]]) -> list[RunRow]:
+    """One row per run, from its run directory and its standing (`launch.manifest.standings`)."""
+    return [collect_run(run, where[run.name]) for run in runs]
+
+
+def collect_run(run: Run, where: dict[str, PhaseStanding]) -> RunRow:
+    files = run.files
+    state = read_state(files.pretrain.state)
+    records = read_records(files.pretrain.metrics)
+    steps = [r for r in records if "objective" in r]
+    result = read_state(files.lincls.result)
+    wall_s, hours, unit = spent(run)
+    return RunRow(
+        run=run.name,
+        point=dict(run.point),
+        loss=run.config.pretrain.loss,
+        standing=standing(run, where),
+        epochs_done=state.get("epoch", 0),
+        epochs=run.config.pretrain.epochs,
+        objective=steps[-1]["objective"] if steps else None,
+        global_objective=last_value(records, "global_objective"),
+        knn_top1=last_value(records, "knn_top1"),
+        knn_top5=last_value(records, "knn_top5"),
+        linear_top1=result.get("top1"),
+        linear_top5=result.get("top5"),
+        wall_s=wall_s,
+        hours=hours,
+        hours_unit=unit,
+        requeues=state.get("requeues", 0) + read_state(files.lincls.state).get("requeues", 0),
+        curves=curves(records, state.get("total_steps"), run.config.pretrain.epochs),
+    )
+
+
+def standing(run: Run, where: dict[str, PhaseStanding]) -> str:
+    """`done`, or the first unfinished phase and its state (a `--local` run has no job: its run
+    directory's status)."""
+    for phase in ["pretrain", "lincls"] if run.config.lincls is not None else ["pretrain"]:
+        state = where[phase].state
+        if state == "done":
+            continue
+        if state == NOT_SUBMITTED:
+            state = read_state(run.files.phase(phase).state).get("status", NOT_SUBMITTED)
+        return f"{phase} {state}"
+    return "done"
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """Every complete record of a metrics.jsonl file (a line being written is skipped)."""
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def last_value(records: list[dict[str, Any]], key: str) -> float | None:
+    return next((r[key] for r in reversed(records) if r.get(key) is not None), None)
+
+
+def curves(records: list[dict[str, Any]], total_steps: int | None, epochs: int) -> dict[str, Series]:
+    """Training curves against (fractional) epochs: the objective of each logged step, and the epoch-end
+    global objective and kNN top-1 where the run logs them. Epoch-end records count completed epochs."""
+    found = {}
+    if total_steps:
+        points = [(r["step"] * epochs / total_steps, r["objective"]) for r in records if "objective" in r]
+        found["objective"] = points
+    for key in ("global_objective", "knn_top1"):
+        found[key] = [(r["epoch"] + 1, r[key]) for r in records if r.get(key) is not None and "epoch" in r]
+    return {key: Series(key, [x for x, _ in p], [y for _, y in p]) for key, p in found.items() if p}
+
+
+def spent(run: Run) -> tuple[float, float, str]:
+    """Wall seconds of the recorded attempts of both phases, the resource-hours they used, and the unit."""
+    wall_s = hours = 0.0
+    units = set()
+    for phase in ("pretrain", "lincls"):
+        resources = phase_resources(run, phase)
+        if resources is None:
+            continue
+        state = read_state(run.files.phase(phase).state)
+        # the attempt in progress counts up to the trainer's last word in state.json
+        current = (
+            [{**state["current_attempt"], "ended": state["updated"]}] if state.get("current_attempt") else []
+        )
+        seconds = sum(attempt_seconds(attempt) for attempt in state.get("attempts", []) + current)
+        per_node = resources.gpus_per_node or resources.cpus_per_task
+        units.add("GPU-h" if resources.gpus_per_node else "CPU-h")
+        wall_s += seconds
+        hours += seconds / 3600 * resources.nodes * per_node
+    return wall_s, hours, "/".join(sorted(units))
+
+
+def attempt_seconds(attempt: dict[str, Any]) -> float:
+    """How long an attempt ran; 0 for one whose end was never recorded (a lost attempt)."""
+    if not attempt.get("started") or not attempt.get("ended"):
+        return 0.0
+    started, ended = (datetime.fromisoformat(attempt[key]) for key in ("started", "ended"))
+    return (ended - started).total_seconds()
+
+
+# --- the numbers behind the figures -----------------------------------------------------------------
+
+
+def numeric_fields(rows: list[RunRow]) -> list[str]:
+    """Swept fields whose values are all numbers and take at least two values."""
+    keys = [key for key in rows[0].point] if rows else []
+    return [
+        key
+        for key in keys
+        if all(_is_number(row.point[key]) for row in rows) and len({row.point[key] for row in rows}) > 1
+    ]
+
+
+def top1_series(rows: list[RunRow], key: str) -> list[Series]:
+    """Linear top-1 against swept field `key`: one line per loss (and per value of the other swept
+    fields), points sorted by `key`; runs without a linear result are left out."""
+    lines: dict[str, list[tuple[float, float]]] = {}
+    for row in rows:
+        if row.linear_top1 is None:
+            continue
+        others = [f"{short(k)}={v}" for k, v in row.point.items() if k not in (key, "pretrain.loss")]
+        lines.setdefault(", ".join([row.loss, *others]), []).append((row.point[key], row.linear_top1))
+    return [Series(label, [x for x, _ in sorted(p)], [y for _, y in sorted(p)]) for label, p in lines.items()]
+
+
+def short(key: str) -> str:
+    """`pretrain.batch_size` -> `batch_size`: a bare name is a pretraining field, as in a spec."""
+    return key.removeprefix("pretrain.")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# --- rendering --------------------------------------------------------------------------------------
+
+
+def columns(rows: list[RunRow]) -> list[str]:
+    swept = [short(key) for key in rows[0].point] if rows else []
+    knn = any(row.knn_top1 is not None for row in rows)
+    global_objective = any(row.global_objective is not None for row in rows)
+    return [
+        "run",
+        *swept,
+        "standing",
+        "epochs",
+        "objective",
+        *(["global objective"] if global_objective else []),
+        *(["kNN top-1", "kNN top-5"] if knn else []),
+        "linear top-1",
+        "linear top-5",
+        "wall time",
+        "hours",
+        "requeues",
+    ]
+
+
+def formatted(row: RunRow) -> dict[str, str]:
+    """The row as the table shows it: `-` for a value not reached yet."""
+    return {
+        "run": row.run,
+        **{short(key): str(value) for key, value in row.point.items()},
+        "standing": row.standing,
+        "epochs": f"{row.epochs_done}/{row.epochs}",
+        "objective": _number(row.objective),
+        "global objective": _number(row.global_objective),
+        "kNN top-1": _number(row.knn_top1, ".2f"),
+        "kNN top-5": _number(row.knn_top5, ".2f"),
+        "linear top-1": _number(row.linear_top1, ".2f"),
+        "linear top-5": _number(row.linear_top5, ".2f"),
+        "wall time": _duration(row.wall_s),
+        "hours": f"{row.hours:.3f} {row.hours_unit}"
+        if row.hours < 10
+        else f"{row.hours:.1f} {row.hours_unit}",
+        "requeues": str(row.requeues),
+    }
+
+
+def as_json(rows: list[RunRow]) -> list[dict[str, Any]]:
+    """Rows for notebooks: raw numbers, null for what a run has not produced; no curves."""
+    return [{key: value for key, value in asdict(row).items() if key != "curves"} for row in rows]
+
+
+def render(rows: list[RunRow], title: str, fmt: str, console: Console) -> None:
+    """Print the rows as a terminal table (with a title and the hours note) or as md, csv or json."""
+    names = columns(rows)
+    cells = [[formatted(row)[name] for name in names] for row in rows]
+    if fmt == "table":
+        table = Table(title=title, title_justify="left", caption=TABLE_NOTE, caption_justify="left")
+        for name in names:
+            table.add_column(name, overflow="fold")
+        for line in cells:
+            table.add_row(*line)
+        console.print(table)
+        return
+    if fmt == "json":
+        text = json.dumps(as_json(rows), indent=2)
+    else:
+        text = markdown(names, cells) if fmt == "md" else csv_text(names, cells)
+    console.print(text.rstrip("\n"), markup=False, highlight=False, soft_wrap=True)
+
+
+def markdown(names: list[str], cells: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
+    return "\n".join([*lines, *("| " + " | ".join(line) + " |" for line in cells)])
+
+
+def csv_text(names: list[str], cells: list[list[str]]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerows([names, *cells])
+    return out.getvalue()
+
+
+def _number(value: float | None, spec: str = ".4g") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
