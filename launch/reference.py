@@ -15,7 +15,7 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from launch.spec import LinclsSpec, SlurmConfig, SweepConfig, SweepSpec
-from sogclr.config import CheckpointConfig, PretrainConfig
+from sogclr.config import CheckpointConfig, PretrainConfig, WandbConfig
 
 START, END = "<!-- spec-reference:start -->", "<!-- spec-reference:end -->"
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -25,6 +25,7 @@ SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("pretrain", PretrainConfig),
     ("pretrain.checkpoint, lincls.checkpoint", CheckpointConfig),
     ("lincls", LinclsSpec),
+    ("wandb", WandbConfig),
     ("sweep", SweepConfig),
 ]
 

@@ -26,7 +26,16 @@ from pydantic import (
     model_validator,
 )
 
-from sogclr.config import LinclsConfig, PretrainConfig, RunConfig, Schema, apply_overrides, set_path
+from sogclr.config import (
+    LinclsConfig,
+    PretrainConfig,
+    RunConfig,
+    Schema,
+    WandbConfig,
+    apply_overrides,
+    set_path,
+    wandb_field,
+)
 from sogclr.layout import RunLayout
 
 SECTIONS = ("pretrain", "lincls", "slurm")
@@ -184,6 +193,7 @@ class SweepSpec(Schema):
     slurm: SlurmConfig = Field(default_factory=SlurmConfig, description="Resources of each pretraining job.")
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig, description="The pretraining recipe.")
     lincls: LinclsSpec | None = Field(None, description="Linear evaluation after pretraining; omit for none.")
+    wandb: WandbConfig | None = wandb_field()
     sweep: SweepConfig = Field(default_factory=SweepConfig, description="Fields to vary; none: a single run.")
 
     @property
@@ -385,7 +395,9 @@ def _make_run(spec: SweepSpec, base: dict, point: dict[str, Any], name: str, run
         _check_divisible(where, "lincls.batch_size", lincls.batch_size, lincls_slurm)
     meta = {"sweep": spec.name, "run": name, "point": point}
     config = validate(
-        RunConfig, {"run_dir": run_dir, "pretrain": pretrain, "lincls": lincls, "meta": meta}, where
+        RunConfig,
+        {"run_dir": run_dir, "pretrain": pretrain, "lincls": lincls, "wandb": data["wandb"], "meta": meta},
+        where,
     )
     return Run(name=name, point=point, config=config, slurm=slurm, lincls_slurm=lincls_slurm)
 

@@ -25,11 +25,12 @@ from sogclr.state import read_state
 
 
 def show_status(spec: SweepSpec, runs: list[Run], console: Console) -> int:
-    """One row per run: job ids, state of each phase, progress, requeues, last loss, linear top-1."""
+    """One row per run: job ids, state of each phase, progress, requeues, last loss, last kNN top-1 (the
+    monitor during pretraining), linear top-1."""
     where = standings(runs, read_manifest(spec.directory))
     table = Table(title=f"{spec.name}: {len(runs)} run(s)", title_justify="left")
     columns = ("run", "pretrain job", "lincls job", "pretraining", "linear eval", "epoch/step", "requeues")
-    for column in (*columns, "last loss", "top-1"):
+    for column in (*columns, "last loss", "kNN top-1", "top-1"):
         table.add_column(column, overflow="fold")
     for run in runs:
         pretrain, lincls = where[run.name]["pretrain"], where[run.name]["lincls"]
@@ -46,6 +47,7 @@ def show_status(spec: SweepSpec, runs: list[Run], console: Console) -> int:
             f"{latest['epoch']}/{latest['step']}" if "step" in latest else "-",
             str(state.get("requeues", 0)),
             _format(latest.get("loss")),
+            _format((last_record(run.files.pretrain.metrics, having="knn_top1") or {}).get("knn_top1")),
             _format(result.get("top1")),
         )
     console.print(table)
@@ -121,19 +123,25 @@ def cancel(spec: SweepSpec, runs: list[Run], console: Console) -> int:
     return int(any(standing.state == UNKNOWN for phases in where.values() for standing in phases.values()))
 
 
-def last_record(path: Path, having: str) -> dict[str, Any] | None:
-    """The last complete record with the key `having` of a metrics.jsonl file (read from the tail, not
-    the whole file)."""
+def last_record(path: Path, having: str, block: int = 65536) -> dict[str, Any] | None:
+    """The last complete record with the key `having` of a metrics.jsonl file, read backwards from the end
+    a block at a time (epoch-end records may lie far behind the last step's)."""
     try:
         with open(path, "rb") as f:
-            f.seek(max(0, f.seek(0, 2) - 65536))
-            lines = f.read().decode(errors="replace").splitlines()
+            end, partial = f.seek(0, 2), b""
+            while end > 0:
+                start = max(0, end - block)
+                f.seek(start)
+                lines = (f.read(end - start) + partial).split(b"\n")
+                # the first line may go on in the block before; it is read again with that one
+                partial = lines.pop(0) if start > 0 else b""
+                for line in reversed(lines):
+                    record = _json_or_none(line.decode(errors="replace"))
+                    if record and having in record:
+                        return record
+                end = start
     except FileNotFoundError:
         return None
-    for line in reversed(lines):
-        record = _json_or_none(line)
-        if record and having in record:
-            return record
     return None
 
 

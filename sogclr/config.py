@@ -19,6 +19,9 @@ Arch = Literal["resnet18", "resnet34", "resnet50"]
 Precision = Literal["bf16", "fp16", "fp32"]
 LrScaling = Literal["sqrt", "linear", "none"]
 
+# About 2% of the quickstart's training time (BENCHMARKS.md, benchmarks/knn.py).
+KNN_EVERY_EPOCHS = 4
+
 
 class Schema(BaseModel):
     """Base of every config section: unknown keys are errors, assignments are validated."""
@@ -110,6 +113,22 @@ class PretrainConfig(Schema):
     objective_subset: int = Field(
         10_000, ge=2, description="Images in that fixed subset (evenly spaced; all if the set is smaller)."
     )
+    knn_every_epochs: int | None = Field(
+        KNN_EVERY_EPOCHS,
+        gt=0,
+        description="Every N epochs, log to metrics.jsonl the weighted kNN accuracy of the backbone's "
+        "features (knn_top1, knn_top5, percent): each validation image classified by its knn_k most similar "
+        "training images (cosine similarity, votes weighted exp(s / knn_temperature)), both un-augmented; "
+        "None: never. Does not change training.",
+    )
+    knn_subset: int = Field(
+        100_000,
+        ge=1,
+        description="Training images in the kNN bank (evenly spaced, so classes in proportion; all if the "
+        "set is smaller): bounds the monitor's cost and memory (features of every bank image on every rank).",
+    )
+    knn_k: int = Field(20, ge=1, description="Neighbours that vote in the kNN monitor (20 as DINO).")
+    knn_temperature: float = Field(0.07, gt=0, description="Temperature of the kNN monitor's vote weights.")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
 
     @field_validator("loss", mode="before")
@@ -133,10 +152,35 @@ class LinclsConfig(Schema):
         "compute frozen features once and train the linear layer on them; both: run both, report both.",
     )
     workers: int = Field(8, ge=0, description="Data-loading processes per rank.")
+    pretrained: Path | None = Field(
+        None,
+        description="A checkpoint file whose backbone to evaluate instead of the run's own pretraining: "
+        "one of ours, or the SogCLR authors' released ones (`state_dict` with `module.base_encoder.*` "
+        "keys); pretrain.arch and small_stem must match it.",
+    )
     seed: int = Field(0, ge=0, description="Seed of shuffling, augmentation and classifier init.")
     log_every_steps: int = Field(10, gt=0, description="Write metrics.jsonl every N steps.")
     collective_timeout_s: float = collective_timeout_field()
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+
+
+class WandbConfig(Schema):
+    """Weights & Biases: every metrics.jsonl record of a run's phases also goes to one W&B run per run
+    directory (rank 0), which requeued attempts and linear evaluation continue."""
+
+    project: str = Field("sogclr", description="W&B project.")
+    entity: str | None = Field(None, description="W&B entity (user or team); W&B's default if omitted.")
+    mode: Literal["offline", "online"] = Field(
+        "offline",
+        description="offline: written under <run_dir>/wandb/ only, for compute nodes without internet "
+        "(upload later with `wandb sync`); online: sent to the W&B server as it runs.",
+    )
+    group: str | None = Field(None, description="W&B group; the sweep's name if omitted.")
+    tags: list[str] = Field(default_factory=list, description="W&B tags.")
+
+
+def wandb_field() -> Any:
+    return Field(None, description="Weights & Biases logging (the `wandb` extra); omit for none.")
 
 
 class RunConfig(Schema):
@@ -145,6 +189,7 @@ class RunConfig(Schema):
     run_dir: Path
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     lincls: LinclsConfig | None = None
+    wandb: WandbConfig | None = wandb_field()
     meta: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")

@@ -11,6 +11,7 @@ changes what a sample sees, and ranks never share augmentation parameters (they 
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 import os
@@ -336,6 +337,13 @@ class IndexedImageFolder(ImageFolder):
         image = self.loader(path)
         return self.transform(image, sample_rng(self.seed, self.epoch, index)), target, index
 
+    def subset(self, indices: Sequence[int]) -> IndexedImageFolder:
+        """The same dataset restricted to the samples at `indices`, re-indexed from 0 in that order."""
+        subset = copy.copy(self)
+        subset.samples = subset.imgs = [self.samples[i] for i in indices]
+        subset.targets = [self.targets[i] for i in indices]
+        return subset
+
 
 PRETRAIN_TRANSFORMS = {"loader": PretrainAugment, "device": PretrainCrops}  # by `augment_on`
 
@@ -352,12 +360,17 @@ def build_lincls_datasets(
     cfg: PretrainConfig, seed: int | None = None
 ) -> tuple[IndexedImageFolder, IndexedImageFolder]:
     """(train, val) for linear evaluation; `seed` (default `cfg.seed`) drives the train augmentation."""
-    root = prepare_data_root(cfg)
     seed = cfg.seed if seed is None else seed
-    classes = _class_subset(cfg)
-    train = IndexedImageFolder(root / "train", EvalAugment(cfg.image_size, train=True), seed, classes)
-    val = IndexedImageFolder(root / "val", EvalAugment(cfg.image_size, train=False), seed, classes)
-    return train, val
+    augment = EvalAugment(cfg.image_size, train=True)
+    train = IndexedImageFolder(prepare_data_root(cfg) / "train", augment, seed, _class_subset(cfg))
+    return train, build_plain_dataset(cfg, "val")
+
+
+def build_plain_dataset(cfg: PretrainConfig, split: str) -> IndexedImageFolder:
+    """The `split` ("train" or "val") with the validation transform, Resize + CenterCrop: each image's
+    pixels are the same at every read (the linear features protocol, the kNN monitor)."""
+    plain = EvalAugment(cfg.image_size, train=False)
+    return IndexedImageFolder(prepare_data_root(cfg) / split, plain, cfg.seed, _class_subset(cfg))
 
 
 def _class_subset(cfg: PretrainConfig) -> list[str] | None:

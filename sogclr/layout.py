@@ -7,6 +7,8 @@
 <run_dir>/tensorboard/         optional TensorBoard events
 <run_dir>/lincls/              linear evaluation: the same files, one checkpoint directory per mode,
                                and result.json
+<run_dir>/wandb/               optional W&B files (offline-run-* per attempt and phase)
+<run_dir>/wandb-id             the id of the run directory's one W&B run
 <run_dir>/slurm/, local/       the launcher's logs (submitit's folder; torchrun's output in local mode)
 """
 
@@ -67,6 +69,15 @@ class RunLayout:
         if name not in PHASES:
             raise ValueError(f"no phase {name!r} (phases: {', '.join(PHASES)})")
         return self.pretrain if name == "pretrain" else self.lincls
+
+    @property
+    def wandb(self) -> Path:
+        """W&B's own directory: it is given the run directory and writes `wandb/` into it."""
+        return self.root / "wandb"
+
+    @property
+    def wandb_id(self) -> Path:
+        return self.root / "wandb-id"
 
     @property
     def slurm_logs(self) -> Path:

@@ -1,8 +1,9 @@
 """Linear evaluation: `python -m sogclr.lincls --config FILE [--set key=value ...]`, also under torchrun.
 
-The backbone of the final pretraining checkpoint (`<run_dir>/checkpoints/final.pt`) is frozen in eval
-mode, BN statistics included; only a new linear layer (`fc`, N(0, 0.01)) is trained, with momentum SGD and
-a per-step cosine learning rate. Two ways to feed it:
+The backbone of the final pretraining checkpoint (`<run_dir>/checkpoints/final.pt`), or of the file
+`lincls.pretrained` names (such as the SogCLR authors' released checkpoints), is frozen in eval mode, BN
+statistics included; only a new linear layer (`fc`, N(0, 0.01)) is trained, with momentum SGD and a
+per-step cosine learning rate. Two ways to feed it:
 
 - standard: augmented training images (RandomResizedCrop + flip) through the frozen backbone every step;
 - features: the un-augmented training images through the backbone once, then the layer trains on the
@@ -16,7 +17,6 @@ metrics.jsonl and result.json. Resuming, stop signals and checkpoint policy are 
 from __future__ import annotations
 
 import copy
-import math
 import sys
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -31,18 +31,18 @@ from sogclr.checkpoint import FINAL, CheckpointManager, load_file, seed_everythi
 from sogclr.cli import parse_run_config
 from sogclr.config import RunConfig
 from sogclr.data import (
-    IndexedImageFolder,
     ResumableDistributedSampler,
-    ShardSampler,
     build_lincls_datasets,
     build_loader,
+    build_plain_dataset,
     set_loader_epoch,
 )
-from sogclr.distributed import DistEnv, StopSignals, all_gather_cat
+from sogclr.distributed import DistEnv, StopSignals
+from sogclr.features import FrozenEncoder, extract_features
 from sogclr.layout import RunLayout
 from sogclr.loop import Progress, Session, run_epochs, run_process
 from sogclr.metrics import DeviceMean, MetricsLogger
-from sogclr.model import build_linear_classifier, load_backbone
+from sogclr.model import build_linear_classifier, load_backbone, released_backbone_state_dict
 from sogclr.optim import build_optimizer, scaled_lr
 from sogclr.pretrain import autocast_dtype
 from sogclr.schedules import set_lr, warmup_cosine
@@ -66,7 +66,7 @@ def _evaluate(cfg: RunConfig, env: DistEnv, signals: StopSignals) -> str:
 
     train_set, val_set = build_lincls_datasets(pcfg, seed=lcfg.seed)
     classifier = build_linear_classifier(pcfg, num_classes=len(train_set.classes))
-    load_backbone(classifier, load_pretrained_weights(cfg.run_dir))
+    load_backbone(classifier, backbone_weights(cfg))
     classifier.to(env.device)
     if env.device.type == "cuda":
         classifier.to(memory_format=torch.channels_last)
@@ -85,7 +85,7 @@ def _evaluate(cfg: RunConfig, env: DistEnv, signals: StopSignals) -> str:
             batches = augmented_batches(encode, loader)
         else:
             # The training images with the validation transform: what the features protocol trains on.
-            plain = IndexedImageFolder(train_set.root, val_set.transform, lcfg.seed, train_set.class_subset)
+            plain = build_plain_dataset(pcfg, "train")
             batches = stored_batches(
                 *extract_features(encode, plain, env, local_batch, lcfg.workers), sampler
             )
@@ -106,6 +106,15 @@ def _evaluate(cfg: RunConfig, env: DistEnv, signals: StopSignals) -> str:
     return "done"
 
 
+def backbone_weights(cfg: RunConfig) -> dict[str, torch.Tensor]:
+    """What linear evaluation freezes: `lincls.pretrained`'s checkpoint if given, else the run's own."""
+    if cfg.lincls.pretrained is None:
+        return load_pretrained_weights(cfg.run_dir)
+    if not cfg.lincls.pretrained.is_file():
+        raise FileNotFoundError(f"lincls.pretrained: no file {cfg.lincls.pretrained}")
+    return model_weights(cfg.lincls.pretrained)
+
+
 def load_pretrained_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     """The model state_dict of the final pretraining checkpoint; a clear error if there is none."""
     pretrain = RunLayout(run_dir).pretrain
@@ -116,54 +125,18 @@ def load_pretrained_weights(run_dir: Path) -> dict[str, torch.Tensor]:
             f"no final pretraining checkpoint {path} (pretraining status: {status}); "
             "linear evaluation needs a completed pretraining run"
         )
+    return model_weights(path)
+
+
+def model_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The pretraining model's state_dict in a checkpoint file: ours (`model`), or one of the SogCLR
+    authors' released checkpoints (`state_dict`, `module.base_encoder.*` keys)."""
     payload = load_file(path)
-    if "model" not in payload:
-        raise ValueError(f"{path} holds no model weights (keys: {sorted(payload)})")
-    return payload["model"]
-
-
-class FrozenEncoder:
-    """Features of a batch of images from the frozen backbone: no graph, autocast on GPU, float32 out."""
-
-    def __init__(self, backbone: nn.Module, dtype: torch.dtype | None) -> None:
-        self.backbone = backbone
-        self.device = next(backbone.parameters()).device
-        self.dtype = dtype
-        self.memory_format = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
-
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
-            return self.backbone(images).float()
-
-
-def extract_features(
-    encode: FrozenEncoder, dataset: IndexedImageFolder, env: DistEnv, batch_size: int, workers: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features [N, d], targets [N]) of the whole dataset on every rank; each rank encodes a shard."""
-    shard = ShardSampler(len(dataset), env.rank, env.world_size)
-    loader = build_loader(dataset, shard, batch_size, workers, pin_memory=env.device.type == "cuda")
-    features, targets, indices = [], [], []
-    for images, target, index in loader:
-        features.append(encode(images))
-        targets.append(target.to(encode.device))
-        indices.append(index.to(encode.device))
-    rows = len(dataset)
-    index = torch.cat(indices)
-    return _assemble(torch.cat(features), index, rows, env), _assemble(torch.cat(targets), index, rows, env)
-
-
-def _assemble(shard: torch.Tensor, index: torch.Tensor, rows: int, env: DistEnv) -> torch.Tensor:
-    """Put every rank's `shard` rows at their dataset `index` in one [rows, ...] tensor."""
-    # Shards differ in length by at most one: pad to a common length (index -1 marks padding) to gather.
-    length = math.ceil(rows / env.world_size)
-    padding = length - shard.shape[0]
-    shard = all_gather_cat(F.pad(shard, (0, 0) * (shard.dim() - 1) + (0, padding)))
-    index = all_gather_cat(F.pad(index, (0, padding), value=-1))
-    full = shard.new_empty((rows, *shard.shape[1:]))
-    full[index[index >= 0]] = shard[index >= 0]
-    return full
+    if "model" in payload:
+        return payload["model"]
+    if "state_dict" in payload:
+        return released_backbone_state_dict(payload["state_dict"])
+    raise ValueError(f"{path} holds no model weights (keys: {sorted(payload)})")
 
 
 def augmented_batches(encode: FrozenEncoder, loader: torch.utils.data.DataLoader) -> Batches:
@@ -222,7 +195,8 @@ def fit_linear(
     model = DistributedDataParallel(fc) if env.distributed else fc
     loss_mean = DeviceMean()
 
-    with MetricsLogger(files.metrics, total_steps, env.is_main, description=f"lincls {mode}") as logger:
+    description = f"lincls {mode}"
+    with MetricsLogger(files.metrics, total_steps, env.is_main, description=description, run=cfg) as logger:
 
         def step(batch: tuple[torch.Tensor, torch.Tensor]) -> None:
             features, targets = batch

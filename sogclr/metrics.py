@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from sogclr.config import RunConfig
+
 
 class DeviceMean:
     """Mean of detached scalar tensors, summed on their device; `pop` reads it (one sync) and resets."""
@@ -65,10 +67,11 @@ def estimator_stats(log_u: torch.Tensor) -> dict[str, float]:
 
 
 class MetricsLogger:
-    """Appends records to `metrics.jsonl`; mirrors them to TensorBoard and to the console on rank 0.
+    """Appends records to `metrics.jsonl`; mirrors them to TensorBoard, to W&B and to the console on rank 0.
 
     On a terminal the console shows a rich progress bar with the latest values; otherwise (SLURM logs)
-    one plain line per record.
+    one plain line per record. W&B: when `run`'s config has a `wandb` section, records go to the run
+    directory's W&B run under `description` (spaces become `/`: `pretrain/loss`, `lincls/features/top1`).
     """
 
     def __init__(
@@ -78,10 +81,12 @@ class MetricsLogger:
         enabled: bool = True,
         tensorboard_dir: str | Path | None = None,
         description: str = "train",
+        run: RunConfig | None = None,
     ) -> None:
         self.path = Path(path)
         self.enabled = enabled
         self.writer = None
+        self.wandb = None
         self.progress = None
         if not enabled:
             return
@@ -90,6 +95,10 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter  # optional dependency: import only if asked
 
             self.writer = SummaryWriter(str(tensorboard_dir))
+        if run is not None and run.wandb is not None:
+            from sogclr.tracking import WandbRun
+
+            self.wandb = WandbRun(run, description.replace(" ", "/"))
         if sys.stdout.isatty():
             self.progress = _RichProgress(description, total_steps)
 
@@ -104,6 +113,8 @@ class MetricsLogger:
             for key, value in values.items():
                 if isinstance(value, int | float):
                     self.writer.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log(step, values)
         if self.progress is not None:
             self.progress.update(step, values)
         else:
@@ -118,6 +129,8 @@ class MetricsLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
         if self.progress is not None:
             self.progress.stop()
 

@@ -22,6 +22,7 @@ _RESNETS = {
 # Prefixes that wrappers add in front of every key: DistributedDataParallel and torch.compile.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _BACKBONE_PREFIX = "backbone."
+_RELEASED_PREFIX = "module.base_encoder."
 
 
 def build_backbone(arch: str, small_stem: bool = False) -> tuple[nn.Module, int]:
@@ -116,6 +117,16 @@ def backbone_state_dict(pretrain_state_dict: Mapping[str, torch.Tensor]) -> dict
         key.removeprefix(_BACKBONE_PREFIX): value
         for key, value in stripped.items()
         if key.startswith(_BACKBONE_PREFIX)
+    }
+
+
+def released_backbone_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The SogCLR authors' released checkpoints (MoCo v3 layout: `module.base_encoder` is the ResNet, its
+    `fc` the projector) keyed as a `ContrastiveModel`'s backbone, which `load_backbone` takes."""
+    return {
+        _BACKBONE_PREFIX + key.removeprefix(_RELEASED_PREFIX): value
+        for key, value in state_dict.items()
+        if key.startswith(_RELEASED_PREFIX) and not key.startswith(f"{_RELEASED_PREFIX}fc.")
     }
 
 

@@ -32,6 +32,7 @@ from sogclr.data import (
 )
 from sogclr.diagnostics import GlobalObjective
 from sogclr.distributed import DistEnv, StopSignals
+from sogclr.knn import KnnMonitor
 from sogclr.layout import RunLayout
 from sogclr.loop import Progress, Session, run_epochs, run_process
 from sogclr.losses import GlobalContrastiveLoss, SimCLRLoss
@@ -86,11 +87,10 @@ def _pretrain(cfg: RunConfig, env: DistEnv, signals: StopSignals) -> str:
     step = PretrainStep(
         wrap_model(model, pcfg, env), criterion, optimizer, scaler, pcfg, total_steps, sampler.steps_per_epoch
     )
-    with MetricsLogger(
-        files.metrics, total_steps, env.is_main, files.tensorboard if pcfg.tensorboard else None, "pretrain"
-    ) as logger:
+    tensorboard = files.tensorboard if pcfg.tensorboard else None
+    with MetricsLogger(files.metrics, total_steps, env.is_main, tensorboard, "pretrain", cfg) as logger:
         monitor = PretrainMonitor(logger, criterion, pcfg, step)
-        metrics = epoch_end_metrics(pcfg, dataset, sampler.local_batch, env.device)
+        metrics = epoch_end_metrics(pcfg, dataset, sampler.local_batch, env)
         evaluation = EpochEndEvaluation(model, metrics, logger, progress)
 
         def one_step(batch: tuple) -> None:
@@ -246,17 +246,19 @@ class ScheduledMetric:
 
 
 def epoch_end_metrics(
-    cfg: PretrainConfig, dataset: IndexedImageFolder, local_batch: int, device: torch.device
+    cfg: PretrainConfig, dataset: IndexedImageFolder, local_batch: int, env: DistEnv
 ) -> list[ScheduledMetric]:
-    """The metrics the config asks for after epochs (none by default)."""
+    """The metrics the config asks for after epochs (by default the kNN monitor)."""
     metrics = []
+    dtype = autocast_dtype(cfg, env.device)
     if cfg.objective_every_epochs is not None:
         augment = PretrainAugment(cfg.image_size, cfg.crop_min)
-        dtype = autocast_dtype(cfg, device)
         objective = GlobalObjective(
             dataset, augment, cfg.objective_subset, cfg.temperature, local_batch, cfg.workers, dtype
         )
         metrics.append(ScheduledMetric(cfg.objective_every_epochs, objective))
+    if cfg.knn_every_epochs is not None:
+        metrics.append(ScheduledMetric(cfg.knn_every_epochs, KnnMonitor(cfg, env, local_batch, dtype)))
     return metrics
 
 

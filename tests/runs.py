@@ -18,7 +18,10 @@ import torch
 import yaml
 
 from sogclr.checkpoint import load_file
+from sogclr.distributed import DistEnv
 from tests.tiny import TINY
+
+SINGLE_PROCESS = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 
 
 def tiny_pretrain(data_dir: Path, **overrides: object) -> dict:

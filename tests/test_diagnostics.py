@@ -33,7 +33,14 @@ from sogclr.losses import GlobalContrastiveLoss, SimCLRLoss
 from sogclr.metrics import MetricsLogger
 from sogclr.model import build_pretrain_model
 from sogclr.pretrain import EpochEndEvaluation, epoch_end_metrics
-from tests.runs import assert_same_training_state, start_module, tiny_pretrain, wait_ok, write_config
+from tests.runs import (
+    SINGLE_PROCESS,
+    assert_same_training_state,
+    start_module,
+    tiny_pretrain,
+    wait_ok,
+    write_config,
+)
 from tests.tiny import STEPS_PER_EPOCH
 
 TEMPERATURE = 0.3
@@ -173,14 +180,14 @@ def tiny_config(data_dir: Path, **overrides: object) -> PretrainConfig:
 
 
 def test_epoch_end_objective_leaves_model_mode_and_rng_as_they_were(tmp_path: Path, data_dir: Path) -> None:
-    cfg = tiny_config(data_dir, objective_every_epochs=2, objective_subset=40)
+    cfg = tiny_config(data_dir, objective_every_epochs=2, objective_subset=40, knn_every_epochs=None)
     dataset = build_pretrain_dataset(cfg)
     torch.manual_seed(0)
     model = build_pretrain_model(cfg).train()
     before = {name: value.clone() for name, value in model.state_dict().items()}
     rng_before = torch.get_rng_state()
     with MetricsLogger(tmp_path / "metrics.jsonl", total_steps=4) as logger:
-        metrics = epoch_end_metrics(cfg, dataset, local_batch=16, device=torch.device("cpu"))
+        metrics = epoch_end_metrics(cfg, dataset, local_batch=16, env=SINGLE_PROCESS)
         evaluate = EpochEndEvaluation(model, metrics, logger, Progress(steps_per_epoch=15, epoch=2))
         evaluate(epoch=0)  # not due
         evaluate(epoch=1)
