@@ -160,11 +160,9 @@ def print_runs(spec: SweepSpec, runs: list[Run], console: Console, verbose: bool
         table.add_row(run.name, point, resources, run.slurm.time, lincls, str(run.run_dir))
     console.print(table)
     if verbose:
-        from launch.submit import describe_job
+        from launch.submit import describe_submission
 
-        for run in runs:
-            console.rule(run.name)
-            console.print(describe_job(run), highlight=False, markup=False, soft_wrap=True)
+        console.print(describe_submission(runs), highlight=False, markup=False, soft_wrap=True)
 
 
 if __name__ == "__main__":
