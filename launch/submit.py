@@ -19,13 +19,13 @@ import json
 import shlex
 import subprocess
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import submitit
 from rich.console import Console
-from rich.table import Table
 
 from jobs.attempt import PHASES
 from jobs.slurm import TrainingJob
@@ -45,8 +45,11 @@ from launch.manifest import (
 )
 from launch.snapshot import CODE_DIR, Snapshot, freeze, live_code
 from launch.spec import Run, SlurmConfig, SpecError, SweepSpec
+from launch.table import print_table
 from sogclr.config import RunConfig, dump_run_config, load_run_config, recipe_differences
 from sogclr.state import now
+
+CONFIG_WRITERS = 16  # threads writing an array's run configs
 
 
 class SubmissionError(Exception):
@@ -79,9 +82,6 @@ def submit_sweep(
     its config.yaml fails the whole submission before anything is written, unless `reconfigure`.
     """
     directory = spec.directory
-    table = Table(title=f"{spec.name}: submission", title_justify="left")
-    for column in ("run", "pretraining job", "linear-eval job", "action"):
-        table.add_column(column, overflow="fold")
     failure, status = None, 0
     with sweep_lock(directory):
         check_recipes(runs, reconfigure)
@@ -118,10 +118,13 @@ def submit_sweep(
                     p.run.name: "not submitted: an sbatch failed" for b in pending[number + 1 :] for p in b
                 }
                 break
-    for run in runs:
-        ids = [current_job(manifest, run.name, phase) or "-" for phase in PHASES]
-        table.add_row(run.name, *ids, actions[run.name])
-    console.print(table)
+    rows = [
+        (run.name, *(current_job(manifest, run.name, phase) or "-" for phase in PHASES), actions[run.name])
+        for run in runs
+    ]
+    print_table(
+        console, f"{spec.name}: submission", ("run", "pretraining job", "linear-eval job", "action"), rows
+    )
     if failure:
         Console(stderr=True).print(f"[bold red]error:[/] {failure}", highlight=False, soft_wrap=True)
         return 1
@@ -164,8 +167,8 @@ def submit_arrays(
     """Write the runs' configs, submit one array per phase (evaluation task i `aftercorr` on pretraining
     task i), and yield (phase, job name, {run name: task id}) as soon as each sbatch returns."""
     record = code.record() if code else live_code()
-    for run in runs:
-        write_run_config(run, record)
+    with ThreadPoolExecutor(CONFIG_WRITERS) as pool:  # each write waits on its fsyncs: overlap them
+        list(pool.map(lambda run: write_run_config(run, record), runs))
     after = None
     for phase in phases:
         tasks = link_tasks(directory, phase, runs)

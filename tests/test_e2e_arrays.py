@@ -108,7 +108,8 @@ def test_every_evaluation_task_starts_after_its_own_pretraining_task(
 ):
     for run in RUNS:
         layout = RunLayout(workdir / "runs" / "array" / run)
-        wait_long(layout.lincls.result.is_file, f"{run}'s evaluation")
+        # COMPLETED comes after the job layer has recorded the attempt (the result comes before)
+        wait_long(lambda run=run: sacct_state(preempted[run]["lincls"]) == "COMPLETED", f"{run}'s evaluation")
         pretraining_ended = read_state(layout.pretrain.state)["attempts"][-1]["ended"]
         evaluation = read_state(layout.lincls.state)["attempts"][0]
         assert evaluation["started"] >= pretraining_ended  # ISO 8601 times compare as strings
@@ -140,7 +141,7 @@ def test_cancel_status_and_resubmission_act_on_single_runs_of_an_array(
         assert cli.main(["cancel", str(spec), "--run", "gamma0.6"]) == 0  # still pending inside its array
         capsys.readouterr()
         assert cli.main(["status", str(spec)]) == 0
-        rows = {line.split()[1]: line for line in capsys.readouterr().out.splitlines() if "gamma" in line}
+        rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if "gamma" in line}
         assert rows["gamma0.6"].count("cancelled") == 2
         assert "cancelled" not in rows["gamma0.3"] and rows["gamma0.3"].count("pending") == 2
 
