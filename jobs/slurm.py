@@ -13,7 +13,9 @@ own view of the job says why (asked from inside the job, never guessed from elap
     still RUNNING                    a time-limit warning (or `scancel --signal`): node 0 requeues it
     anything else (COMPLETING, ...)  SLURM is ending it (a cancel): recorded `cancelled`, never requeued
 
-A requeue keeps the job id and run directory, so `afterok` dependents still wait. Transient failures
+A requeue keeps the job id and run directory, so `afterok` dependents still wait. An array task is
+addressed as `ARRAYJOBID_TASKID` in every SLURM command: its own numeric id may equal the array's id (the
+last task keeps it), and that id names the whole array to scontrol and scancel. Transient failures
 (a rank killed, a peer lost) are requeued within `max_failures`; a failure in training code raises, so
 the job ends FAILED. When the run ends without completing, node 0 also cancels the jobs waiting on it
 (its evaluation), which would otherwise stay pending for ever on a cluster without kill_invalid_depend;
@@ -56,10 +58,11 @@ class JobFailed(RuntimeError):
 class SlurmTask:
     """This node's place in the allocation, from SLURM's environment."""
 
-    job_id: int
+    job_id: int  # SLURM_JOB_ID: unique, also for an array task, and kept across requeues
     node_rank: int
     hosts: list[str]
     restart_count: int
+    array_task: str | None = None  # `ARRAYJOBID_TASKID` under a job array
 
     @classmethod
     def from_environ(cls) -> SlurmTask:
@@ -72,10 +75,21 @@ class SlurmTask:
             node_rank=int(os.environ["SLURM_NODEID"]),
             hosts=hosts,
             restart_count=int(os.environ.get("SLURM_RESTART_COUNT", 0)),
+            array_task=_array_task(),
         )
+
+    @property
+    def slurm_id(self) -> str:
+        """The id that names this job (or array task) alone to scontrol, scancel, squeue and sacct."""
+        return self.array_task or str(self.job_id)
 
     def rendezvous(self) -> Rendezvous:
         return Rendezvous(self.hosts[0], rendezvous_port(self.job_id), str(self.job_id))
+
+
+def _array_task() -> str | None:
+    array, index = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    return f"{array}_{index}" if array and index else None
 
 
 @dataclass(frozen=True)
@@ -114,6 +128,7 @@ class TrainingJob:
             "restart_count": task.restart_count,
             "hosts": task.hosts,
             "code": running_code(),
+            **({"array_task": task.array_task} if task.array_task else {}),
         }
         attempt = run_attempt(
             self.command(task),
@@ -121,17 +136,17 @@ class TrainingJob:
             where,
             env=self.env(),
             stop_requested=stop.requested,
-            on_stop=lambda: cancel_dependents_if_ending(task.job_id),
+            on_stop=lambda: cancel_dependents_if_ending(task.slurm_id),
         )
         if attempt["outcome"] == "preempted":
-            attempt.update(why_stopped(task.job_id, stop.reason() or attempt["reason"]))
+            attempt.update(why_stopped(task.slurm_id, stop.reason() or attempt["reason"]))
         action = finish_attempt(state_path, attempt, Budget(self.max_requeues, self.max_failures))
         if action in ("fail", "end"):
-            cancel_dependents(task.job_id)
+            cancel_dependents(task.slurm_id)
         if action == "fail":
             raise JobFailed(f"{self.phase} of {self.run_dir} failed: {read_state(state_path).get('error')}")
         if action == "requeue":
-            subprocess.run(["scontrol", "requeue", str(task.job_id)], check=True)
+            subprocess.run(["scontrol", "requeue", task.slurm_id], check=True)
         return {"phase": self.phase, "action": action, "attempt": attempt}
 
     def _follow(self, task: SlurmTask, stop: StopNote) -> dict[str, Any]:
@@ -166,7 +181,7 @@ class StopNote:
         print(f"job task: received {self.received.name}; telling the training processes", flush=True)
 
 
-def why_stopped(job_id: int, signal_reason: str | None) -> dict[str, str]:
+def why_stopped(job_id: int | str, signal_reason: str | None) -> dict[str, str]:
     """`outcome` and `reason` of an attempt whose trainers stopped on a signal, from SLURM's view."""
     fields = job_fields(job_id)
     state = fields.get("JobState")
@@ -181,7 +196,7 @@ def why_stopped(job_id: int, signal_reason: str | None) -> dict[str, str]:
     return {"outcome": "timeout", "reason": f"{signal_reason}; a warning before the time limit"}
 
 
-def job_fields(job_id: int, tries: int = 3) -> dict[str, str]:
+def job_fields(job_id: int | str, tries: int = 3) -> dict[str, str]:
     """`scontrol show job -o` as KEY -> value ({} if the controller does not answer, `tries` times)."""
     for attempt in range(tries):
         result = _slurm(["scontrol", "show", "job", "-o", str(job_id)])
@@ -200,7 +215,7 @@ def scontrol_fields(line: str) -> dict[str, str]:
 ACCOUNTED_UNENDED = ("PENDING", "RUNNING", "REQUEUED", "RESIZING", "SUSPENDED")
 
 
-def accounted_state(job_id: int, tries: int = 5) -> str | None:
+def accounted_state(job_id: int | str, tries: int = 5) -> str | None:
     """The job's final state in accounting ('CANCELLED by 0' -> 'CANCELLED'), once accounting has it,
     asking `tries` times a second apart; None if it does not say."""
     for attempt in range(tries):
@@ -213,25 +228,36 @@ def accounted_state(job_id: int, tries: int = 5) -> str | None:
     return None
 
 
-def cancel_dependents_if_ending(job_id: int) -> None:
+def cancel_dependents_if_ending(job_id: int | str) -> None:
     """On the stop signal, before the trainers have stopped: if SLURM is ending the job (a cancel), its
     dependents go now, since KillWait may run out before the attempt is recorded."""
     if job_fields(job_id, tries=1).get("JobState", "RUNNING") != "RUNNING":
         cancel_dependents(job_id)
 
 
-def cancel_dependents(job_id: int) -> list[str]:
-    """scancel the jobs that wait on `job_id` (`afterok:ID` and the like): they can never run now."""
-    result = _slurm(["squeue", "-h", "-t", "PD", "-o", "%i|%E"])
+def cancel_dependents(job_id: int | str) -> list[str]:
+    """scancel the jobs that wait on `job_id` (`afterok:ID` and the like): they can never run now. For an
+    array task `A_i` that includes task i, and only task i, of each array waiting with `aftercorr:A_*`."""
+    result = _slurm(["squeue", "-r", "-h", "-t", "PD", "-o", "%i|%E"])  # -r: every pending task on its own
     if result.returncode != 0:
         return []
-    waiting = re.compile(rf"\bafter\w*:{job_id}(?![0-9])")
     dependents = [
-        line.split("|")[0] for line in result.stdout.splitlines() if waiting.search(line.partition("|")[2])
+        dependent
+        for dependent, _, dependency in (line.partition("|") for line in result.stdout.splitlines())
+        if waits_on(dependent, dependency, str(job_id))
     ]
     if dependents:
         _slurm(["scancel", *dependents])
     return dependents
+
+
+def waits_on(dependent: str, dependency: str, job_id: str) -> bool:
+    """Whether job (or array task) `dependent`, whose squeue dependency is `dependency`, waits on `job_id`."""
+    if re.search(rf"\bafter\w*:{job_id}(?![0-9_])", dependency):
+        return True
+    array, _, index = job_id.partition("_")
+    corresponding = dependent.partition("_")[2] == index  # aftercorr: the task of the same index
+    return bool(index) and corresponding and re.search(rf"\baftercorr:{array}_\*", dependency) is not None
 
 
 def _slurm(command: list[str]) -> subprocess.CompletedProcess[str]:

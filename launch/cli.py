@@ -14,9 +14,9 @@ import json
 import sys
 
 from rich.console import Console
-from rich.table import Table
 
 from launch.spec import Run, SpecError, SweepSpec, check_data_dirs, expand, load_spec
+from launch.table import print_table
 from sogclr.cli import add_override_argument
 
 COMMANDS = ("submit", "status", "report", "cancel", "schema")
@@ -111,11 +111,11 @@ def cmd_submit(args: argparse.Namespace, console: Console) -> int:
         return 0
     if problems:
         raise SpecError(problems[0])
-    from launch import local, submit  # heavy imports (submitit, torch) only when really submitting
+    if args.debug or args.local:
+        from launch import local  # heavy imports (torch) only to run here
 
-    if args.debug:
-        return local.run_debug(spec, runs[0], reconfigure=args.reconfigure)
-    if args.local:
+        if args.debug:
+            return local.run_debug(spec, runs[0], reconfigure=args.reconfigure)
         return local.run_local(
             spec,
             runs,
@@ -124,6 +124,8 @@ def cmd_submit(args: argparse.Namespace, console: Console) -> int:
             console=console,
             reconfigure=args.reconfigure,
         )
+    from launch import submit  # heavy imports (submitit) only when really submitting
+
     return submit.submit_sweep(
         spec,
         runs,
@@ -171,21 +173,18 @@ COMMAND_HANDLERS = {
 
 def print_runs(spec: SweepSpec, runs: list[Run], console: Console, verbose: bool = False) -> None:
     """The dry-run table: what would be submitted, and where it would write."""
-    table = Table(title=f"{spec.name}: {len(runs)} run(s), nothing submitted", title_justify="left")
-    for column in ("run", "swept values", "nodes x gpus", "time", "linear eval", "run directory"):
-        table.add_column(column, overflow="fold")
+    rows = []
     for run in runs:
         point = ", ".join(f"{key}={value}" for key, value in run.point.items()) or "-"
         resources = f"{run.slurm.nodes} x {run.slurm.gpus_per_node or 'cpu'}"
         lincls = "-" if run.lincls_slurm is None else f"{run.lincls_slurm.nodes} x {run.lincls_slurm.time}"
-        table.add_row(run.name, point, resources, run.slurm.time, lincls, str(run.run_dir))
-    console.print(table)
+        rows.append((run.name, point, resources, run.slurm.time, lincls, str(run.run_dir)))
+    columns = ("run", "swept values", "nodes x gpus", "time", "linear eval", "run directory")
+    print_table(console, f"{spec.name}: {len(runs)} run(s), nothing submitted", columns, rows)
     if verbose:
-        from launch.submit import describe_job
+        from launch.submit import describe_submission
 
-        for run in runs:
-            console.rule(run.name)
-            console.print(describe_job(run), highlight=False, markup=False, soft_wrap=True)
+        console.print(describe_submission(runs), highlight=False, markup=False, soft_wrap=True)
 
 
 if __name__ == "__main__":

@@ -91,30 +91,64 @@ class SlurmJob:
 
 def slurm_jobs(job_ids: list[str]) -> dict[str, SlurmJob]:
     """job id -> SlurmJob, from squeue, then sacct; ids SLURM has forgotten are absent. When a query
-    fails, the ids it was to answer read `unknown`: a failing command is not a forgotten job."""
+    fails, the ids it was to answer read `unknown`: a failing command is not a forgotten job.
+
+    Array tasks (`A_i`) are asked by their array, and squeue lists each task on its own (`-r`). A task
+    cancelled while still pending inside its array's record vanishes (measured, 22.05): squeue lists it
+    no more, and sacct only has the array's record of its pending tasks, which still says PENDING.
+    A task missing from an array the controller still lists is therefore read as cancelled.
+    """
     jobs: dict[str, SlurmJob] = {}
     try:
-        jobs = _query(["squeue", "-h", "-o", "%i|%T|%j|%r", "-j"], job_ids)
-        forgotten = [job_id for job_id in job_ids if job_id not in jobs]
-        jobs |= _query(["sacct", "-n", "-X", "-P", "-o", "JobIDRaw,State,JobName", "-j"], forgotten)
+        live = dict(_records(["squeue", "-r", "-t", "all", "-h", "-o", "%i|%T|%j|%r", "-j"], job_ids))
+        jobs = {job_id: live[job_id] for job_id in job_ids if job_id in live}
+        forgotten = [job_id for job_id in job_ids if job_id not in live]
+        accounted = _records(["sacct", "-n", "-X", "-P", "-o", "JobID,State,JobName", "-j"], forgotten)
     except SlurmUnavailable as err:
         unknown = SlurmJob(UNKNOWN, reason=str(err))
-        jobs = {job_id: jobs.get(job_id, unknown) for job_id in job_ids}
+        return {job_id: jobs.get(job_id, unknown) for job_id in job_ids}
+    own = {record: job for record, job in accounted if "[" not in record}
+    in_pending_record = {task: job for record, job in accounted if "[" in record for task in task_ids(record)}
+    listed_arrays = {job_id.partition("_")[0] for job_id in live if "_" in job_id}
+    for job_id in forgotten:
+        array, _, task = job_id.partition("_")
+        if job_id in own:
+            jobs[job_id] = own[job_id]
+        elif task and array in listed_arrays:
+            jobs[job_id] = SlurmJob("cancelled")
+        elif job_id in in_pending_record:
+            jobs[job_id] = in_pending_record[job_id]
     return jobs
 
 
-def _query(command: list[str], job_ids: list[str]) -> dict[str, SlurmJob]:
+def _records(command: list[str], job_ids: list[str]) -> list[tuple[str, SlurmJob]]:
+    """(JobID as listed, SlurmJob) for each line of squeue's or sacct's answer about `job_ids`."""
     if not job_ids:
-        return {}
-    result = slurm_output([*command, ",".join(job_ids)], ok_if="Invalid job id")
-    jobs = {}
+        return []
+    asked = sorted({job_id.partition("_")[0] for job_id in job_ids})  # a job, or the array of a task
+    result = slurm_output([*command, ",".join(asked)], ok_if="Invalid job id")
+    records = []
     for line in result.splitlines():
-        job_id, state, name, *reason = [*line.split("|"), "", ""][:4]
-        if job_id in job_ids and state:
+        record, state, name, *reason = [*line.split("|"), "", ""][:4]
+        if state:
             never = state == "PENDING" and reason == ["DependencyNeverSatisfied"]
             # "CANCELLED by 0" -> "cancelled"
-            jobs[job_id] = SlurmJob(NEVER_RUNS if never else state.split()[0].lower(), _job_name(name))
-    return jobs
+            records.append(
+                (record, SlurmJob(NEVER_RUNS if never else state.split()[0].lower(), _job_name(name)))
+            )
+    return records
+
+
+def task_ids(record: str) -> list[str]:
+    """The ids a squeue/sacct JobID stands for: `12`, `12_3`, or a range of tasks `12_[0-3,7%2]`."""
+    array, _, tasks = record.partition("_")
+    if not tasks.startswith("["):
+        return [record]
+    ids = []
+    for part in tasks.strip("[]").partition("%")[0].split(","):
+        first, _, last = part.partition("-")
+        ids += [f"{array}_{index}" for index in range(int(first), int(last or first) + 1)]
+    return ids
 
 
 def _job_name(name: str) -> str | None:
@@ -136,16 +170,22 @@ def slurm_output(command: list[str], ok_if: str | None = None) -> str:
     return result.stdout
 
 
-def cluster_name() -> str | None:
-    """This cluster's ClusterName (scontrol show config); None when SLURM cannot say."""
+def controller_setting(key: str) -> str | None:
+    """One setting of `scontrol show config` (ClusterName, MaxArraySize); None when SLURM cannot say."""
     try:
         config = slurm_output(["scontrol", "show", "config"])
     except SlurmUnavailable:
         return None
     return next(
-        (line.split("=", 1)[1].strip() for line in config.splitlines() if line.startswith("ClusterName")),
+        (value.strip() for name, _, value in (line.partition("=") for line in config.splitlines())
+         if name.strip() == key),
         None,
-    )
+    )  # fmt: skip
+
+
+def cluster_name() -> str | None:
+    """This cluster's ClusterName; None when SLURM cannot say."""
+    return controller_setting("ClusterName")
 
 
 # --- where a run stands -----------------------------------------------------------------------------

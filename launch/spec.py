@@ -121,6 +121,18 @@ class SlurmConfig(Schema):
         description="Requeue after at most this many transient failures per submission (a rank killed, "
         "a peer or node lost); a Python exception in training fails at once.",
     )
+    arrays: bool = Field(
+        True,
+        description="Submit the runs whose jobs have identical resources as job arrays: one pretraining "
+        "array and one evaluation array whose tasks each wait for their own pretraining task; false: one "
+        "job per run. Set in the slurm section only (the evaluation follows its pretraining).",
+    )
+    max_parallel: int | None = Field(
+        None,
+        ge=1,
+        description="At most this many tasks of each of the sweep's job arrays run at once (`%N`); "
+        "none: no limit. Needs arrays.",
+    )
     additional: dict[SbatchOption, SbatchValue] = Field(
         default_factory=dict,
         description="Extra sbatch parameters, e.g. {exclusive: true, reservation: x}; not the options the "
@@ -139,6 +151,12 @@ class SlurmConfig(Schema):
             raise ValueError(f"time {self.time} must be longer than signal_lead_s ({self.signal_lead_s} s)")
         return self
 
+    @model_validator(mode="after")
+    def _throttle_needs_arrays(self) -> SlurmConfig:
+        if self.max_parallel is not None and not self.arrays:
+            raise ValueError("max_parallel throttles job arrays; with arrays: false there are none")
+        return self
+
     @property
     def ranks_per_node(self) -> int:
         return self.gpus_per_node or 1
@@ -152,11 +170,16 @@ class SlurmConfig(Schema):
         return parse_time_limit(self.time)
 
 
-# Linear evaluation may override any resource of the pretraining job (often: fewer nodes, less time).
+# Linear evaluation may override any resource of the pretraining job (often: fewer nodes, less time),
+# but not whether it is an array: an evaluation array waits task by task on its pretraining array.
 SlurmOverrides = create_model(
     "SlurmOverrides",
     __base__=Schema,
-    **{name: (field.annotation | None, None) for name, field in SlurmConfig.model_fields.items()},
+    **{
+        name: (field.annotation | None, None)
+        for name, field in SlurmConfig.model_fields.items()
+        if name != "arrays"
+    },
 )
 
 

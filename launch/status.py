@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 
 from jobs.slurm import scontrol_fields
 from launch.manifest import (
@@ -21,6 +20,7 @@ from launch.manifest import (
     standings,
 )
 from launch.spec import Run, SweepSpec
+from launch.table import print_table
 from sogclr.state import read_state
 
 
@@ -28,29 +28,32 @@ def show_status(spec: SweepSpec, runs: list[Run], console: Console) -> int:
     """One row per run: job ids, state of each phase, progress, requeues, last loss, last kNN top-1 (the
     monitor during pretraining), linear top-1."""
     where = standings(runs, read_manifest(spec.directory))
-    table = Table(title=f"{spec.name}: {len(runs)} run(s)", title_justify="left")
-    columns = ("run", "pretrain job", "lincls job", "pretraining", "linear eval", "epoch/step", "requeues")
-    for column in (*columns, "last loss", "kNN top-1", "top-1"):
-        table.add_column(column, overflow="fold")
+    columns = (
+        *("run", "pretrain job", "lincls job", "pretraining", "linear eval", "epoch/step", "requeues"),
+        *("last loss", "kNN top-1", "top-1"),
+    )
+    rows = []
     for run in runs:
         pretrain, lincls = where[run.name]["pretrain"], where[run.name]["lincls"]
         state = read_state(run.files.pretrain.state)
         # metrics run ahead of checkpoints; epoch-end evaluations log records without a loss
         latest = last_record(run.files.pretrain.metrics, having="loss") or state
         result = read_state(run.files.lincls.result)
-        table.add_row(
-            run.name,
-            pretrain.job_id or "-",
-            lincls.job_id or "-",
-            shown(pretrain),
-            shown(lincls) if run.config.lincls is not None else "-",
-            f"{latest['epoch']}/{latest['step']}" if "step" in latest else "-",
-            str(state.get("requeues", 0)),
-            _format(latest.get("loss")),
-            _format((last_record(run.files.pretrain.metrics, having="knn_top1") or {}).get("knn_top1")),
-            _format(result.get("top1")),
+        rows.append(
+            (
+                run.name,
+                pretrain.job_id or "-",
+                lincls.job_id or "-",
+                shown(pretrain),
+                shown(lincls) if run.config.lincls is not None else "-",
+                f"{latest['epoch']}/{latest['step']}" if "step" in latest else "-",
+                str(state.get("requeues", 0)),
+                _format(latest.get("loss")),
+                _format((last_record(run.files.pretrain.metrics, having="knn_top1") or {}).get("knn_top1")),
+                _format(result.get("top1")),
+            )
         )
-    console.print(table)
+    print_table(console, f"{spec.name}: {len(runs)} run(s)", columns, rows)
     for warning in save_time_warnings(runs, partition_grace_times()):
         console.print(f"[yellow]warning:[/] {warning}", highlight=False)
     return 0

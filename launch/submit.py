@@ -2,28 +2,35 @@
 
 `submit_sweep` holds the sweep's lock, reads where every run stands, and submits only what is missing:
 runs that are queued, running or done are left alone; failed or cancelled ones only with
-`--resubmit-failed` (and when pretraining is done, only its evaluation is resubmitted). The evaluation
-job waits with `afterok` on the pretraining job: requeues keep the job id, so the dependency survives
-them. A pretraining that ends without completing has its evaluation cancelled by its node 0; one that
-can still never run (nothing of ours ran to cancel it) is replaced, and cancelled, by the resubmission.
-The jobs run the code frozen at submission (launch/snapshot.py).
+`--resubmit-failed` (and when pretraining is done, only its evaluation is resubmitted). Runs with
+identical resources go as job arrays (launch/arrays.py), one task per run; the others as single jobs.
+The evaluation waits with `afterok` on its pretraining job, or, in an array, with `aftercorr` on its
+own pretraining task: requeues keep the ids, so the dependency survives them. A pretraining that ends
+without completing has its evaluation cancelled by its node 0; one that can still never run (nothing of
+ours ran to cancel it) is replaced, and cancelled, by the resubmission. The jobs run the code frozen at
+submission (launch/snapshot.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import json
+import shlex
 import subprocess
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import submitit
 from rich.console import Console
-from rich.table import Table
 
 from jobs.attempt import PHASES
 from jobs.slurm import TrainingJob
 from jobs.torchrun import AGENT_IGNORES, Rendezvous, torchrun_command
+from launch.arrays import ARRAYS_DIR, array_range, link_tasks, max_array_size
 from launch.manifest import (
     NEVER_RUNS,
     UNKNOWN,
@@ -38,12 +45,24 @@ from launch.manifest import (
 )
 from launch.snapshot import CODE_DIR, Snapshot, freeze, live_code
 from launch.spec import Run, SlurmConfig, SpecError, SweepSpec
+from launch.table import print_table
 from sogclr.config import RunConfig, dump_run_config, load_run_config, recipe_differences
 from sogclr.state import now
+
+CONFIG_WRITERS = 16  # threads writing an array's run configs
 
 
 class SubmissionError(Exception):
     """sbatch refused a job: one line naming the run, the phase and sbatch's message."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to submit for one run: its phases, and the live pretraining job its evaluation waits on."""
+
+    run: Run
+    phases: list[str]
+    after: str | None = None
 
 
 def submit_sweep(
@@ -57,14 +76,12 @@ def submit_sweep(
     """Submit what each run still needs; print run, job ids and what was done. Returns the exit status:
     1 when sbatch failed (the submission stops there) or SLURM could not say where a run stands.
 
-    The jobs run the code frozen now (launch/snapshot.py); with `snapshot=False`, whatever is installed
-    when each attempt starts. A run whose recipe differs from its config.yaml fails the whole submission
-    before anything is written, unless `reconfigure`.
+    Runs with identical resources go as job arrays (`slurm.arrays`, launch/arrays.py), the others (and
+    an array of one) as single jobs. The jobs run the code frozen now (launch/snapshot.py); with
+    `snapshot=False`, whatever is installed when each attempt starts. A run whose recipe differs from
+    its config.yaml fails the whole submission before anything is written, unless `reconfigure`.
     """
     directory = spec.directory
-    table = Table(title=f"{spec.name}: submission", title_justify="left")
-    for column in ("run", "pretraining job", "linear-eval job", "action"):
-        table.add_column(column, overflow="fold")
     failure, status = None, 0
     with sweep_lock(directory):
         check_recipes(runs, reconfigure)
@@ -78,35 +95,95 @@ def submit_sweep(
                 "attempt starts; edits made while they wait or run change what they run",
                 highlight=False,
             )
+        plans, actions = [], {}
         for run in runs:
-            phases, action = phases_to_submit(run, where[run.name], resubmit_failed)
+            phases, actions[run.name] = phases_to_submit(run, where[run.name], resubmit_failed)
             if any(standing.state == UNKNOWN for standing in where[run.name].values()):
                 status = 1  # not submitted, and not known to be running: the sweep may be incomplete
-            cancel_replaced(where[run.name], phases)
             live = where[run.name]["pretrain"]
+            if phases:
+                plans.append(Plan(run, phases, live.job_id if live.active else None))
+        cancel_replaced(plans, where)
+        pending = batches(plans, max_array_size())
+        for number, batch in enumerate(pending):
             try:
-                for phase, job_id in submit_run(run, phases, code, live.job_id if live.active else None):
-                    about = {"job_name": job_name(run, phase), "cluster": cluster}
-                    record_job(manifest, run.name, phase, job_id, now(), **about)
+                for phase, name, job_ids in submit_batch(batch, code, directory):
+                    for run_name, job_id in job_ids.items():
+                        record_job(manifest, run_name, phase, job_id, now(), job_name=name, cluster=cluster)
                     write_manifest(directory, manifest)  # at once: an id recorded is never orphaned
             except SubmissionError as err:
-                failure, action = err, "sbatch failed"
-            ids = [current_job(manifest, run.name, phase) or "-" for phase in PHASES]
-            table.add_row(run.name, *ids, action)
-            if failure:
-                break  # a bad partition or a submission limit refuses the next runs too
-    console.print(table)
+                failure = err  # a bad partition or a submission limit refuses the next runs too
+                actions |= {plan.run.name: "sbatch failed" for plan in batch}
+                actions |= {
+                    p.run.name: "not submitted: an sbatch failed" for b in pending[number + 1 :] for p in b
+                }
+                break
+    rows = [
+        (run.name, *(current_job(manifest, run.name, phase) or "-" for phase in PHASES), actions[run.name])
+        for run in runs
+    ]
+    print_table(
+        console, f"{spec.name}: submission", ("run", "pretraining job", "linear-eval job", "action"), rows
+    )
     if failure:
         Console(stderr=True).print(f"[bold red]error:[/] {failure}", highlight=False, soft_wrap=True)
         return 1
     return status
 
 
+def batches(plans: list[Plan], max_array_size: int) -> list[list[Plan]]:
+    """The plans in submission order, grouped: the runs of one group become one array per phase (at
+    most `max_array_size` tasks), a group of one is a single job."""
+    groups: dict[tuple, list[Plan]] = {}
+    for index, plan in enumerate(plans):
+        groups.setdefault(array_key(plan) or (index,), []).append(plan)
+    size = max(1, max_array_size)  # MaxArraySize=0: arrays are disabled, every run is a single job
+    return [group[start : start + size] for group in groups.values() for start in range(0, len(group), size)]
+
+
+def array_key(plan: Plan) -> tuple | None:
+    """What the runs of one array share: their phases and each phase's resources. None for a run that
+    goes as single jobs: `slurm.arrays: false`, or an evaluation that waits on a live pretraining job."""
+    if not plan.run.slurm.arrays or plan.after is not None:
+        return None
+    return (*plan.phases, *(phase_resources(plan.run, phase).model_dump_json() for phase in plan.phases))
+
+
+def submit_batch(
+    batch: list[Plan], code: Snapshot | None, directory: Path
+) -> Iterator[tuple[str, str, dict[str, str]]]:
+    """Submit a batch (see `batches`); yield (phase, job name, {run name: job id}) after each sbatch."""
+    if len(batch) == 1:
+        (plan,) = batch
+        for phase, job_id in submit_run(plan.run, plan.phases, code, plan.after):
+            yield phase, job_name(plan.run, phase), {plan.run.name: job_id}
+    else:
+        yield from submit_arrays([plan.run for plan in batch], batch[0].phases, code, directory)
+
+
+def submit_arrays(
+    runs: list[Run], phases: list[str], code: Snapshot | None, directory: Path
+) -> Iterator[tuple[str, str, dict[str, str]]]:
+    """Write the runs' configs, submit one array per phase (evaluation task i `aftercorr` on pretraining
+    task i), and yield (phase, job name, {run name: task id}) as soon as each sbatch returns."""
+    record = code.record() if code else live_code()
+    with ThreadPoolExecutor(CONFIG_WRITERS) as pool:  # each write waits on its fsyncs: overlap them
+        list(pool.map(lambda run: write_run_config(run, record), runs))
+    after = None
+    for phase in phases:
+        tasks = link_tasks(directory, phase, runs)
+        script = array_script(runs, phase, tasks, f"aftercorr:{after}" if after else None, code)
+        what = f"array of {len(runs)} runs ({runs[0].name}, ...) {phase}"
+        array_id = sbatch_script(tasks / "job.sh", script, what)
+        yield phase, array_name(runs[0], phase), {run.name: f"{array_id}_{i}" for i, run in enumerate(runs)}
+        after = array_id if phase == "pretrain" else after
+
+
 def phases_to_submit(
     run: Run, standing: dict[str, PhaseStanding], resubmit_failed: bool
 ) -> tuple[list[str], str]:
     """Which phases of `run` to submit now, and a word on why (or why not)."""
-    wanted = ["pretrain", "lincls"] if run.config.lincls is not None else ["pretrain"]
+    wanted = wanted_phases(run)
     pretrain = standing["pretrain"]
     if unknown := [s for phase, s in standing.items() if phase in wanted and s.state == UNKNOWN]:
         return [], f"nothing: {UNKNOWN} ({unknown[0].reason})"
@@ -118,6 +195,10 @@ def phases_to_submit(
     if "lincls" not in wanted or standing["lincls"].state == "done":
         return [], "nothing: done"
     return _unless_settled(standing["lincls"], ["lincls"], "linear eval", resubmit_failed)
+
+
+def wanted_phases(run: Run) -> list[str]:
+    return ["pretrain", "lincls"] if run.config.lincls is not None else ["pretrain"]
 
 
 def _unless_settled(
@@ -132,10 +213,15 @@ def _unless_settled(
     return [], f"nothing: {what} {standing.state} (--resubmit-failed to submit again)"
 
 
-def cancel_replaced(standing: dict[str, PhaseStanding], phases: list[str]) -> None:
-    """scancel the queued jobs that the submission of `phases` replaces: evaluations still pending on a
-    pretraining that can never complete (clusters without kill_invalid_depend keep them for ever)."""
-    stale = [standing[phase].job_id for phase in phases if standing[phase].state == NEVER_RUNS]
+def cancel_replaced(plans: list[Plan], where: dict[str, dict[str, PhaseStanding]]) -> None:
+    """scancel the queued jobs that the plans replace: evaluations still pending on a pretraining that
+    can never complete (clusters without kill_invalid_depend keep them for ever). One scancel in all."""
+    stale = [
+        standing.job_id
+        for plan in plans
+        for phase in plan.phases
+        if (standing := where[plan.run.name][phase]).state == NEVER_RUNS
+    ]
     if stale:
         subprocess.run(["scancel", *stale], check=True)
 
@@ -154,6 +240,36 @@ def submit_run(
         job_id = sbatch(executor, training_job(run, phase), f"run {run.name} {phase}")
         yield phase, job_id
         after = job_id if phase == "pretrain" else after
+
+
+def array_script(
+    runs: list[Run], phase: str, tasks: Path, dependency: str | None, code: Snapshot | None
+) -> str:
+    """The sbatch script of one array: a single job's #SBATCH lines (submitit's rendering) with the
+    array's range, name and per-run log paths, running `python -m jobs.array` on every node."""
+    executor = make_executor(runs[0], phase, dependency, code)
+    executor.folder = tasks / "%a" / "slurm"  # %a: the task's link to its run directory
+    executor.parameters["map_count"] = len(runs)  # submitit's array log names, %A_%a
+    executor.parameters["job_name"] = array_name(runs[0], phase)
+    limit = phase_resources(runs[0], phase).max_parallel
+    executor.parameters["additional_parameters"]["array"] = array_range(len(runs), limit)
+    fields = {k: v for k, v in asdict(training_job(runs[0], phase)).items() if k != "run_dir"}
+    arguments = shlex.join([str(tasks), json.dumps(fields)])
+    command = f"{executor.python} -u -m jobs.array {arguments}"
+    return executor._make_submission_file_text(command, uid="")
+
+
+def sbatch_script(path: Path, script: str, what: str) -> str:
+    """Write `script` to `path` and submit it; the job id, or SubmissionError with sbatch's message."""
+    path.write_text(script)
+    try:
+        result = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True)
+    except OSError as err:
+        raise SubmissionError(f"{what}: sbatch failed: {err}") from None
+    if result.returncode != 0:
+        why = " ".join(result.stderr.split()) or f"exit status {result.returncode}"
+        raise SubmissionError(f"{what}: sbatch failed: {why}")
+    return result.stdout.strip().split(";")[0]
 
 
 def sbatch(executor: submitit.SlurmExecutor, job: TrainingJob, what: str) -> str:
@@ -183,6 +299,11 @@ def check_recipes(runs: list[Run], reconfigure: bool) -> None:
 def job_name(run: Run, phase: str) -> str:
     """The job's name in SLURM: what `status` and `cancel` check an id against before using it."""
     return f"{run.config.meta.get('sweep', 'sogclr')}.{run.name}.{phase}"
+
+
+def array_name(run: Run, phase: str) -> str:
+    """The name of the sweep's `phase` arrays in SLURM, which each of their tasks has."""
+    return f"{run.config.meta.get('sweep', 'sogclr')}.{phase}"
 
 
 def write_run_config(run: Run, code: dict[str, Any]) -> RunConfig:
@@ -251,11 +372,29 @@ def make_executor(
     return executor
 
 
-def describe_job(run: Run) -> str:
-    """For `--dry-run -v`: each phase's sbatch script and its nodes' torchrun command lines."""
+def describe_submission(runs: list[Run]) -> str:
+    """For `--dry-run -v`: what a first submission of `runs` would submit, array by array (split at the
+    controller's MaxArraySize) and single job by single job, with the sbatch scripts."""
     parts = []
-    code = Snapshot(run.run_dir.parent / CODE_DIR / "<digest>", "<digest>", None)  # frozen at submission
-    for phase in ["pretrain", "lincls"] if run.lincls_slurm is not None else ["pretrain"]:
+    for batch in batches([Plan(run, wanted_phases(run)) for run in runs], max_array_size()):
+        batch_runs = [plan.run for plan in batch]
+        if len(batch_runs) == 1:
+            parts += [f"# ===== run {batch_runs[0].name}: single jobs", describe_job(batch_runs[0])]
+        else:
+            parts += [f"# ===== {len(batch_runs)} runs: one array per phase", describe_arrays(batch_runs)]
+    return "\n".join(parts)
+
+
+def _placeholder_code(sweep_dir: Path) -> Snapshot:
+    """The code a dry run shows its jobs importing: frozen at submission, and a dry run freezes nothing."""
+    return Snapshot(sweep_dir / CODE_DIR / "<digest>", "<digest>", None)
+
+
+def describe_job(run: Run) -> str:
+    """Each phase's sbatch script of a run submitted as single jobs, and its nodes' torchrun lines."""
+    parts = []
+    code = _placeholder_code(run.run_dir.parent)
+    for phase in wanted_phases(run):
         dependency = "afterok:<pretraining job id>" if phase == "lincls" else None
         executor = make_executor(run, phase, dependency, code)
         # submitit's own rendering of the script it would submit (private, but exactly what sbatch gets)
@@ -265,6 +404,27 @@ def describe_job(run: Run) -> str:
             script,
             f"# --- {phase}: torchrun on each node",
             *_torchrun_lines(run, phase),
+        ]
+    return "\n".join(parts)
+
+
+def describe_arrays(runs: list[Run]) -> str:
+    """Each phase's array script for `runs` (identical resources), which task runs which run, and the
+    torchrun lines of task 0 (every task runs its own run's config)."""
+    parts = []
+    sweep_dir = runs[0].run_dir.parent
+    code = _placeholder_code(sweep_dir)
+    phases = wanted_phases(runs[0])
+    for phase in phases:
+        tasks = sweep_dir / ARRAYS_DIR / f"{phase}-<token>"
+        dependency = "aftercorr:<pretraining array id>" if phase == "lincls" else None
+        parts += [
+            f"# --- {phase}: sbatch script of the array",
+            array_script(runs, phase, tasks, dependency, code),
+            f"# --- {phase}: task i runs the run that {tasks}/i links to",
+            *(f"#   {index}: {run.name} -> {run.run_dir}" for index, run in enumerate(runs)),
+            f"# --- {phase}: torchrun on each node of task 0",
+            *_torchrun_lines(runs[0], phase),
         ]
     return "\n".join(parts)
 

@@ -28,6 +28,14 @@ def job_ids(spec_dir: Path, name: str, run: str) -> dict[str, str]:
     return {phase: submissions[-1]["job_id"] for phase, submissions in runs[run].items()}
 
 
+def release(cluster: Any, spec_dir: Path, name: str) -> None:
+    """Release every held job (or array task) of every run of sweep `name`."""
+    runs = read_manifest(spec_dir / "runs" / name)["runs"]
+    cluster.run(
+        "scontrol", "release", *(job_ids(spec_dir, name, run)[phase] for run in runs for phase in runs[run])
+    )
+
+
 def sacct_state(job_id: str) -> str:
     out = subprocess.run(
         ["sacct", "-n", "-X", "-P", "-o", "State", "-j", job_id], capture_output=True, text=True

@@ -25,6 +25,7 @@ from tests.e2e import (
     final_state,
     job_ids,
     last_logged_step,
+    release,
     sacct_state,
     start_uninterrupted_reference,
     submit,
@@ -75,10 +76,6 @@ def runs(workdir: Path, slurm_cluster: Any) -> dict[str, Path]:
         wait_until(lambda run_dir=run_dirs[name]: last_logged_step(run_dir) >= 3, f"{name} to take 3 steps")
         deal(slurm_cluster, workdir, run_dirs[name])
     return run_dirs
-
-
-def release(cluster: Any, workdir: Path, name: str) -> None:
-    cluster.run("scontrol", "release", *job_ids(workdir, name, name).values())
 
 
 def preempt(cluster: Any, workdir: Path, run_dir: Path) -> None:

@@ -1,0 +1,100 @@
+"""Submitting and inspecting a large sweep: job arrays against one job per run, on a real SLURM cluster.
+
+A sweep of tiny runs (gamma x temperature x lr, 1,000 points by default) is submitted held, so that
+nothing starts, once as arrays (the default) and once with `slurm.arrays: false` (the baseline); then
+`status` runs on each, and everything is cancelled. Wall times are measured in this process (imports
+excluded); SLURM commands are counted by shims on PATH that log each call and run the real command.
+
+    eval "$(scripts/local-slurm env)"   # the local cluster (scripts/local-slurm up)
+    python benchmarks/arrays.py [--runs-per-axis 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from launch import cli, status, submit  # noqa: E402, F401  (imported before anything is timed)
+from launch.manifest import read_manifest  # noqa: E402
+from tests.tiny import write_tiny_spec  # noqa: E402
+
+COUNTED = ("sbatch", "squeue", "sacct", "scontrol", "scancel")
+
+
+def install_shims(directory: Path, log: Path) -> None:
+    """A `COMMAND` first on PATH for each counted command: it notes its name in `log`, then runs."""
+    directory.mkdir()
+    for command in COUNTED:
+        real = shutil.which(command)
+        if real is None:
+            sys.exit(f"{command} not found: start the local cluster (scripts/local-slurm up) and its env")
+        shim = directory / command
+        shim.write_text(f'#!/bin/sh\necho {command} >> "{log}"\nexec "{real}" "$@"\n')
+        shim.chmod(0o755)
+    os.environ["PATH"] = f"{directory}:{os.environ['PATH']}"
+
+
+def measured(log: Path, *argv: str) -> tuple[float, Counter]:
+    """Wall time of `sogclr-submit ARGV` (output discarded) and the SLURM commands it ran."""
+    log.write_text("")
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        status = cli.main(list(argv))
+    took = time.perf_counter() - start
+    if status != 0:
+        sys.exit(f"sogclr-submit {' '.join(argv)} exited {status}")
+    return took, Counter(log.read_text().split())
+
+
+def sweep_spec(directory: Path, name: str, per_axis: int, arrays: bool) -> Path:
+    """gamma x temperature x lr, `per_axis` values each, every job held."""
+    values = [round(0.05 + 0.9 * i / per_axis, 4) for i in range(per_axis)]
+    sweep = {"product": {"gamma": values, "temperature": values, "lr": values}}
+    slurm = {"arrays": arrays, "additional": {"hold": True}}  # held: nothing starts
+    return write_tiny_spec(directory, name, slurm=slurm, sweep=sweep)
+
+
+def counts(calls: Counter) -> str:
+    return " ".join(f"{command} {calls[command]}" for command in COUNTED if calls[command])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs-per-axis", type=int, default=10, help="three axes: n**3 runs")
+    args = parser.parse_args()
+    runs = args.runs_per_axis**3
+    with tempfile.TemporaryDirectory(prefix="bench-arrays-") as tmp:
+        directory = Path(tmp)
+        log = directory / "calls.log"
+        install_shims(directory / "shims", log)
+        print(f"runs: {runs}, submitted held, then cancelled")
+        print(f"{'mode':<12} {'submit s':>9} {'status s':>9} {'cancel s':>9}  SLURM calls (submit | status)")
+        results = {}
+        for mode, arrays in (("arrays", True), ("single jobs", False)):
+            spec = sweep_spec(directory, mode.replace(" ", "-"), args.runs_per_axis, arrays)
+            submit_s, submit_calls = measured(log, str(spec))
+            status_s, status_calls = measured(log, "status", str(spec))
+            cancel_s, _ = measured(log, "cancel", str(spec))
+            ids = read_manifest(directory / "runs" / spec.stem)["runs"]
+            assert len(ids) == runs
+            results[mode] = submit_s
+            print(
+                f"{mode:<12} {submit_s:9.2f} {status_s:9.2f} {cancel_s:9.2f}  "
+                f"{counts(submit_calls)} | {counts(status_calls)}"
+            )
+        print(f"submit, single jobs / arrays: {results['single jobs'] / results['arrays']:.1f}x")
+
+
+if __name__ == "__main__":
+    main()
