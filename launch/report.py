@@ -170,9 +170,8 @@ def spent(run: Run) -> tuple[float, float, str]:
             continue
         state = read_state(run.files.phase(phase).state)
         # the attempt in progress counts up to the trainer's last word in state.json
-        current = (
-            [{**state["current_attempt"], "ended": state["updated"]}] if state.get("current_attempt") else []
-        )
+        current = state.get("current_attempt")
+        current = [{**current, "ended": state.get("updated")}] if current else []
         seconds = sum(attempt_seconds(attempt) for attempt in state.get("attempts", []) + current)
         per_node = resources.gpus_per_node or resources.cpus_per_task
         units.add("GPU-h" if resources.gpus_per_node else "CPU-h")
@@ -227,8 +226,8 @@ def _is_number(value: Any) -> bool:
 
 
 def columns(rows: list[RunRow]) -> list[str]:
+    """The table's columns: the global objective only if a run logs it (kNN always: `-` until logged)."""
     swept = [short(key) for key in rows[0].point] if rows else []
-    knn = any(row.knn_top1 is not None for row in rows)
     global_objective = any(row.global_objective is not None for row in rows)
     return [
         "run",
@@ -237,7 +236,8 @@ def columns(rows: list[RunRow]) -> list[str]:
         "epochs",
         "objective",
         *(["global objective"] if global_objective else []),
-        *(["kNN top-1", "kNN top-5"] if knn else []),
+        "kNN top-1",
+        "kNN top-5",
         "linear top-1",
         "linear top-5",
         "wall time",
@@ -260,9 +260,7 @@ def formatted(row: RunRow) -> dict[str, str]:
         "linear top-1": _number(row.linear_top1, ".2f"),
         "linear top-5": _number(row.linear_top5, ".2f"),
         "wall time": _duration(row.wall_s),
-        "hours": f"{row.hours:.3f} {row.hours_unit}"
-        if row.hours < 10
-        else f"{row.hours:.1f} {row.hours_unit}",
+        "hours": f"{row.hours:{'.3f' if row.hours < 10 else '.1f'}} {row.hours_unit}",
         "requeues": str(row.requeues),
     }
 

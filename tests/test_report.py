@@ -139,6 +139,7 @@ def test_report_prints_md_csv_and_json_and_writes_figures(
     assert table["bs64-simclr"]["linear top-1"] == f"{rows['bs64-simclr'].linear_top1:.2f}"
     assert table[UNSTARTED]["linear top-1"] == table[UNSTARTED]["kNN top-1"] == "-"
     assert table[UNSTARTED]["standing"] == "pretrain not submitted"
+    assert table[KNN_RUN]["kNN top-1"] == "71.25" and table["bs64-sogclr"]["kNN top-1"] == "-"  # never 0
     assert table["bs128-sogclr"]["batch_size"] == "128" and table["bs128-sogclr"]["epochs"] == "1/1"
 
     assert cli.main(["report", str(spec), "--format", "md", "--no-figures"]) == 0

@@ -47,6 +47,11 @@ def test_shipped_specs_expand_to_the_documented_runs() -> None:
     for name in ("imagenet1k", "imagenet100", "quickstart"):
         assert expand(load_spec(CONFIGS / f"{name}.yaml"))
 
+    digits = expand(load_spec(CONFIGS / "digits_batch_study.yaml"))  # the README's study on the digits
+    points = {(run.config.pretrain.loss, run.config.pretrain.batch_size) for run in digits}
+    assert points == {(loss, b) for loss in ("sogclr", "simclr") for b in (16, 64, 256)}
+    assert all(run.config.pretrain.dataset == "digits" and run.slurm.gpus_per_node == 0 for run in digits)
+
 
 def test_reference_recipe_is_the_default() -> None:
     pretrain = SweepSpec(name="x").pretrain
