@@ -19,7 +19,7 @@ Arch = Literal["resnet18", "resnet34", "resnet50"]
 Precision = Literal["bf16", "fp16", "fp32"]
 LrScaling = Literal["sqrt", "linear", "none"]
 
-# About 2% of the quickstart's training time (BENCHMARKS.md, benchmarks/knn.py).
+# About 4% of the quickstart's training time (an evaluation is 0.16 of an epoch: benchmarks/knn.py).
 KNN_EVERY_EPOCHS = 4
 
 
