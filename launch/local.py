@@ -86,7 +86,7 @@ def run_local(
 def run_locally(run: Run, preempt_after: float | None, console: Console, live: LiveProgress) -> str:
     """Both phases of one run; returns `done` or which phase failed."""
     write_run_config(run, live_code())
-    for phase in ["pretrain", "lincls"] if run.config.lincls is not None else ["pretrain"]:
+    for phase in run.phases:
         if phase_done(run, phase):
             continue
         warn_after = preempt_after if phase == "pretrain" else None

@@ -119,7 +119,7 @@ def collect_run(run: Run, where: dict[str, PhaseStanding]) -> RunRow:
 def standing(run: Run, where: dict[str, PhaseStanding]) -> str:
     """`done`, or the first unfinished phase and its state (a `--local` run has no job: its run
     directory's status)."""
-    for phase in ["pretrain", "lincls"] if run.config.lincls is not None else ["pretrain"]:
+    for phase in run.phases:
         state = where[phase].state
         if state == "done":
             continue

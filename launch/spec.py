@@ -243,6 +243,11 @@ class Run:
     def files(self) -> RunLayout:
         return RunLayout(self.config.run_dir)
 
+    @property
+    def phases(self) -> list[str]:
+        """The run's training phases, in order: pretraining, then linear evaluation unless it has none."""
+        return ["pretrain", "lincls"] if self.config.lincls is not None else ["pretrain"]
+
 
 # --- reading ----------------------------------------------------------------------------------------
 

@@ -183,7 +183,7 @@ def phases_to_submit(
     run: Run, standing: dict[str, PhaseStanding], resubmit_failed: bool
 ) -> tuple[list[str], str]:
     """Which phases of `run` to submit now, and a word on why (or why not)."""
-    wanted = wanted_phases(run)
+    wanted = run.phases
     pretrain = standing["pretrain"]
     if unknown := [s for phase, s in standing.items() if phase in wanted and s.state == UNKNOWN]:
         return [], f"nothing: {UNKNOWN} ({unknown[0].reason})"
@@ -195,10 +195,6 @@ def phases_to_submit(
     if "lincls" not in wanted or standing["lincls"].state == "done":
         return [], "nothing: done"
     return _unless_settled(standing["lincls"], ["lincls"], "linear eval", resubmit_failed)
-
-
-def wanted_phases(run: Run) -> list[str]:
-    return ["pretrain", "lincls"] if run.config.lincls is not None else ["pretrain"]
 
 
 def _unless_settled(
@@ -376,7 +372,7 @@ def describe_submission(runs: list[Run]) -> str:
     """For `--dry-run -v`: what a first submission of `runs` would submit, array by array (split at the
     controller's MaxArraySize) and single job by single job, with the sbatch scripts."""
     parts = []
-    for batch in batches([Plan(run, wanted_phases(run)) for run in runs], max_array_size()):
+    for batch in batches([Plan(run, run.phases) for run in runs], max_array_size()):
         batch_runs = [plan.run for plan in batch]
         if len(batch_runs) == 1:
             parts += [f"# ===== run {batch_runs[0].name}: single jobs", describe_job(batch_runs[0])]
@@ -394,7 +390,7 @@ def describe_job(run: Run) -> str:
     """Each phase's sbatch script of a run submitted as single jobs, and its nodes' torchrun lines."""
     parts = []
     code = _placeholder_code(run.run_dir.parent)
-    for phase in wanted_phases(run):
+    for phase in run.phases:
         dependency = "afterok:<pretraining job id>" if phase == "lincls" else None
         executor = make_executor(run, phase, dependency, code)
         # submitit's own rendering of the script it would submit (private, but exactly what sbatch gets)
@@ -414,7 +410,7 @@ def describe_arrays(runs: list[Run]) -> str:
     parts = []
     sweep_dir = runs[0].run_dir.parent
     code = _placeholder_code(sweep_dir)
-    phases = wanted_phases(runs[0])
+    phases = runs[0].phases
     for phase in phases:
         tasks = sweep_dir / ARRAYS_DIR / f"{phase}-<token>"
         dependency = "aftercorr:<pretraining array id>" if phase == "lincls" else None

@@ -12,13 +12,13 @@ from jobs.slurm import waits_on
 from launch.arrays import array_range, link_tasks
 from launch.manifest import task_ids
 from launch.spec import SpecError, expand, load_spec
-from launch.submit import Plan, batches, describe_submission, wanted_phases
+from launch.submit import Plan, batches, describe_submission
 from tests.tiny import write_tiny_spec
 
 
 def plans(tmp_path: Path, **sections) -> list[Plan]:
     runs = expand(load_spec(write_tiny_spec(tmp_path, "s", **sections)))
-    return [Plan(run, wanted_phases(run)) for run in runs]
+    return [Plan(run, run.phases) for run in runs]
 
 
 def names(groups: list[list[Plan]]) -> list[list[str]]:
