@@ -7,7 +7,8 @@ torchrun reliably; the trainer's record does). Its outcome is one of
     preempted   the trainers stopped at a step on a stop signal (the SLURM layer may refine this into
                 `timeout` or `cancelled` from SLURM's own view of the job)
     transient   the trainers were lost, not wrong: a rank killed by a signal (OOM killer, kill -9), a rank
-                that lost its peer, a node failure, or an attempt that ended without a word (found and
+                that lost its peer, one that made no progress for `progress_timeout_minutes` (a blocked
+                read, a hung decoder), a node failure, or an attempt that ended without a word (found and
                 recorded as such by the next attempt)
     failed      training code raised: a bug, retried never
 
@@ -34,6 +35,9 @@ Action = Literal["done", "requeue", "fail", "end"]
 # Outcomes after which the job comes back (a requeue) and resumes from its last checkpoint.
 STOPPED = ("preempted", "timeout")
 RELAY_EVERY_S = 2.0
+# Failures the trainers record that are the machine's, not the code's (sogclr/loop.py, sogclr/watchdog.py):
+# retried as transient.
+TRANSIENT_FAILURES = {"peer": "a rank lost its peer", "stalled": "a training process stalled"}
 
 
 @dataclass(frozen=True)
@@ -145,10 +149,10 @@ def classify(state: dict[str, Any], returncode: int) -> tuple[str, str | None]:
         return "done", None
     if status == "preempted":
         return "preempted", f"signal {state.get('signal')}"
-    if status == "failed" and state.get("failure") != "peer":
-        return "failed", state.get("error")
+    if status == "failed" and (why := TRANSIENT_FAILURES.get(state.get("failure"))):
+        return "transient", f"{why}: {state.get('error')}"
     if status == "failed":
-        return "transient", f"a rank lost its peer: {state.get('error')}"
+        return "failed", state.get("error")
     return "transient", f"training processes ended without a record (torchrun exit code {returncode})"
 
 

@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from sogclr.data import IndexedImageFolder, sample_rng
 from sogclr.distributed import all_gather_cat
+from sogclr.watchdog import progressed
 
 # The fixed views of an image are the ones pretraining draws for it in this epoch.
 FIXED_VIEWS_EPOCH = 0
@@ -154,6 +155,7 @@ def project_fixed_views(
     )
     projections = []
     for pairs in loader:
+        progressed()
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             z = model(pairs.flatten(0, 1).to(device, non_blocking=True)).float()
         projections.append(z.view(pairs.shape[0], 2, -1))

@@ -118,9 +118,10 @@ def test_a_trainer_that_dies_without_recording_is_transient(tmp_path: Path):
 
 
 @pytest.mark.parametrize(
-    "failure, outcome", [("exception", "failed"), ("peer", "transient"), (None, "failed")]
+    "failure, outcome",
+    [("exception", "failed"), ("peer", "transient"), ("stalled", "transient"), (None, "failed")],
 )
-def test_a_recorded_failure_is_a_bug_unless_a_peer_was_lost(
+def test_a_recorded_failure_is_a_bug_unless_a_peer_was_lost_or_a_rank_stalled(
     tmp_path: Path, failure: str | None, outcome: str
 ):
     state_path = tmp_path / "state.json"

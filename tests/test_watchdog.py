@@ -1,0 +1,92 @@
+"""Nothing hangs: a training image that blocks `open` for ever (a named pipe with the image's name, as a
+stalled network file system behaves) ends the attempt within `progress_timeout_minutes`, recorded as
+`failed: stalled`, which the job layer classifies as transient (requeued, counted against max_failures).
+One process whose loader worker is the blocked one, and two gloo ranks where one rank blocks outside the
+collectives while the other waits inside one (their collective timeout is set far longer, so it is the
+watchdog that ends them). Tiny: digits at 16 px, ResNet-18.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from jobs.attempt import classify
+from sogclr.config import PretrainConfig
+from sogclr.data import build_pretrain_dataset, epoch_permutation, prepare_data_root
+from sogclr.state import read_state
+from tests.runs import child_env, command, logged_steps, tiny_pretrain, write_config
+
+WATCHDOG_MINUTES = 0.1  # 6 s without a step
+BLOCKED_STEP = 2  # the steps before it are taken
+
+
+def image_tree_with_a_pipe(data_dir: Path, tree: Path, position: int) -> Path:
+    """A `folder` dataset (the digits, hard-linked) whose training image read at `position` of epoch 0's
+    shuffle is a named pipe: opening it blocks until someone writes."""
+    digits = prepare_data_root(PretrainConfig(dataset="digits", data_dir=data_dir))
+    shutil.copytree(digits, tree, copy_function=os.link)
+    config = PretrainConfig(dataset="folder", data_dir=tree, image_size=16, augment_on="loader")
+    dataset = build_pretrain_dataset(config)
+    path = Path(dataset.samples[epoch_permutation(config.seed, 0, len(dataset))[position]][0])
+    path.unlink()
+    os.mkfifo(path)
+    return path
+
+
+def has_reader(fifo: Path) -> bool:
+    """Whether some process still has `fifo` open for reading (blocked in its `open`)."""
+    try:
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError as error:
+        assert error.errno == errno.ENXIO
+        return False
+    os.close(fd)
+    return True
+
+
+@pytest.mark.parametrize(
+    ("nproc", "workers", "blocked_rank"),
+    [(1, 1, 0), (2, 0, 1)],
+    ids=["one-process-worker-blocked", "two-ranks-one-blocked"],
+)
+def test_a_read_that_blocks_for_ever_ends_the_attempt_as_transient(
+    tmp_path: Path, data_dir: Path, nproc: int, workers: int, blocked_rank: int
+) -> None:
+    batch = 64
+    # the first image of the blocked rank's share of BLOCKED_STEP (see ResumableDistributedSampler)
+    fifo = image_tree_with_a_pipe(
+        data_dir, tmp_path / "tree", BLOCKED_STEP * batch + blocked_rank * batch // nproc
+    )
+    run_dir = tmp_path / "run"
+    pretrain = tiny_pretrain(
+        tmp_path / "tree",
+        dataset="folder",
+        workers=workers,
+        batch_size=batch,
+        augment_on="loader",
+        progress_timeout_minutes=WATCHDOG_MINUTES,
+        collective_timeout_s=3600.0,  # not what ends the attempt
+    )
+    config = write_config(run_dir, pretrain)
+    trainer = subprocess.run(
+        command("sogclr.pretrain", config, nproc),
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,  # a guard against this test hanging, not a measurement
+    )
+    assert trainer.returncode != 0
+    assert "sogclr watchdog" in trainer.stderr and "no progress for 0.1 minutes" in trainer.stderr
+
+    state = read_state(run_dir / "state.json")
+    assert state["status"] == "failed" and state["failure"] == "stalled", state
+    outcome, reason = classify(state, trainer.returncode)
+    assert outcome == "transient" and "stalled" in reason and "progress_timeout_minutes" in reason
+    assert max(logged_steps(run_dir)) == BLOCKED_STEP  # it trained until the pipe, then stalled
+    assert not has_reader(fifo)  # the blocked reader (a loader worker, or a rank) is gone too
