@@ -6,14 +6,17 @@ default below is the authors' ImageNet recipe (NOTES-sogclr.md); specs override 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 from sogclr.atomic import write_atomic
 
+PHASES = ("pretrain", "lincls")
 Dataset = Literal["imagenet1k", "imagenet100", "folder", "digits"]
 Arch = Literal["resnet18", "resnet34", "resnet50"]
 Precision = Literal["bf16", "fp16", "fp32"]
@@ -21,6 +24,17 @@ LrScaling = Literal["sqrt", "linear", "none"]
 
 # About 4% of the quickstart's training time (an evaluation is 0.16 of an epoch: benchmarks/knn.py).
 KNN_EVERY_EPOCHS = 4
+
+
+# The line between recipe and resources, declared on each field of the two training sections (`roles`):
+# a recipe field defines the training trajectory of the phases it names, so a resumed phase refuses a
+# change to it (`recipe_differences`); a resource changes nothing a phase computes, and may change at any
+# requeue or resubmission. Linear evaluation's trajectory also depends on the pretraining fields that shape
+# its features (data, image size, network, precision); the backbone's weights it checks itself.
+PRETRAIN_RECIPE: dict[str, Any] = {"recipe": ["pretrain"]}
+SHARED_RECIPE: dict[str, Any] = {"recipe": ["pretrain", "lincls"]}
+LINCLS_RECIPE: dict[str, Any] = {"recipe": ["lincls"]}
+RESOURCE: dict[str, Any] = {"recipe": []}
 
 
 class Schema(BaseModel):
@@ -33,8 +47,22 @@ def collective_timeout_field() -> Any:
     return Field(
         300.0,
         gt=0,
+        json_schema_extra=RESOURCE,
         description="Seconds a collective may wait for a peer: when a rank or node is lost, the "
         "others fail after this (then the job is requeued) instead of holding the allocation.",
+    )
+
+
+def progress_timeout_field() -> Any:
+    return Field(
+        30.0,
+        gt=0,
+        json_schema_extra=RESOURCE,
+        description="Minutes a training process may go without progress (a step, a batch of features, "
+        "an evaluation's batch) before it records `failed: stalled` and exits, so that the job is requeued "
+        "as a transient failure (counted against max_failures) instead of holding the allocation to its "
+        "time limit: a read that blocks for ever, a hung decoder, a rank stuck outside a collective. "
+        "None: never.",
     )
 
 
@@ -52,56 +80,134 @@ class PretrainConfig(Schema):
         "imagenet1k",
         description="imagenet1k, imagenet100 (first 100 WNIDs), folder (any class-subfolder tree), "
         "or digits (built-in scikit-learn digits, no download).",
+        json_schema_extra=SHARED_RECIPE,
     )
     data_dir: Path | None = Field(
-        None, description="Root with train/ and val/ subfolders; for digits, the cache directory (optional)."
+        None,
+        description="Root with train/ and val/ subfolders; for digits, the cache directory (optional).",
+        json_schema_extra=RESOURCE,
     )
-    image_size: int = Field(224, ge=8, description="Crop size of the augmented views.")
-    crop_min: float = Field(0.08, gt=0, le=1, description="Smallest RandomResizedCrop area fraction.")
-    workers: int = Field(8, ge=0, description="Data-loading processes per rank.")
+    image_size: int = Field(
+        224, ge=8, description="Crop size of the augmented views.", json_schema_extra=SHARED_RECIPE
+    )
+    crop_min: float = Field(
+        0.08,
+        gt=0,
+        le=1,
+        description="Smallest RandomResizedCrop area fraction.",
+        json_schema_extra=PRETRAIN_RECIPE,
+    )
+    workers: int = Field(8, ge=0, description="Data-loading processes per rank.", json_schema_extra=RESOURCE)
     augment_on: Literal["device", "loader"] = Field(
         "device",
         description="device: loader workers only decode and crop, and the training device applies colour "
         "jitter, grayscale, blur, flip and normalisation to the whole batch (loaders spend under a third of "
         "the CPU time per ImageNet-sized image); loader: all of it in the workers, with PIL. Both make the "
         "same views.",
+        json_schema_extra=PRETRAIN_RECIPE,
     )
     # model
-    arch: Arch = Field("resnet50", description="torchvision ResNet backbone.")
-    small_stem: bool = Field(False, description="3x3 stride-1 stem without max-pool (CIFAR-sized images).")
-    projector_hidden_dim: int = Field(2048, gt=0, description="Hidden width of the projector MLP.")
-    projector_out_dim: int = Field(128, gt=0, description="Output dimension of the projector.")
-    # optimisation
-    epochs: int = Field(800, gt=0, description="Pretraining epochs.")
-    batch_size: int = Field(256, gt=0, description="Global batch size (all ranks together).")
-    lr: float = Field(0.075, gt=0, description="Base learning rate, scaled by lr_scaling.")
-    lr_scaling: LrScaling = Field(
-        "sqrt", description="sqrt: lr * sqrt(batch); linear: lr * batch / 256; none: lr as given."
+    arch: Arch = Field(
+        "resnet50", description="torchvision ResNet backbone.", json_schema_extra=SHARED_RECIPE
     )
-    warmup_epochs: float = Field(10.0, ge=0, description="Per-step linear warmup, then half-cosine to 0.")
-    optimizer: Literal["lars", "sgd", "adamw"] = Field("lars", description="Optimizer.")
-    weight_decay: float = Field(1e-6, ge=0, description="Weight decay (not on 1-D parameters).")
-    momentum: float = Field(0.9, ge=0, lt=1, description="Momentum (LARS, SGD) or beta1 (AdamW).")
-    trust_coefficient: float = Field(0.001, gt=0, description="LARS trust coefficient.")
+    small_stem: bool = Field(
+        False,
+        description="3x3 stride-1 stem without max-pool (CIFAR-sized images).",
+        json_schema_extra=SHARED_RECIPE,
+    )
+    projector_hidden_dim: int = Field(
+        2048, gt=0, description="Hidden width of the projector MLP.", json_schema_extra=PRETRAIN_RECIPE
+    )
+    projector_out_dim: int = Field(
+        128, gt=0, description="Output dimension of the projector.", json_schema_extra=PRETRAIN_RECIPE
+    )
+    # optimisation
+    epochs: int = Field(800, gt=0, description="Pretraining epochs.", json_schema_extra=PRETRAIN_RECIPE)
+    batch_size: int = Field(
+        256, gt=0, description="Global batch size (all ranks together).", json_schema_extra=PRETRAIN_RECIPE
+    )
+    lr: float = Field(
+        0.075,
+        gt=0,
+        description="Base learning rate, scaled by lr_scaling.",
+        json_schema_extra=PRETRAIN_RECIPE,
+    )
+    lr_scaling: LrScaling = Field(
+        "sqrt",
+        description="sqrt: lr * sqrt(batch); linear: lr * batch / 256; none: lr as given.",
+        json_schema_extra=PRETRAIN_RECIPE,
+    )
+    warmup_epochs: float = Field(
+        10.0,
+        ge=0,
+        description="Per-step linear warmup, then half-cosine to 0.",
+        json_schema_extra=PRETRAIN_RECIPE,
+    )
+    optimizer: Literal["lars", "sgd", "adamw"] = Field(
+        "lars", description="Optimizer.", json_schema_extra=PRETRAIN_RECIPE
+    )
+    weight_decay: float = Field(
+        1e-6, ge=0, description="Weight decay (not on 1-D parameters).", json_schema_extra=PRETRAIN_RECIPE
+    )
+    momentum: float = Field(
+        0.9,
+        ge=0,
+        lt=1,
+        description="Momentum (LARS, SGD) or beta1 (AdamW).",
+        json_schema_extra=PRETRAIN_RECIPE,
+    )
+    trust_coefficient: float = Field(
+        0.001, gt=0, description="LARS trust coefficient.", json_schema_extra=PRETRAIN_RECIPE
+    )
     # loss
     loss: Literal["sogclr", "simclr"] = Field(
-        "sogclr", description="sogclr (global contrastive loss; 'dcl' is accepted as an alias) or simclr."
+        "sogclr",
+        description="sogclr (global contrastive loss; 'dcl' is accepted as an alias) or simclr.",
+        json_schema_extra=PRETRAIN_RECIPE,
     )
-    temperature: float = Field(0.1, gt=0, description="Softmax temperature T.")
-    gamma: float = Field(0.9, gt=0, le=1, description="Moving-average weight of the estimator u, in (0, 1].")
+    temperature: float = Field(
+        0.1, gt=0, description="Softmax temperature T.", json_schema_extra=PRETRAIN_RECIPE
+    )
+    gamma: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="Moving-average weight of the estimator u, in (0, 1].",
+        json_schema_extra=PRETRAIN_RECIPE,
+    )
     gamma_schedule: Literal["constant", "cosine"] = Field(
-        "constant", description="constant, or cosine from 1 down to gamma over gamma_decay_fraction."
+        "constant",
+        description="constant, or cosine from 1 down to gamma over gamma_decay_fraction.",
+        json_schema_extra=PRETRAIN_RECIPE,
     )
     gamma_decay_fraction: float = Field(
-        1.0, gt=0, le=1, description="Fraction of training over which the cosine gamma schedule decays."
+        1.0,
+        gt=0,
+        le=1,
+        description="Fraction of training over which the cosine gamma schedule decays.",
+        json_schema_extra=PRETRAIN_RECIPE,
     )
     # execution
-    precision: Precision = Field("bf16", description="Autocast dtype on GPU (CPU always runs fp32).")
-    compile: bool = Field(False, description="torch.compile the model.")
-    seed: int = Field(0, ge=0, description="Seed of initialisation, shuffling and augmentation.")
-    log_every_steps: int = Field(10, gt=0, description="Write metrics.jsonl every N steps.")
+    precision: Precision = Field(
+        "bf16", description="Autocast dtype on GPU (CPU always runs fp32).", json_schema_extra=SHARED_RECIPE
+    )
+    compile: bool = Field(False, description="torch.compile the model.", json_schema_extra=RESOURCE)
+    seed: int = Field(
+        0,
+        ge=0,
+        description="Seed of initialisation, shuffling and augmentation.",
+        json_schema_extra=PRETRAIN_RECIPE,
+    )
+    log_every_steps: int = Field(
+        10, gt=0, description="Write metrics.jsonl every N steps.", json_schema_extra=RESOURCE
+    )
     collective_timeout_s: float = collective_timeout_field()
-    tensorboard: bool = Field(False, description="Also write TensorBoard events under the run directory.")
+    progress_timeout_minutes: float | None = progress_timeout_field()
+    tensorboard: bool = Field(
+        False,
+        description="Also write TensorBoard events under the run directory.",
+        json_schema_extra=RESOURCE,
+    )
     objective_every_epochs: int | None = Field(
         None,
         gt=0,
@@ -109,9 +215,13 @@ class PretrainConfig(Schema):
         "over a fixed subset of the training set (one fixed pair of views per image, every view of the "
         "subset a negative): SogCLR's per anchor and with each image's views pooled, and NT-Xent; "
         "None: never. Does not change training.",
+        json_schema_extra=RESOURCE,
     )
     objective_subset: int = Field(
-        10_000, ge=2, description="Images in that fixed subset (evenly spaced; all if the set is smaller)."
+        10_000,
+        ge=2,
+        description="Images in that fixed subset (evenly spaced; all if the set is smaller).",
+        json_schema_extra=RESOURCE,
     )
     knn_every_epochs: int | None = Field(
         KNN_EVERY_EPOCHS,
@@ -120,16 +230,25 @@ class PretrainConfig(Schema):
         "features (knn_top1, knn_top5, percent): each validation image classified by its knn_k most similar "
         "training images (cosine similarity, votes weighted exp(s / knn_temperature)), both un-augmented; "
         "None: never. Does not change training.",
+        json_schema_extra=RESOURCE,
     )
     knn_subset: int = Field(
         100_000,
         ge=1,
         description="Training images in the kNN bank (evenly spaced, so classes in proportion; all if the "
         "set is smaller): bounds the monitor's cost and memory (features of every bank image on every rank).",
+        json_schema_extra=RESOURCE,
     )
-    knn_k: int = Field(20, ge=1, description="Neighbours that vote in the kNN monitor (20 as DINO).")
-    knn_temperature: float = Field(0.07, gt=0, description="Temperature of the kNN monitor's vote weights.")
-    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    knn_k: int = Field(
+        20,
+        ge=1,
+        description="Neighbours that vote in the kNN monitor (20 as DINO).",
+        json_schema_extra=RESOURCE,
+    )
+    knn_temperature: float = Field(
+        0.07, gt=0, description="Temperature of the kNN monitor's vote weights.", json_schema_extra=RESOURCE
+    )
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, json_schema_extra=RESOURCE)
 
     @field_validator("loss", mode="before")
     @classmethod
@@ -140,28 +259,40 @@ class PretrainConfig(Schema):
 class LinclsConfig(Schema):
     """Linear evaluation on the frozen backbone; data are the pretraining dataset's train/val splits."""
 
-    epochs: int = Field(90, gt=0, description="Linear-evaluation epochs.")
-    batch_size: int = Field(1024, gt=0, description="Global batch size.")
-    lr: float = Field(0.1, gt=0, description="Base learning rate, scaled by lr_scaling.")
-    lr_scaling: LrScaling = Field("linear", description="As in pretrain.")
-    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
-    weight_decay: float = Field(0.0, ge=0, description="SGD weight decay.")
+    epochs: int = Field(90, gt=0, description="Linear-evaluation epochs.", json_schema_extra=LINCLS_RECIPE)
+    batch_size: int = Field(1024, gt=0, description="Global batch size.", json_schema_extra=LINCLS_RECIPE)
+    lr: float = Field(
+        0.1, gt=0, description="Base learning rate, scaled by lr_scaling.", json_schema_extra=LINCLS_RECIPE
+    )
+    lr_scaling: LrScaling = Field("linear", description="As in pretrain.", json_schema_extra=LINCLS_RECIPE)
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.", json_schema_extra=LINCLS_RECIPE)
+    weight_decay: float = Field(0.0, ge=0, description="SGD weight decay.", json_schema_extra=LINCLS_RECIPE)
     mode: Literal["standard", "features", "both"] = Field(
         "standard",
         description="standard: augmented images through the frozen backbone each epoch; features: "
         "compute frozen features once and train the linear layer on them; both: run both, report both.",
+        json_schema_extra=LINCLS_RECIPE,
     )
-    workers: int = Field(8, ge=0, description="Data-loading processes per rank.")
+    workers: int = Field(8, ge=0, description="Data-loading processes per rank.", json_schema_extra=RESOURCE)
     pretrained: Path | None = Field(
         None,
         description="A checkpoint file whose backbone to evaluate instead of the run's own pretraining: "
         "one of ours, or the SogCLR authors' released ones (`state_dict` with `module.base_encoder.*` "
         "keys); pretrain.arch and small_stem must match it.",
+        json_schema_extra=RESOURCE,
     )
-    seed: int = Field(0, ge=0, description="Seed of shuffling, augmentation and classifier init.")
-    log_every_steps: int = Field(10, gt=0, description="Write metrics.jsonl every N steps.")
+    seed: int = Field(
+        0,
+        ge=0,
+        description="Seed of shuffling, augmentation and classifier init.",
+        json_schema_extra=LINCLS_RECIPE,
+    )
+    log_every_steps: int = Field(
+        10, gt=0, description="Write metrics.jsonl every N steps.", json_schema_extra=RESOURCE
+    )
     collective_timeout_s: float = collective_timeout_field()
-    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    progress_timeout_minutes: float | None = progress_timeout_field()
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, json_schema_extra=RESOURCE)
 
 
 class WandbConfig(Schema):
@@ -235,28 +366,41 @@ def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     return RunConfig.model_validate(apply_overrides(data, list(overrides)))
 
 
-RECIPE_SECTIONS = ("pretrain", "lincls")
-# Not the recipe: when checkpoints are written never changes the result (see sogclr/loop.py).
-NOT_RECIPE = frozenset({"pretrain.checkpoint", "lincls.checkpoint"})
+TRAINING_SECTIONS: dict[str, type[Schema]] = {"pretrain": PretrainConfig, "lincls": LinclsConfig}
 
 
-def recipe_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """`section.field: old -> new` for each recipe field that differs between two dumped run configs
-    (`model_dump(mode="json")`); `meta`, `run_dir` and the checkpoint policy are not the recipe."""
+def roles(field: FieldInfo) -> list[str]:
+    """The phases whose recipe a field of a training section is part of ([] for a resource)."""
+    return field.json_schema_extra["recipe"]
+
+
+def recipe(config: dict[str, Any], phases: Iterable[str]) -> dict[str, Any]:
+    """The fields of a dumped run config (`model_dump(mode="json")`) that define the training trajectory
+    of any of `phases`: {section: {field: value}}. Fields a config does not have (written before they
+    existed) are left out."""
+    phases = set(phases)
+    found = {}
+    for name, model in TRAINING_SECTIONS.items():
+        section = config.get(name) or {}
+        fields = {
+            k: section[k] for k, f in model.model_fields.items() if k in section and phases & {*roles(f)}
+        }
+        if fields:
+            found[name] = fields
+    return found
+
+
+def recipe_differences(old: dict[str, Any], new: dict[str, Any], phases: Iterable[str] = PHASES) -> list[str]:
+    """`section.field: old -> new` for each field of `phases`' recipe that differs between two dumped run
+    configs. Fields only one of them has are not compared: a config written before a field existed."""
+    phases = tuple(phases)
+    before, after = recipe(old, phases), recipe(new, phases)
     return [
-        f"{key}: {before!r} -> {after!r}"
-        for section in RECIPE_SECTIONS
-        for key, before, after in _differences(old.get(section), new.get(section), section)
+        f"{section}.{key}: {fields[key]!r} -> {after[section][key]!r}"
+        for section, fields in before.items()
+        for key in fields
+        if key in after.get(section, {}) and fields[key] != after[section][key]
     ]
-
-
-def _differences(old: Any, new: Any, key: str) -> list[tuple[str, Any, Any]]:
-    if key in NOT_RECIPE:
-        return []
-    if isinstance(old, dict) and isinstance(new, dict):
-        keys = [*old, *(k for k in new if k not in old)]
-        return [d for k in keys for d in _differences(old.get(k), new.get(k), f"{key}.{k}")]
-    return [] if old == new else [(key, old, new)]
 
 
 def dump_run_config(config: RunConfig, path: str | Path) -> None:

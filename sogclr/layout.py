@@ -6,7 +6,7 @@
 <run_dir>/checkpoints/         last.pt, ckpt-<step>.pt, final.pt
 <run_dir>/tensorboard/         optional TensorBoard events
 <run_dir>/lincls/              linear evaluation: the same files, one checkpoint directory per mode,
-                               and result.json
+                               result.json, and features/ (the cache of extracted features)
 <run_dir>/wandb/               optional W&B files (offline-run-* per attempt and phase)
 <run_dir>/wandb-id             the id of the run directory's one W&B run
 <run_dir>/slurm/, local/       the launcher's logs (submitit's folder; torchrun's output in local mode)
@@ -45,6 +45,11 @@ class PhaseLayout:
     @property
     def result(self) -> Path:
         return self.directory / "result.json"
+
+    @property
+    def features(self) -> Path:
+        """Linear evaluation's cache of extracted features (sogclr/features.py)."""
+        return self.directory / "features"
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from sogclr.checkpoint import FINAL, CheckpointManager, load_file, seed_everythi
 from sogclr.cli import parse_run_config
 from sogclr.config import RunConfig
 from sogclr.data import (
+    IndexedImageFolder,
     ResumableDistributedSampler,
     build_lincls_datasets,
     build_loader,
@@ -38,10 +39,17 @@ from sogclr.data import (
     set_loader_epoch,
 )
 from sogclr.distributed import DistEnv, StopSignals
-from sogclr.features import FrozenEncoder, extract_features
+from sogclr.features import (
+    FeatureCache,
+    Features,
+    FrozenEncoder,
+    extract_features,
+    samples_digest,
+    state_digest,
+)
 from sogclr.layout import RunLayout
-from sogclr.loop import Progress, Session, run_epochs, run_process
-from sogclr.metrics import DeviceMean, MetricsLogger
+from sogclr.loop import Progress, Session, run_epochs, run_process, stop_agreed, stop_signal
+from sogclr.metrics import DeviceMean, MetricsLogger, cut_metrics
 from sogclr.model import build_linear_classifier, load_backbone, released_backbone_state_dict
 from sogclr.optim import build_optimizer, scaled_lr
 from sogclr.pretrain import autocast_dtype
@@ -55,8 +63,12 @@ def train(cfg: RunConfig) -> str:
     """Linear evaluation (or its resumption) of the run in `cfg.run_dir`; returns the final status."""
     if cfg.lincls is None:
         raise ValueError(f"the config of {cfg.run_dir} has no lincls section")
+    lcfg = cfg.lincls
     return run_process(
-        RunLayout(cfg.run_dir).lincls.state, partial(_evaluate, cfg), cfg.lincls.collective_timeout_s
+        RunLayout(cfg.run_dir).lincls.state,
+        partial(_evaluate, cfg),
+        lcfg.collective_timeout_s,
+        lcfg.progress_timeout_minutes,
     )
 
 
@@ -71,9 +83,21 @@ def _evaluate(cfg: RunConfig, env: DistEnv, signals: StopSignals) -> str:
     if env.device.type == "cuda":
         classifier.to(memory_format=torch.channels_last)
     encode = FrozenEncoder(classifier.backbone, autocast_dtype(pcfg, env.device))
+    backbone = state_digest(classifier.backbone.state_dict())
 
     local_batch = lcfg.batch_size // env.world_size
-    val_features = extract_features(encode, val_set, env, local_batch, lcfg.workers)
+    files = RunLayout(cfg.run_dir).lincls
+    cache = FeatureCache(files.features, env)
+
+    def features(split: str, dataset: IndexedImageFolder) -> Features | None:
+        """The split's plain features: from the cache, or extracted (acting on a stop at every batch)."""
+        key = {"split": split, "backbone": backbone, "samples": samples_digest(dataset),
+               "transform": repr(dataset.transform), "dtype": str(encode.dtype)}  # fmt: skip
+        stop = partial(stop_agreed, env, signals)
+        return cache.get(key, lambda: extract_features(encode, dataset, env, local_batch, lcfg.workers, stop))
+
+    if (val_features := features("val", val_set)) is None:
+        return stopped(files.state, env, signals)
     sampler = ResumableDistributedSampler(
         len(train_set), lcfg.batch_size, env.rank, env.world_size, lcfg.seed
     )
@@ -85,25 +109,32 @@ def _evaluate(cfg: RunConfig, env: DistEnv, signals: StopSignals) -> str:
             batches = augmented_batches(encode, loader)
         else:
             # The training images with the validation transform: what the features protocol trains on.
-            plain = build_plain_dataset(pcfg, "train")
-            batches = stored_batches(
-                *extract_features(encode, plain, env, local_batch, lcfg.workers), sampler
-            )
+            if (train_features := features("train", build_plain_dataset(pcfg, "train"))) is None:
+                return stopped(files.state, env, signals)
+            batches = stored_batches(*train_features, sampler)
         # deepcopy: every mode starts from the same initial layer
         fc = copy.deepcopy(classifier.fc)
-        result = fit_linear(cfg, env, signals, mode, fc, batches, sampler.steps_per_epoch, val_features)
+        result = fit_linear(
+            cfg, env, signals, mode, fc, batches, sampler.steps_per_epoch, val_features, backbone
+        )
         if result is None:
             return "preempted"
         results[mode] = result
 
     if env.is_main:
-        files = RunLayout(cfg.run_dir).lincls
         # Top level: the first mode's numbers (standard when both ran); each mode under its own key.
         write_json_atomic(
             files.result, {"mode": lcfg.mode, "epochs": lcfg.epochs, **results[modes[0]], **results}
         )
         update_state(files.state, status="done")
     return "done"
+
+
+def stopped(state_path: Path, env: DistEnv, signals: StopSignals) -> str:
+    """Record a stop between steps (during feature extraction); the next attempt resumes from the cache."""
+    if env.is_main:
+        update_state(state_path, status="preempted", signal=stop_signal(signals))
+    return "preempted"
 
 
 def backbone_weights(cfg: RunConfig) -> dict[str, torch.Tensor]:
@@ -173,8 +204,10 @@ def fit_linear(
     batches: Batches,
     steps_per_epoch: int,
     val_features: tuple[torch.Tensor, torch.Tensor],
+    backbone: str,
 ) -> dict[str, float] | None:
-    """Train `fc` for `lincls.epochs` (resuming if checkpointed); final accuracy, or None if stopped."""
+    """Train `fc` for `lincls.epochs` (resuming if checkpointed) on the frozen backbone whose weights'
+    digest is `backbone`; final accuracy, or None if stopped."""
     lcfg = cfg.lincls
     files = RunLayout(cfg.run_dir).lincls
     peak_lr = scaled_lr(lcfg.lr, lcfg.batch_size, lcfg.lr_scaling)
@@ -189,9 +222,13 @@ def fit_linear(
         progress=Progress(steps_per_epoch),
         total_steps=total_steps,
         config=cfg.model_dump(mode="json"),
+        phase="lincls",
+        identity={"backbone": backbone},  # another backbone is another trajectory, whatever the config
     )
     progress = session.resume()
     session.record(mode=mode)
+    if env.is_main:
+        cut_metrics(files.metrics, progress.global_step, mode=mode)
     model = DistributedDataParallel(fc) if env.distributed else fc
     loss_mean = DeviceMean()
 

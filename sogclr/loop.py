@@ -29,6 +29,7 @@ from sogclr.distributed import (
     is_peer_failure,
 )
 from sogclr.state import read_state, update_state
+from sogclr.watchdog import Watchdog, progressed
 
 
 @dataclass
@@ -53,7 +54,9 @@ class Session:
     """Checkpoints, stop signals and `state.json` of one training process (all ranks build one).
 
     `stateful` maps checkpoint keys to objects with `state_dict`/`load_state_dict` (the bare model, not
-    its DDP wrapper; the optimizer; the loss with its u buffer; the grad scaler).
+    its DDP wrapper; the optimizer; the loss with its u buffer; the grad scaler). `phase` names whose
+    recipe (sogclr/config.py) a resume must find unchanged; `identity` holds what else a checkpoint must
+    match, name -> digest (linear evaluation's backbone).
     """
 
     def __init__(
@@ -66,6 +69,8 @@ class Session:
         progress: Progress,
         total_steps: int,
         config: dict[str, Any],
+        phase: str,
+        identity: dict[str, str] | None = None,
     ) -> None:
         self.env = env
         self.signals = signals
@@ -75,6 +80,8 @@ class Session:
         self.progress = progress
         self.total_steps = total_steps
         self.config = config
+        self.phase = phase
+        self.identity = identity or {}
         self.saved_step: int | None = None
 
     def resume(self) -> Progress:
@@ -90,7 +97,7 @@ class Session:
                     f"checkpoint has {payload['steps_per_epoch']} steps per epoch, this run "
                     f"{self.progress.steps_per_epoch}: the dataset or global batch size changed"
                 )
-            if differences := recipe_differences(payload["config"], self.config):
+            if differences := self._differences(payload):
                 # continuing would mix two schedules (epochs, lr, gamma) in one run without a word
                 raise ValueError(
                     f"checkpoint's recipe differs from this run's config: {'; '.join(differences)}"
@@ -102,6 +109,16 @@ class Session:
             self.saved_step = self.progress.global_step
         self.record(status="running", total_steps=self.total_steps, error=None, failure=None, signal=None)
         return self.progress
+
+    def _differences(self, payload: dict[str, Any]) -> list[str]:
+        """What the checkpoint's training trajectory and this run's differ in: the phase's recipe fields,
+        and the identities both record (a checkpoint from before one was recorded is not held to it)."""
+        saved = payload.get("identity", {})
+        return recipe_differences(payload["config"], self.config, [self.phase]) + [
+            f"{name}: {saved[name]} -> {digest}"
+            for name, digest in self.identity.items()
+            if name in saved and saved[name] != digest
+        ]
 
     def _load_resume_point(self) -> dict[str, Any] | None:
         chosen, payload = None, None
@@ -135,6 +152,7 @@ class Session:
             world_size=self.env.world_size,
             rng=rng_state(),
             config=self.config,
+            identity=self.identity,
         )
         self.checkpoints.save(payload, progress.global_step)
         self.saved_step = progress.global_step
@@ -143,14 +161,22 @@ class Session:
 
     def boundary(self, epoch_end: bool) -> bool:
         """At a step boundary: save if due; on a stop signal (any rank) save and return True."""
+        progressed()
         stop, time_due = agree(
             self.env, self.signals.received is not None, self.env.is_main and self.checkpoints.time_due()
         )
+        if stop:
+            # `preempted` before the save: a stop killed mid-save (grace time too short) is still a stop,
+            # resumed from the previous checkpoint, not a transient failure against max_failures
+            self.record(status="preempted", signal=self.stop_signal())
         if stop or time_due or epoch_end or self.checkpoints.step_due(self.progress.global_step):
             self.save()
         if stop:
-            self.record(status="preempted", signal=getattr(self.signals.received, "name", "peer"))
+            self.record(status="preempted", signal=self.stop_signal())
         return stop
+
+    def stop_signal(self) -> str:
+        return stop_signal(self.signals)
 
     def finish(self) -> None:
         """Save the end state and keep it as the final checkpoint."""
@@ -166,6 +192,16 @@ class Session:
                 step=self.saved_step or 0,
                 **fields,
             )
+
+
+def stop_agreed(env: DistEnv, signals: StopSignals) -> bool:
+    """Whether a stop signal reached any rank: a collective, every rank calls it at the same point."""
+    return agree(env, signals.received is not None)[0]
+
+
+def stop_signal(signals: StopSignals) -> str:
+    """The stop signal's name as state.json records it (`peer`: another rank got it)."""
+    return getattr(signals.received, "name", "peer")
 
 
 def run_epochs(
@@ -195,14 +231,19 @@ def run_epochs(
 
 
 def run_process(
-    state_path: Path, body: Callable[[DistEnv, StopSignals], str], collective_timeout_s: float = 300.0
+    state_path: Path,
+    body: Callable[[DistEnv, StopSignals], str],
+    collective_timeout_s: float = 300.0,
+    progress_timeout_minutes: float | None = None,
 ) -> str:
-    """Run `body(env, signals)` inside this process's distributed context and stop-signal handlers.
+    """Run `body(env, signals)` inside this process's distributed context, stop-signal handlers and
+    progress watchdog (sogclr/watchdog.py).
 
     An exception is recorded as `failed` in `state_path` (by every rank that raises: only the failing rank
     knows the message; writes are atomic replaces), then propagates. The process group is always torn down.
     """
-    with StopSignals() as signals:  # before joining the group: a warning during start-up is kept
+    # signals before joining the group: a warning during start-up is kept
+    with StopSignals() as signals, Watchdog(state_path, progress_timeout_minutes):
         env = init_distributed(collective_timeout_s)
         try:
             with _recording_failure(state_path):

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from sogclr.atomic import write_atomic
 from sogclr.config import RunConfig
 
 
@@ -64,6 +65,29 @@ def estimator_stats(log_u: torch.Tensor) -> dict[str, float]:
         return {}
     stats = torch.stack([seen.mean(), seen.min(), seen.max()]).tolist()
     return dict(zip(("u_mean", "u_min", "u_max"), stats, strict=True))
+
+
+def cut_metrics(path: Path, step: int, **match: Any) -> int:
+    """Drop the records of `path` logged after `step` (of those whose fields include `match`, as
+    `mode="features"`), and any line a crash cut short: a run resumed from `step` logs them again, and a
+    report must not show a step twice. Returns how many lines went."""
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if not _past(line, step, match)]
+    if len(kept) < len(lines):
+        write_atomic(path, lambda f: f.write("".join(kept).encode()))
+    return len(lines) - len(kept)
+
+
+def _past(line: str, step: int, match: dict[str, Any]) -> bool:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return True
+    if not line.endswith("\n"):
+        return True
+    return record.get("step", 0) > step and all(record.get(k) == v for k, v in match.items())
 
 
 class MetricsLogger:

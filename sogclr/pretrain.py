@@ -36,7 +36,7 @@ from sogclr.knn import KnnMonitor
 from sogclr.layout import RunLayout
 from sogclr.loop import Progress, Session, run_epochs, run_process
 from sogclr.losses import GlobalContrastiveLoss, SimCLRLoss
-from sogclr.metrics import DeviceMean, MetricsLogger, Throughput, estimator_stats
+from sogclr.metrics import DeviceMean, MetricsLogger, Throughput, cut_metrics, estimator_stats
 from sogclr.model import build_pretrain_model, maybe_sync_batchnorm
 from sogclr.optim import build_optimizer, scaled_lr
 from sogclr.schedules import gamma_at, set_lr, warmup_cosine
@@ -45,7 +45,10 @@ from sogclr.schedules import gamma_at, set_lr, warmup_cosine
 def train(cfg: RunConfig) -> str:
     """Pretrain (or resume pretraining) the run in `cfg.run_dir`; returns the final status."""
     files = RunLayout(cfg.run_dir).pretrain
-    return run_process(files.state, partial(_pretrain, cfg), cfg.pretrain.collective_timeout_s)
+    pcfg = cfg.pretrain
+    return run_process(
+        files.state, partial(_pretrain, cfg), pcfg.collective_timeout_s, pcfg.progress_timeout_minutes
+    )
 
 
 def _pretrain(cfg: RunConfig, env: DistEnv, signals: StopSignals) -> str:
@@ -81,8 +84,11 @@ def _pretrain(cfg: RunConfig, env: DistEnv, signals: StopSignals) -> str:
         progress=Progress(sampler.steps_per_epoch),
         total_steps=total_steps,
         config=cfg.model_dump(mode="json"),
+        phase="pretrain",
     )
     progress = session.resume()
+    if env.is_main:
+        cut_metrics(files.metrics, progress.global_step)
 
     step = PretrainStep(
         wrap_model(model, pcfg, env), criterion, optimizer, scaler, pcfg, total_steps, sampler.steps_per_epoch
