@@ -95,6 +95,8 @@ def submit_sweep(
                 "attempt starts; edits made while they wait or run change what they run",
                 highlight=False,
             )
+        if reconfigure:
+            reconfigure_runs(runs, where, code.record() if code else live_code(), console)
         plans, actions = [], {}
         for run in runs:
             phases, actions[run.name] = phases_to_submit(run, where[run.name], resubmit_failed)
@@ -230,7 +232,8 @@ def submit_run(
     Raises SubmissionError when sbatch refuses one."""
     if not phases:
         return
-    write_run_config(run, code.record() if code else live_code())
+    if after is None:  # else its pretraining job is live: the config of an active run is never rewritten
+        write_run_config(run, code.record() if code else live_code())
     for phase in phases:
         executor = make_executor(run, phase, dependency=f"afterok:{after}" if after else None, code=code)
         job_id = sbatch(executor, training_job(run, phase), f"run {run.name} {phase}")
@@ -278,8 +281,9 @@ def sbatch(executor: submitit.SlurmExecutor, job: TrainingJob, what: str) -> str
 
 
 def check_recipes(runs: list[Run], reconfigure: bool) -> None:
-    """SpecError naming the fields, for the first run whose recipe (pretrain, lincls) differs from the
-    one in its config.yaml: a resumed run would continue under another schedule. Resources may change."""
+    """SpecError naming the fields, for the first run whose recipe (the fields of pretrain and lincls
+    that define a training trajectory, sogclr/config.py) differs from the one in its config.yaml: a
+    resumed run would continue under another schedule. Resources may change."""
     for run in runs:
         path = run.files.config
         if reconfigure or not path.is_file():
@@ -290,6 +294,40 @@ def check_recipes(runs: list[Run], reconfigure: bool) -> None:
                 f"run {run.name}: the recipe differs from its {path}: {'; '.join(differences)} "
                 "(--reconfigure to rewrite it)"
             )
+
+
+def reconfigure_runs(
+    runs: list[Run], where: dict[str, dict[str, PhaseStanding]], code: dict[str, Any], console: Console
+) -> list[str]:
+    """`--reconfigure`: rewrite the config.yaml of every existing run that is not active and whose config
+    changed; a run with a queued or running job is left as it is (its next attempt would read the new
+    config), and named. Returns the names of the runs rewritten."""
+    rewritten, left = [], []
+    for run in runs:
+        path = run.files.config
+        if not path.is_file() or not _config_changed(load_run_config(path), run.config):
+            continue
+        if any(standing.active for standing in where[run.name].values()):
+            left.append(run.name)
+        else:
+            write_run_config(run, code)
+            rewritten.append(run.name)
+    if rewritten:
+        console.print(f"--reconfigure: rewrote the config of {', '.join(rewritten)}", highlight=False)
+    if left:
+        console.print(
+            f"[yellow]warning:[/] --reconfigure: left the config of {', '.join(left)}: a job of theirs "
+            "is queued or running (cancel it, or reconfigure once it has ended)",
+            highlight=False,
+        )
+    return rewritten
+
+
+def _config_changed(recorded: RunConfig, config: RunConfig) -> bool:
+    """Whether anything but provenance (`meta`: code, resources, sweep point) differs."""
+    return recorded.model_dump(mode="json", exclude={"meta"}) != config.model_dump(
+        mode="json", exclude={"meta"}
+    )
 
 
 def job_name(run: Run, phase: str) -> str:
