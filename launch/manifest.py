@@ -37,13 +37,44 @@ QUERY_TIMEOUT_S = 60
 NEVER_RUNS = "pending (dependency never satisfied)"
 
 
+# The sweep directories whose lock this process holds (flock is per open file: opening it again here
+# would wait for ourselves).
+_held: set[Path] = set()
+
+
 @contextmanager
 def sweep_lock(directory: Path) -> Iterator[None]:
     """Hold the sweep's lock: two submissions of one sweep run one after the other, never interleaved."""
     directory.mkdir(parents=True, exist_ok=True)
     with open(directory / LOCK_FILE, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        yield
+        _held.add(directory.resolve())
+        try:
+            yield
+        finally:
+            _held.discard(directory.resolve())
+
+
+@contextmanager
+def lock_if_free(directory: Path) -> Iterator[bool]:
+    """The sweep's lock if this process holds it or can take it at once: True inside. False when
+    another process holds it (a submission, a --local run: it closes what it finds itself) or the
+    sweep cannot be written (a colleague's): the caller then writes nothing."""
+    if directory.resolve() in _held:
+        yield True
+        return
+    try:
+        lock = open(directory / LOCK_FILE, "a")
+    except OSError:  # read-only, or not ours
+        yield False
+        return
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            yield False
+            return
+        yield True
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:
@@ -246,7 +277,8 @@ def standings(runs: list[Run], manifest: dict[str, Any]) -> dict[str, dict[str, 
     """run -> phase -> standing, with one squeue and at most one sacct call for the whole sweep.
 
     A job that SLURM has ended for good while its run directory still shows an attempt in progress gets
-    that attempt closed (`close_unrecorded_attempt`), so the run directory agrees with SLURM.
+    that attempt closed (`close_unrecorded_attempt`), so the run directory agrees with SLURM: under the
+    sweep's lock, and only when it is free or ours (`lock_if_free`); else a later command closes it.
     """
     job_ids = [
         job_id for run in runs for phase in PHASES if (job_id := current_job(manifest, run.name, phase))
@@ -257,8 +289,16 @@ def standings(runs: list[Run], manifest: dict[str, Any]) -> dict[str, dict[str, 
         run.name: {phase: phase_standing(run, phase, manifest, jobs, cluster) for phase in PHASES}
         for run in runs
     }
-    for run in runs:
-        for phase, standing in where[run.name].items():
-            if standing.from_slurm and standing.state not in ACTIVE and standing.state != "completed":
-                close_unrecorded_attempt(PHASES[phase].state_path(run.run_dir), standing.state)
+    ended = [
+        (run, phase, standing.state)
+        for run in runs
+        for phase, standing in where[run.name].items()
+        if standing.from_slurm and standing.state not in ACTIVE and standing.state != "completed"
+    ]
+    # under the lock: two commands at once would both append the attempt (runs of a sweep share its dir)
+    if ended:
+        with lock_if_free(ended[0][0].run_dir.parent) as locked:
+            if locked:
+                for run, phase, slurm_state in ended:
+                    close_unrecorded_attempt(PHASES[phase].state_path(run.run_dir), slurm_state)
     return where

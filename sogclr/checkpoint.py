@@ -85,7 +85,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
     """Restore what `rng_state` captured."""
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        for device, cuda_state in cuda_states_to_restore(state["cuda"], torch.cuda.device_count()):
+            torch.cuda.set_rng_state(cuda_state, device)
     np_state = state["numpy"]
     np.random.set_state(
         (
@@ -98,6 +99,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
     )
     py_state = state["python"]
     random.setstate((py_state["version"], tuple(py_state["internal"].tolist()), py_state["gauss_next"]))
+
+
+def cuda_states_to_restore(saved: list[torch.Tensor], visible: int) -> list[tuple[int, torch.Tensor]]:
+    """(device, state) for the CUDA generators to restore: one state per GPU the saving process saw, and
+    a requeue may land on a node with fewer (or more) GPUs, so as many as both have. Nothing in training
+    draws from them (augmentations are seeded per sample): their state only has to be restorable."""
+    return list(enumerate(saved[:visible]))
 
 
 def _step_files(directory: Path) -> list[tuple[int, Path]]:
@@ -153,8 +161,13 @@ class CheckpointManager:
 
     def load_latest(self) -> tuple[Path, dict[str, Any]] | None:
         """The newest checkpoint that loads, with its path, or None; unreadable files are skipped with
-        a warning."""
-        candidates = [self.directory / LAST] + [path for _, path in _step_files(self.directory)]
+        a warning.
+
+        The step files go first, newest first: `last.pt` names an older step when a save was killed
+        between writing its step file and linking `last.pt` to it. `last.pt` is the fallback (a
+        directory without step files).
+        """
+        candidates = [path for _, path in _step_files(self.directory)] + [self.directory / LAST]
         tried = set()
         for path in candidates:
             if not path.exists() or (inode := path.stat().st_ino) in tried:

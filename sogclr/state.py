@@ -10,6 +10,7 @@ and keeps the rest. Rank 0 writes, and any rank that fails records its error.
 from __future__ import annotations
 
 import json
+import os
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 from sogclr.atomic import write_atomic
 
 STATUSES = ("running", "preempted", "done", "failed", "cancelled")
+CORRUPT = "corrupt"  # what `read_state` says of a file it cannot read as a record
 
 
 def now() -> str:
@@ -25,11 +27,20 @@ def now() -> str:
 
 
 def read_state(path: str | Path) -> dict[str, Any]:
-    """The record at `path`, or {} when there is none yet."""
+    """The record at `path`, or {} when there is none yet. A file that is not a JSON object (damaged
+    outside this code: a full disk, a partial copy) reads as status `corrupt` with the reason as its
+    error, so every command can still report the run instead of crashing on it."""
     try:
-        return json.loads(Path(path).read_text())
+        text = Path(path).read_text()
     except FileNotFoundError:
         return {}
+    try:
+        record = json.loads(text)
+    except ValueError as error:
+        return {"status": CORRUPT, "error": f"{path} is not valid JSON: {error}"}
+    if not isinstance(record, dict):
+        return {"status": CORRUPT, "error": f"{path} holds a {type(record).__name__}, not a record"}
+    return record
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:
@@ -42,6 +53,9 @@ def update_state(path: str | Path, **fields: Any) -> dict[str, Any]:
     if "status" in fields and fields["status"] not in STATUSES:
         raise ValueError(f"status {fields['status']!r} is not one of {STATUSES}")
     state = read_state(path)
+    if state.get("status") == CORRUPT:  # keep the damaged file for a look, and start a fresh record
+        os.replace(path, Path(path).with_name(f"{Path(path).name}.corrupt"))
+        state = {}
     state.setdefault("attempts", [])
     state.setdefault("requeues", 0)
     state.update(fields, updated=now())

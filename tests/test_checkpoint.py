@@ -3,7 +3,9 @@ the state.json record the job layer shares."""
 
 from __future__ import annotations
 
+import os
 import random
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +13,14 @@ import pytest
 import torch
 from torch import nn
 
-from sogclr.checkpoint import CheckpointManager, load_file, rng_state, save_atomic, set_rng_state
+from sogclr.checkpoint import (
+    CheckpointManager,
+    cuda_states_to_restore,
+    load_file,
+    rng_state,
+    save_atomic,
+    set_rng_state,
+)
 from sogclr.config import CheckpointConfig
 from sogclr.distributed import DistEnv, StopSignals
 from sogclr.loop import Progress, Session
@@ -60,15 +69,42 @@ def test_damaged_last_falls_back_to_previous_with_warning(tmp_path: Path, damage
         with open(last, "r+b") as f:
             f.truncate(last.stat().st_size // 2)
         expected = 1
-    else:  # last.pt replaced by garbage: ckpt-2 is a separate file and still good
+        with pytest.warns(UserWarning, match="skipping unreadable checkpoint .*ckpt-000000002.pt"):
+            path, payload = CheckpointManager(tmp_path, CheckpointConfig()).load_latest()
+    else:  # last.pt replaced by garbage: ckpt-2 is a separate file and still good, and read first
         last.unlink()
         last.write_bytes(b"\x00not a checkpoint" * 100)
         expected = 2
-    with pytest.warns(UserWarning, match="skipping unreadable checkpoint .*last.pt"):
-        path, payload = CheckpointManager(tmp_path, CheckpointConfig()).load_latest()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            path, payload = CheckpointManager(tmp_path, CheckpointConfig()).load_latest()
     assert path.name == f"ckpt-{expected:09d}.pt"
     assert payload["step"] == expected
     assert torch.equal(payload["weights"], torch.arange(10_000.0) + expected - 1)
+
+
+def test_resume_is_from_the_newest_step_even_when_last_names_an_older_one(tmp_path: Path) -> None:
+    """A save killed between writing its step file and linking last.pt to it (review finding 21)."""
+    manager = CheckpointManager(tmp_path, CheckpointConfig(keep=3))
+    for step in (1, 2, 3):
+        manager.save({"step": step}, step)
+    (tmp_path / "last.pt").unlink()
+    os.link(tmp_path / "ckpt-000000002.pt", tmp_path / "last.pt")
+    path, payload = manager.load_latest()
+    assert (path.name, payload["step"]) == ("ckpt-000000003.pt", 3)
+    for path in tmp_path.glob("ckpt-*.pt"):  # a directory of another layout: last.pt alone
+        path.unlink()
+    assert manager.load_latest()[1]["step"] == 2
+
+
+def test_cuda_rng_states_are_restored_onto_the_gpus_there_are() -> None:
+    """Saved on 8 GPUs, resumed on 4 (or on 8 after 4): as many generators as both have (finding 16)."""
+    saved = [torch.full((16,), device, dtype=torch.uint8) for device in range(8)]
+    assert [(device, int(state[0])) for device, state in cuda_states_to_restore(saved, 4)] == [
+        (0, 0), (1, 1), (2, 2), (3, 3)
+    ]  # fmt: skip
+    assert [device for device, _ in cuda_states_to_restore(saved[:4], 8)] == [0, 1, 2, 3]
+    assert cuda_states_to_restore(saved, 0) == []
 
 
 def test_empty_directory_has_nothing_to_resume(tmp_path: Path) -> None:
@@ -117,7 +153,15 @@ def test_session_checkpoint_loads_weights_only_and_restores_everything(tmp_path:
     def session(stateful: dict) -> Session:
         manager = CheckpointManager(tmp_path, CheckpointConfig())
         return Session(
-            CPU, StopSignals(), manager, tmp_path / "state.json", stateful, Progress(5), 10, {"a": 1}
+            CPU,
+            StopSignals(),
+            manager,
+            tmp_path / "state.json",
+            stateful,
+            Progress(5),
+            10,
+            {"a": 1},
+            "pretrain",
         )
 
     stateful = {"model": model, "optimizer": optimizer, "criterion": criterion, "scaler": scaler}
