@@ -12,6 +12,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,6 +28,7 @@ from sogclr.model import build_pretrain_model
 from sogclr.state import read_state
 from tests.runs import (
     assert_same_training_state,
+    handles,
     interrupt_at,
     logged_steps,
     run_module,
@@ -99,10 +103,9 @@ def test_pretrained_backbone_beats_random_init(pretrained_run: Path, tmp_path: P
     assert epoch_ends[-1]["top1"] == pytest.approx(pretrained["features"]["top1"])
 
 
-# standard: stop in the second epoch, a few steps in. features: its steps take microseconds, too fast to
-# aim at, so the signal goes in as soon as the process handles it (it is still extracting features) and
-# training stops at the first step boundary.
-@pytest.mark.parametrize(("mode", "stop_at"), [("standard", STEPS_PER_EPOCH + 3), ("features", 0)])
+# standard: stop in the second epoch, a few steps in. (features: its steps take microseconds, too fast
+# to aim at; its stops come during feature extraction, below.)
+@pytest.mark.parametrize(("mode", "stop_at"), [("standard", STEPS_PER_EPOCH + 3)])
 def test_sigusr2_mid_epoch_then_resume_is_bit_identical(
     pretrained_run: Path, tmp_path: Path, mode: str, stop_at: int
 ) -> None:
@@ -150,3 +153,64 @@ def test_unfinished_pretraining_is_a_clear_error(pretrained_run: Path, tmp_path:
     (tmp_path / "checkpoints" / "final.pt").unlink()
     with pytest.raises(FileNotFoundError, match="no final pretraining checkpoint"):
         lincls.train(load_run_config(config))
+
+
+def stop_once(config: Path, ready: Callable[[], bool]) -> None:
+    """Start linear evaluation, send SIGUSR2 once `ready()` (and its handler is in place), expect a
+    clean exit recording `preempted`."""
+    process = start_module("sogclr.lincls", config)
+    deadline = time.monotonic() + 300
+    while not (ready() and handles(process.pid, signal.SIGUSR2)):
+        assert process.poll() is None, process.stdout.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "linear evaluation never got ready"
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGUSR2)
+    wait_ok(process)
+    state = read_state(config.parent / "lincls" / "state.json")
+    assert state["status"] == "preempted" and state["signal"] == "SIGUSR2"
+
+
+def test_a_stop_during_feature_extraction_and_a_resume_reuse_the_extracted_features(
+    pretrained_run: Path, tmp_path: Path
+) -> None:
+    straight = tmp_path / "straight"
+    uninterrupted = start_module("sogclr.lincls", evaluation_run(pretrained_run, straight, **RESUME))
+
+    resumed = tmp_path / "resumed"
+    config = evaluation_run(pretrained_run, resumed, **RESUME)
+    cache = resumed / "lincls" / "features"
+    # as soon as it can: the stop is acted on at the first batch of the validation features
+    stop_once(config, ready=lambda: True)
+    assert not cache.exists() and not (resumed / "lincls" / "checkpoints").exists()
+
+    # once the validation features are cached: the stop comes in the training set's extraction (or,
+    # on a fast machine, at the first step)
+    stop_once(config, ready=lambda: any(cache.glob("val-*.pt")))
+    (val_cache,) = cache.glob("val-*.pt")
+    written = val_cache.stat()
+
+    run_module("sogclr.lincls", config)
+    assert read_state(resumed / "lincls" / "state.json")["status"] == "done"
+    wait_ok(uninterrupted)
+    assert read_result(resumed) == read_result(straight)
+    assert (val_cache.stat().st_ino, val_cache.stat().st_mtime_ns) == (written.st_ino, written.st_mtime_ns)
+    assert sorted(p.name.split("-")[0] for p in cache.iterdir()) == ["train", "val"]
+    assert sorted(set(logged_steps(resumed / "lincls"))) == list(range(1, 2 * STEPS_PER_EPOCH + 1))
+
+
+def test_another_backbone_is_never_resumed_nor_its_features_reused(
+    pretrained_run: Path, tmp_path: Path
+) -> None:
+    config = evaluation_run(pretrained_run, tmp_path, **RESUME)
+    run_module("sogclr.lincls", config)
+    out = tmp_path / "lincls"
+    (out / "result.json").unlink()
+    (out / "checkpoints" / "features" / "final.pt").unlink()  # resumes from last.pt, its last step
+    final = tmp_path / "checkpoints" / "final.pt"
+    final.unlink()  # another backbone: the same network, other weights
+    torch.manual_seed(1)
+    torch.save({"model": build_pretrain_model(load_run_config(config).pretrain).state_dict()}, final)
+
+    with pytest.raises(ValueError, match=r"recipe differs from this run's config: backbone: \w+ -> \w+$"):
+        lincls.train(load_run_config(config))
+    assert len(list((out / "features").glob("val-*.pt"))) == 2  # extracted again, beside the other's
