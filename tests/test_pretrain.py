@@ -7,16 +7,22 @@ batch 64 (22 steps per epoch).
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
+import time
 from pathlib import Path
 
+from jobs.attempt import classify
 from sogclr.checkpoint import load_file
 from sogclr.state import read_state, update_state
 from tests.runs import (
     assert_same_training_state,
     child_env,
     command,
+    handles,
     interrupt_at,
+    logged_steps,
     run_module,
     start_module,
     tiny_pretrain,
@@ -105,3 +111,49 @@ def test_global_batch_not_divisible_by_world_size_fails_clearly(tmp_path: Path, 
     assert result.returncode != 0
     state = read_state(tmp_path / "state.json")
     assert state["status"] == "failed" and "not divisible by world size 2" in state["error"]
+
+
+def test_killed_past_its_last_checkpoint_then_resumed_logs_every_step_once(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    """SIGKILL (no stop, no save) with metrics.jsonl ahead of the last checkpoint: the resumed run cuts
+    them back to its step, so no step is logged twice (review finding 21)."""
+    config = write_config(tmp_path, tiny_pretrain(data_dir, epochs=1, checkpoint={"every_steps": 4}))
+    process = start_module("sogclr.pretrain", config)
+    while True:  # paused while we look: kill it once its log is ahead of its last checkpoint
+        assert process.poll() is None, process.stdout.read().decode()[-3000:]
+        steps = logged_steps(tmp_path)
+        if steps and max(steps) >= 6:
+            os.kill(process.pid, signal.SIGSTOP)
+            saved = read_state(tmp_path / "state.json").get("step", 0)
+            if saved and max(logged_steps(tmp_path)) > saved:
+                break
+            os.kill(process.pid, signal.SIGCONT)
+        time.sleep(0.01)
+    process.kill()
+    process.wait()
+
+    run_module("sogclr.pretrain", config)
+    assert read_state(tmp_path / "state.json")["status"] == "done"
+    assert logged_steps(tmp_path) == list(range(1, STEPS_PER_EPOCH + 1))
+
+
+def test_a_stop_killed_during_its_save_reads_as_a_stop(tmp_path: Path, data_dir: Path) -> None:
+    """A grace time too short for the save: the trainer is killed mid-save. That is a preemption (a
+    requeue against max_requeues), not a transient failure (review finding 22). ResNet-50: a save long
+    enough to be caught writing."""
+    config = write_config(tmp_path, tiny_pretrain(data_dir, epochs=1, arch="resnet50", workers=0))
+    process = start_module("sogclr.pretrain", config)
+    deadline = time.monotonic() + 300
+    while not (logged_steps(tmp_path) and handles(process.pid, signal.SIGUSR2)):
+        assert process.poll() is None and time.monotonic() < deadline, "no first step"
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGUSR2)
+    while not list((tmp_path / "checkpoints").glob(".ckpt-*.tmp")):  # the stop's save has begun
+        assert process.poll() is None, "the save was not caught under way"
+        time.sleep(0.001)
+    process.kill()
+    process.wait()
+    state = read_state(tmp_path / "state.json")
+    assert classify(state, process.returncode) == ("preempted", "signal SIGUSR2")
+    assert not (tmp_path / "checkpoints" / "last.pt").exists()  # the save was indeed cut short
