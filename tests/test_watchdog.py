@@ -3,7 +3,8 @@ stalled network file system behaves) ends the attempt within `progress_timeout_m
 `failed: stalled`, which the job layer classifies as transient (requeued, counted against max_failures).
 One process whose loader worker is the blocked one, and two gloo ranks where one rank blocks outside the
 collectives while the other waits inside one (their collective timeout is set far longer, so it is the
-watchdog that ends them). Tiny: digits at 16 px, ResNet-18.
+watchdog that ends them); and through the local launcher, whose requeue resumes the run once the file
+system answers. Tiny: digits at 16 px, ResNet-18.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import errno
 import os
 import shutil
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +24,7 @@ from sogclr.config import PretrainConfig
 from sogclr.data import build_pretrain_dataset, epoch_permutation, prepare_data_root
 from sogclr.state import read_state
 from tests.runs import child_env, command, logged_steps, tiny_pretrain, write_config
+from tests.tiny import write_tiny_spec
 
 WATCHDOG_MINUTES = 0.1  # 6 s without a step
 BLOCKED_STEP = 2  # the steps before it are taken
@@ -90,3 +94,42 @@ def test_a_read_that_blocks_for_ever_ends_the_attempt_as_transient(
     assert outcome == "transient" and "stalled" in reason and "progress_timeout_minutes" in reason
     assert max(logged_steps(run_dir)) == BLOCKED_STEP  # it trained until the pipe, then stalled
     assert not has_reader(fifo)  # the blocked reader (a loader worker, or a rank) is gone too
+
+
+def test_the_local_launcher_requeues_a_stalled_attempt_which_then_resumes(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    """Through `sogclr-submit --local` (the SLURM job's attempt and requeue rules): the stalled attempt is
+    transient and started again; once the file system answers (the pipe replaced by its image), the run
+    finishes."""
+    fifo = image_tree_with_a_pipe(data_dir, tmp_path / "tree", BLOCKED_STEP * 64)
+    original = prepare_data_root(PretrainConfig(dataset="digits", data_dir=data_dir)) / fifo.relative_to(
+        tmp_path / "tree"
+    )
+    pretrain = {
+        "dataset": "folder", "data_dir": str(tmp_path / "tree"), "augment_on": "loader", "workers": 1,
+        "progress_timeout_minutes": WATCHDOG_MINUTES,
+    }  # fmt: skip
+    spec = write_tiny_spec(tmp_path, "stall", pretrain=pretrain, lincls=None)
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "launch.cli", str(spec), "--local"],
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    state_path = tmp_path / "runs" / "stall" / "stall" / "state.json"
+    deadline = time.monotonic() + 300
+    while not read_state(state_path).get("attempts"):
+        assert launcher.poll() is None, launcher.stdout.read()[-3000:]
+        assert time.monotonic() < deadline, "the first attempt never ended"
+        time.sleep(0.1)
+    fifo.unlink()
+    os.link(original, fifo)  # the file system answers again
+    output = launcher.communicate(timeout=600)[0]
+    assert launcher.returncode == 0, output[-3000:]
+
+    state = read_state(state_path)
+    first, *_, last = state["attempts"]
+    assert first["outcome"] == "transient" and "stalled" in first["reason"]
+    assert first["end_step"] == 0 and last["outcome"] == "done" and state["status"] == "done"
