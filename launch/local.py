@@ -137,6 +137,9 @@ def _debug(run: Run) -> int:
     from sogclr import lincls, pretrain  # the training library, in-process: no torchrun, one rank
 
     config = write_run_config(run, live_code())
+    for phase in (config.pretrain, config.lincls):  # a debugger may hold a step as long as it likes
+        if phase is not None:
+            phase.progress_timeout_minutes = None
     try:
         status = pretrain.train(config)
         if status == "done" and config.lincls is not None:
