@@ -91,8 +91,13 @@ def _evaluate(cfg: RunConfig, env: DistEnv, signals: StopSignals) -> str:
 
     def features(split: str, dataset: IndexedImageFolder) -> Features | None:
         """The split's plain features: from the cache, or extracted (acting on a stop at every batch)."""
-        key = {"split": split, "backbone": backbone, "samples": samples_digest(dataset),
-               "transform": repr(dataset.transform), "dtype": str(encode.dtype)}  # fmt: skip
+        key = {
+            "split": split,
+            "backbone": backbone,
+            "samples": samples_digest(dataset),
+            "transform": repr(dataset.transform),
+            "dtype": str(encode.dtype),
+        }
         stop = partial(stop_agreed, env, signals)
         return cache.get(key, lambda: extract_features(encode, dataset, env, local_batch, lcfg.workers, stop))
 

@@ -168,15 +168,12 @@ class Session:
         if stop:
             # `preempted` before the save: a stop killed mid-save (grace time too short) is still a stop,
             # resumed from the previous checkpoint, not a transient failure against max_failures
-            self.record(status="preempted", signal=self.stop_signal())
+            self.record(status="preempted", signal=stop_signal(self.signals))
         if stop or time_due or epoch_end or self.checkpoints.step_due(self.progress.global_step):
             self.save()
         if stop:
-            self.record(status="preempted", signal=self.stop_signal())
+            self.record(status="preempted", signal=stop_signal(self.signals))
         return stop
-
-    def stop_signal(self) -> str:
-        return stop_signal(self.signals)
 
     def finish(self) -> None:
         """Save the end state and keep it as the final checkpoint."""
