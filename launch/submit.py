@@ -362,6 +362,9 @@ def make_executor(
         time=slurm.time,
         setup=([code.setup_line()] if code else []) + list(slurm.setup),
         signal_delay_s=slurm.signal_lead_s,
+        # srun 22.05-23.02 does not inherit --cpus-per-task: where the site binds tasks to cores, the
+        # node's one task would get one core (measured: Cpus_allowed_list 0 of 0-1; README).
+        srun_args=["--cpus-per-task", str(slurm.cpus_per_task)],
         additional_parameters=extra,
         **{key: value for key, value in optional.items() if value is not None},
     )
