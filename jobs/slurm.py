@@ -188,6 +188,7 @@ def observe(task: SlurmTask, signal: str | None, trainers: str | None) -> Seen:
     return Seen(
         signal=signal,
         job_state=fields.get("JobState"),
+        reason=fields.get("Reason"),
         preempt_time=fields.get("PreemptTime", "None") not in ("None", "Unknown", ""),
         requeued=restarts.isdigit() and int(restarts) > task.restart_count,
         trainers=trainers,

@@ -17,7 +17,7 @@ is the one at the SIGTERM (or USR2) and the same 2 s later; r is the attempt's S
     preempted, CANCEL, grace 30       RUNNING     set          r         RUNNING    accepted, kills the job
     scancel                           COMPLETING  None         r         CANCELLED  accepted: undoes it
     USR2 (time-limit warning)         RUNNING     None         r         RUNNING    (requeued after the save)
-    time limit reached                TIMELIMIT_ROW
+    time limit reached (TERM)         COMPLETING  None         r         TIMEOUT    (Reason=TimeLimit)
 
 Each preemption row is the same under partition priority (partition low's GraceTime and PreemptMode)
 and under QOS preemption (QOS normal's; the partition's do not count). With grace N SLURM sends TERM,
@@ -47,6 +47,7 @@ class Seen:
 
     signal: str | None  # "SIGUSR2", "SIGTERM"; None: the job task received none
     job_state: str | None  # scontrol's JobState; None: the controller did not answer
+    reason: str | None  # scontrol's Reason (TimeLimit once the time limit is reached)
     preempt_time: bool  # PreemptTime is set
     requeued: bool  # Restarts is past this attempt's SLURM_RESTART_COUNT: SLURM has requeued the job
     trainers: str | None  # the attempt's outcome (jobs/attempt.py classify); None: they still run
@@ -84,7 +85,8 @@ ROWS = (
         "preempted", "after", False),
     Row("preempted by SLURM, which is ending the job", lambda s: s.preempt_time, "preempted", "now", False),
     Row("cancelled", _state("CANCELLED"), "cancelled", "no", True),
-    Row("its time limit was reached", _state("TIMEOUT"), "timeout", "now", False),
+    Row("its time limit was reached", lambda s: s.job_state == "TIMEOUT" or s.reason == "TimeLimit",
+        "timeout", "now", False),
     Row("running, and no stop signal", lambda s: s.signal is None and s.job_state == "RUNNING", None,
         "after", False),
     Row("a warning before the time limit", _state("RUNNING"), "timeout", "after", False),
