@@ -433,7 +433,7 @@ def _torchrun_lines(run: Run, phase: str) -> list[str]:
     lines = [f"# started with {' and '.join(AGENT_IGNORES)} ignored; the training processes handle them"]
     if slurm.nodes > 1:
         lines.append("# FIRST_HOST: first of `scontrol show hostnames $SLURM_JOB_NODELIST`")
-        lines.append("# PORT: 20000 + job id % 20000")
+        lines.append("# PORT: 20000 + job id % 12768 (below the ephemeral ports)")
     rendezvous = Rendezvous("$FIRST_HOST", "$PORT", "$SLURM_JOB_ID") if slurm.nodes > 1 else None
     command = torchrun_command(
         PHASES[phase].module,

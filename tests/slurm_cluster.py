@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -147,6 +148,17 @@ class SlurmCluster:
             yield wanted
         finally:
             self._apply(DEFAULT_PROFILE)
+
+    @contextmanager
+    def frozen_controller(self) -> Iterator[None]:
+        """slurmctld stopped (SIGSTOP) for the block, as a controller that does not answer at peak hours:
+        clients time out after MessageTimeout. It is continued (SIGCONT) however the block ends."""
+        pid = int((self.conf.parent.parent / "run" / "slurmctld.pid").read_text())
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            os.kill(pid, signal.SIGCONT)
 
     def _apply(self, profile: Profile) -> None:
         _run([str(SCRIPT), "profile"], env={**os.environ, **profile.env()}, timeout=UP_TIMEOUT_S)

@@ -5,12 +5,16 @@ controller that does not answer."""
 from __future__ import annotations
 
 import os
+import shutil
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
-from jobs.slurm import SlurmTask, cancel_dependents, observe, requeue
-from jobs.stop import decide
+from jobs.slurm import SlurmTask, cancel_dependents, carry_out, observe, requeue
+from jobs.stop import Stop, decide
+from sogclr.state import read_state, update_state
 from tests.slurm_cluster import SLURM_MODULE
 
 pytestmark = SLURM_MODULE
@@ -20,10 +24,16 @@ def task_of(job: str) -> SlurmTask:
     return SlurmTask(job_id=int(job), node_rank=0, hosts=["n1"], restart_count=0)
 
 
-def failing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str) -> None:
-    """`command` answers as a controller that does not: an error, exit status 1."""
+def failing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str, subcommand: str = "") -> None:
+    """`command` (only `command subcommand ...` if given; the real one otherwise) answers as a controller
+    that does not: an error, exit status 1."""
+    real = shutil.which(command)
     shim = tmp_path / command
-    shim.write_text("#!/bin/sh\necho 'Socket timed out on send/recv operation' >&2\nexit 1\n")
+    shim.write_text(
+        f'#!/bin/sh\nif [ -z "{subcommand}" ] || [ "$1" = "{subcommand}" ]; then\n'
+        "  echo 'Socket timed out on send/recv operation' >&2; exit 1\n"
+        f'fi\nexec {real} "$@"\n'
+    )
     shim.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
 
@@ -86,3 +96,44 @@ def test_a_requeue_the_controller_keeps_refusing_is_retried_then_reported(
     assert (
         printed.count("again in") == 1 and "giving up" in printed
     )  # tried at 0 s and 1 s; 2 s more is past 3 s
+
+
+def test_a_requeue_while_the_controller_does_not_answer_is_retried_until_it_does(
+    slurm_cluster, capsys: pytest.CaptureFixture
+):
+    job = slurm_cluster.sbatch("#!/bin/sh\nsleep 120\n", "-o", "/dev/null")
+    try:
+        slurm_cluster.wait_job(job, "RUNNING")
+        outcome = {}
+        with slurm_cluster.profile(message_timeout_s=2):  # clients give up after 2 s, not 10
+            with slurm_cluster.frozen_controller():
+                worker = threading.Thread(target=lambda: outcome.update(error=requeue(job)))
+                worker.start()
+                time.sleep(8)  # frozen past MessageTimeout, well within REQUEUE_WINDOW_S
+            worker.join(timeout=120)
+        assert outcome == {"error": None}
+        assert "again in" in capsys.readouterr().out  # the first tries timed out
+        fields = slurm_cluster.run("scontrol", "show", "job", "-o", job).stdout
+        assert "Restarts=1" in fields
+    finally:
+        slurm_cluster.run("scancel", job)
+
+
+def test_a_requeue_that_finally_fails_is_recorded_and_fails_the_job_and_its_dependents_go(
+    slurm_cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    job = slurm_cluster.sbatch("#!/bin/sh\nsleep 120\n", "-o", "/dev/null")
+    waiting = slurm_cluster.sbatch("#!/bin/sh\ntrue\n", f"--dependency=afterok:{job}", "-o", "/dev/null")
+    state_path = tmp_path / "state.json"
+    update_state(state_path, status="preempted")
+    monkeypatch.setattr("jobs.slurm.REQUEUE_WINDOW_S", 2)
+    failing(tmp_path, monkeypatch, "scontrol", "requeue")
+    try:
+        slurm_cluster.wait_job(job, "RUNNING")
+        stop = Stop("timeout", "after", False, "signal SIGUSR2; a warning before the time limit (RUNNING)")
+        assert carry_out(task_of(job), state_path, "requeue", stop) == "fail"
+        state = read_state(state_path)
+        assert state["status"] == "failed" and state["error"].startswith("scontrol requeue failed: Socket")
+        assert slurm_cluster.wait_job(waiting, "CANCELLED") == "CANCELLED"
+    finally:
+        slurm_cluster.run("scancel", job, waiting)
