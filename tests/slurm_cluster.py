@@ -15,6 +15,15 @@ The fixture returns a ``SlurmCluster``: ``conf``, ``env`` (what a client needs),
 ``state(id)`` (the controller's view), ``accounted_state(id)`` and ``sacct(id, fields)`` (slurmdbd's
 records), and ``wait_job(id, states, timeout)``, which polls with a timeout so a hang fails.
 
+The cluster runs DEFAULT_PROFILE (SLURM's own defaults, with partition-priority preemption in REQUEUE
+mode and no grace time). A test that needs another asks for it, applied live and undone afterwards::
+
+    with slurm_cluster.profile(preempt="cancel", preempt_type="qos", grace_s=30):
+        ...
+
+and ``frozen_controller()`` stops slurmctld for a block (SIGSTOP, then SIGCONT), as a controller that
+does not answer.
+
 Where the cluster cannot run (not Linux, not root, SLURM missing and no apt-get), slurm tests
 are skipped; with ``SOGCLR_REQUIRE_SLURM=1`` (CI) they fail instead, so that a machine that
 silently lost its cluster cannot pass. A cluster that was already up before the session (say,

@@ -124,6 +124,7 @@ def test_a_cancelled_sweep_leaves_nothing_in_the_queue_even_an_evaluation_that_c
     assert submit(spec) == 0
     ids = job_ids(workdir, "nevermet", "nevermet")
     slurm_cluster.run("scancel", ids["pretrain"])
+    slurm_cluster.run("scontrol", "release", ids["lincls"])  # held too: hold is a spec-wide sbatch option
     wait_until(
         lambda: "DependencyNeverSatisfied" in reason_of(slurm_cluster, ids["lincls"]), "never satisfied"
     )
