@@ -18,6 +18,7 @@ import io
 import json
 import shlex
 import subprocess
+import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -29,7 +30,7 @@ from rich.console import Console
 
 from jobs.attempt import PHASES
 from jobs.slurm import TrainingJob
-from jobs.torchrun import AGENT_IGNORES, Rendezvous, torchrun_command
+from jobs.torchrun import AGENT_IGNORES, Rendezvous, ignoring_stop_signals, torchrun_command
 from launch.arrays import ARRAYS_DIR, array_range, link_tasks, max_array_size
 from launch.manifest import (
     NEVER_RUNS,
@@ -342,7 +343,11 @@ def make_executor(
     """A submitit executor with the phase's resources, `--requeue`, USR2 `signal_lead_s` early, and the
     frozen `code` first on every process's PYTHONPATH."""
     slurm = phase_resources(run, phase)
-    executor = submitit.SlurmExecutor(folder=run.files.slurm_logs)
+    # The job task starts with USR2 and TERM ignored until it installs its handlers: unhandled, a signal
+    # in its first second kills it (measured: the job FAILED, "task 0: User defined signal 2", no attempt
+    # recorded). A time-limit warning lost so is caught at the time limit (jobs/stop.py).
+    python = shlex.join(ignoring_stop_signals([sys.executable]))
+    executor = submitit.SlurmExecutor(folder=run.files.slurm_logs, python=python)
     optional = {
         "gpus_per_node": slurm.gpus_per_node or None,
         "mem": f"{slurm.mem_gb}GB" if slurm.mem_gb else None,
