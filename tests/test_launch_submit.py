@@ -157,7 +157,7 @@ def test_provenance_names_the_point_resources_and_code(run: Run, tmp_path: Path)
     assert meta["resources"]["pretrain"]["nodes"] == 2 and meta["resources"]["lincls"]["nodes"] == 1
 
 
-def test_an_id_that_names_another_job_or_cluster_is_not_ours(run: Run):
+def test_an_id_that_names_another_job_is_not_ours_and_one_of_another_cluster_is_unknown(run: Run):
     manifest = {"runs": {}}
     record_job(manifest, run.name, "pretrain", "7", "t", job_name="unit.unit.pretrain", cluster="c1")
     ours = phase_standing(run, "pretrain", manifest, {"7": SlurmJob("running", "unit.unit.pretrain")}, "c1")
@@ -166,7 +166,9 @@ def test_an_id_that_names_another_job_or_cluster_is_not_ours(run: Run):
     assert (other.state, other.active) == ("not ours", False) and "'wrap'" in other.reason
     nameless = phase_standing(run, "pretrain", manifest, {"7": SlurmJob("cancelled", None)}, "c1")
     assert nameless.state == "cancelled"  # accounting that does not know the name yet says nothing
+    # it may be training in the run directory on the other cluster: never resubmitted from this one
     elsewhere = phase_standing(run, "pretrain", manifest, {}, "c2")
-    assert elsewhere.state == "not ours" and "cluster c1" in elsewhere.reason
+    assert elsewhere.state == UNKNOWN and "submitted on cluster c1, this is c2" in elsewhere.reason
+    assert phases_to_submit(run, {"pretrain": elsewhere, "lincls": elsewhere}, True)[0] == []
     unknown = phase_standing(run, "pretrain", manifest, {"7": SlurmJob("unknown", reason="squeue failed")})
     assert (unknown.state, unknown.reason, unknown.active) == ("unknown", "squeue failed", False)
