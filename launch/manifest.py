@@ -355,7 +355,7 @@ def phase_standing(
         return PhaseStanding(job_id, NOT_OURS, reason=why)
     if job is not None:
         return PhaseStanding(job_id, job.state, from_slurm=True)
-    status = read_state(PHASES[phase].state_path(run.run_dir)).get("status", "unknown")
+    status = read_state(PHASES[phase].state_path(run.run_dir)).get("status", "never ran")
     return PhaseStanding(job_id, f"{status} (run dir)")
 
 
