@@ -120,6 +120,7 @@ def submit_sweep(
                     p.run.name: "not submitted: an sbatch failed" for b in pending[number + 1 :] for p in b
                 }
                 break
+        ledger.close()
     rows = [
         (run.name, *(current_job(manifest, run.name, phase) or "-" for phase in PHASES), actions[run.name])
         for run in runs
@@ -133,15 +134,18 @@ def submit_sweep(
     return status
 
 
-@dataclass(frozen=True)
+@dataclass
 class Ledger:
     """The manifest of a submission in progress. Each sbatch is noted as pending with a token (which the
-    job carries in its comment) before it is made, and its job ids recorded as soon as they are known:
-    an id is never orphaned, and a job whose sbatch reply was lost is found, not submitted twice."""
+    job carries in its comment), and the manifest written, before it is made; its job ids are recorded
+    as soon as they are known, and written with the next sbatch's note (one manifest write per sbatch),
+    or by `close`. A job is never orphaned: until its ids are written, its token finds it (as it finds
+    one whose sbatch reply was lost), so it is never submitted twice."""
 
     directory: Path
     manifest: dict[str, Any]
     cluster: str | None
+    unwritten: bool = False  # ids recorded since the manifest was last written
 
     def sbatch(self, script: Path, what: str, phase: str, name: str, runs: list[str], **array: Any) -> str:
         """Submit the batch script `script` for `runs` (an array: `array=True`, and `indices` where its
@@ -152,13 +156,20 @@ class Ledger:
             self.manifest, token, phase, runs, job_name=name, cluster=self.cluster, submitted=now(), **array
         )
         write_manifest(self.directory, self.manifest)
+        self.unwritten = False
         try:
             job_id = sbatch_script(script, what, token)
         except SubmissionError as err:
             job_id = self.look_up(token, err)  # the controller may have made the job and lost the reply
         settle_pending(self.manifest, token, job_id)
-        write_manifest(self.directory, self.manifest)
+        self.unwritten = True
         return job_id
+
+    def close(self) -> None:
+        """Write the ids recorded since the last sbatch."""
+        if self.unwritten:
+            write_manifest(self.directory, self.manifest)
+            self.unwritten = False
 
     def look_up(self, token: str, err: SubmissionError) -> str:
         """The id of the job that a failed sbatch made after all, or `err` (with what SLURM said)."""
