@@ -112,7 +112,9 @@ def cancel(spec: SweepSpec, runs: list[Run], console: Console) -> int:
     targets, untouched = {}, []
     for run in runs:
         for phase, standing in where[run.name].items():
-            if standing.active or standing.state == NEVER_RUNS:  # clusters without kill_invalid_depend
+            # also a job that waits on a dependency that can never be met (no kill_invalid_depend): it
+            # would stay in the queue for ever
+            if standing.active or (standing.from_slurm and standing.state == NEVER_RUNS):
                 targets[standing.job_id] = f"{run.name} {phase}"
             elif standing.state in (UNKNOWN, NOT_OURS):
                 untouched.append(

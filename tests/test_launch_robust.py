@@ -17,7 +17,7 @@ from launch.snapshot import live_code
 from launch.spec import expand, load_spec
 from launch.submit import check_recipes, write_run_config
 from sogclr import pretrain
-from tests.e2e import job_ids, wait_until
+from tests.e2e import job_ids
 from tests.slurm_cluster import SLURM_GROUP
 from tests.tiny import write_tiny_spec
 
@@ -211,20 +211,3 @@ def test_a_cancel_that_the_controller_does_not_answer_says_so_and_fails(
     assert f"cancelled job {ids['pretrain']}" not in out and f"cancelled job {ids['lincls']}" in out
     monkeypatch.undo()
     assert squeue_state(ids["pretrain"]) == "PENDING"
-
-
-@pytest.mark.slurm
-def test_cancel_also_cancels_an_evaluation_that_can_never_run(workdir: Path, capsys: pytest.CaptureFixture):
-    # no kill_invalid_depend (SLURM's default): a pretraining cancelled before it started, so that nothing
-    # of ours ran to cancel its evaluation, leaves that evaluation pending for ever
-    spec = write_tiny_spec(workdir, "stuck", slurm=HELD, lincls={"slurm": {"additional": {}}})
-    assert cli.main([str(spec)]) == 0
-    ids = job_ids(workdir, "stuck", "stuck")
-    subprocess.run(["scancel", ids["pretrain"]], check=True)
-    never = "DependencyNeverSatisfied"
-    reason = ["squeue", "-h", "-j", ids["lincls"], "-o", "%r"]
-    wait_until(lambda: subprocess.run(reason, capture_output=True, text=True).stdout.strip() == never, never)
-    capsys.readouterr()
-    assert cli.main(["cancel", str(spec)]) == 0
-    assert f"cancelled job {ids['lincls']} (stuck lincls)" in capsys.readouterr().out
-    wait_until(lambda: squeue_state(ids["lincls"]) in ("", "CANCELLED"), "the evaluation to be cancelled")

@@ -1,19 +1,16 @@
 """The launcher on a cluster that does not answer, and on one without accounting: a second real cluster
 (scripts/local-slurm with SOGCLR_SLURM_ACCOUNTING=0, MinJobAge 10 s), beside the session's.
 
-The controller is frozen for real (SIGSTOP to slurmctld, SIGCONT after), and the clients wait at most
-MessageTimeout=3 s for it (a client-side copy of slurm.conf; the daemons keep SLURM's default of 10 s).
-Measured with that cluster (22.05): sbatch fails after MessageTimeout with `Socket timed out on send/recv
-operation`, and once continued, the controller creates the job all the same.
+The controller is frozen for real (SIGSTOP to slurmctld, SIGCONT after), and clients wait at most
+MessageTimeout=3 s for it (SLURM's default is 10 s). Measured (22.05): sbatch fails after MessageTimeout
+with `Socket timed out on send/recv operation`, and once continued, the controller creates the job all
+the same.
 """
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +27,15 @@ from tests.tiny import write_tiny_spec
 pytestmark = pytest.mark.xdist_group("slurm-unanswered")  # its own cluster: beside the session's tests
 
 HELD = {"additional": {"hold": True}}  # queued, never started
-MESSAGE_TIMEOUT_S = 3
 
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Any]:
-    settings = {"SOGCLR_SLURM_ACCOUNTING": "0", "SOGCLR_SLURM_MIN_JOB_AGE": "10"}
+    settings = {
+        "SOGCLR_SLURM_ACCOUNTING": "0",
+        "SOGCLR_SLURM_MIN_JOB_AGE": "10",
+        "SOGCLR_SLURM_MESSAGE_TIMEOUT_S": "3",
+    }
     with another_cluster("unanswered", **settings) as cluster:
         yield cluster
 
@@ -43,25 +43,6 @@ def cluster() -> Iterator[Any]:
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory, cluster: Any) -> Path:
     return tmp_path_factory.mktemp("unanswered")
-
-
-@pytest.fixture
-def impatient(cluster: Any, workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Clients give up on the controller after MESSAGE_TIMEOUT_S (SLURM's default is 10 s)."""
-    conf = workdir / "impatient.conf"
-    conf.write_text(f"{cluster.conf.read_text()}\nMessageTimeout={MESSAGE_TIMEOUT_S}\n")
-    monkeypatch.setenv("SLURM_CONF", str(conf))
-
-
-@contextmanager
-def frozen(cluster: Any) -> Iterator[None]:
-    """slurmctld stopped (SIGSTOP) for the block: it accepts connections and answers nothing."""
-    pid = int((cluster.conf.parents[1] / "run" / "slurmctld.pid").read_text())
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(pid, signal.SIGCONT)
 
 
 def jobs_named(name: str) -> list[str]:
@@ -84,9 +65,9 @@ def lost_replies(cluster: Any, workdir: Path) -> dict[str, Path]:
 
 
 def test_a_submission_whose_sbatch_reply_is_lost_makes_exactly_one_job_per_run(
-    cluster: Any, workdir: Path, lost_replies: dict[str, Path], impatient: None, capsys: pytest.CaptureFixture
+    cluster: Any, workdir: Path, lost_replies: dict[str, Path], capsys: pytest.CaptureFixture
 ):
-    with frozen(cluster):
+    with cluster.frozen_controller():
         for spec in lost_replies.values():
             assert cli.main([str(spec)]) == 1
             error = output(capsys)
@@ -120,12 +101,12 @@ def test_a_submission_whose_sbatch_reply_is_lost_makes_exactly_one_job_per_run(
 
 
 def test_status_and_cancel_under_a_frozen_controller_act_on_nothing(
-    cluster: Any, lost_replies: dict[str, Path], impatient: None, capsys: pytest.CaptureFixture
+    cluster: Any, lost_replies: dict[str, Path], capsys: pytest.CaptureFixture
 ):
     spec = lost_replies["array"]
     queued = sorted(jobs_named("lostarray.pretrain") + jobs_named("lostarray.lincls"))
     assert len(queued) == 4
-    with frozen(cluster):
+    with cluster.frozen_controller():
         assert cli.main(["status", str(spec)]) == 0
         shown = output(capsys)  # table cells wrap: the reasons are whole in the cancel's warnings
         assert shown.count("unknown:") == 4 and "Socket" in shown, shown
