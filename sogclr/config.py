@@ -56,6 +56,12 @@ class PretrainConfig(Schema):
     data_dir: Path | None = Field(
         None, description="Root with train/ and val/ subfolders; for digits, the cache directory (optional)."
     )
+    accept_data_change: bool = Field(
+        False,
+        description="Resume runs whose checkpoints were trained on other data (images added, removed or "
+        "replaced: another fingerprint of the training split): SogCLR's u is carried over by path for the "
+        "images that stayed, new images start unseen. False: such a resume fails, naming what differs.",
+    )
     image_size: int = Field(224, ge=8, description="Crop size of the augmented views.")
     crop_min: float = Field(0.08, gt=0, le=1, description="Smallest RandomResizedCrop area fraction.")
     workers: int = Field(8, ge=0, description="Data-loading processes per rank.")
@@ -187,6 +193,11 @@ class RunConfig(Schema):
     """Everything one run needs; `meta` is provenance (git commit, sweep point, resources), opaque here."""
 
     run_dir: Path
+    dataset_index: Path | None = Field(
+        None,
+        description="The dataset index file every process reads (sogclr/dataindex.py), written by the "
+        "launcher at submission; None: built once into <run_dir>/datasets/ by the run's first start.",
+    )
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     lincls: LinclsConfig | None = None
     wandb: WandbConfig | None = wandb_field()
@@ -236,8 +247,12 @@ def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
 
 
 RECIPE_SECTIONS = ("pretrain", "lincls")
-# Not the recipe: when checkpoints are written never changes the result (see sogclr/loop.py).
-NOT_RECIPE = frozenset({"pretrain.checkpoint", "lincls.checkpoint"})
+# Not the recipe: when checkpoints are written never changes the result (see sogclr/loop.py); which
+# images a run trains on is the index's fingerprint, checked at resume, not where they are (data_dir),
+# and accepting a change of data is a decision about resuming, not about training.
+NOT_RECIPE = frozenset(
+    {"pretrain.checkpoint", "lincls.checkpoint", "pretrain.data_dir", "pretrain.accept_data_change"}
+)
 
 
 def recipe_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

@@ -35,8 +35,10 @@ from sogclr.data import (
     build_lincls_datasets,
     build_loader,
     build_plain_dataset,
+    load_dataset_index,
     set_loader_epoch,
 )
+from sogclr.datacheck import TrainingData
 from sogclr.distributed import DistEnv, StopSignals
 from sogclr.features import FrozenEncoder, extract_features
 from sogclr.layout import RunLayout
@@ -64,7 +66,9 @@ def _evaluate(cfg: RunConfig, env: DistEnv, signals: StopSignals) -> str:
     pcfg, lcfg = cfg.pretrain, cfg.lincls
     seed_everything(lcfg.seed)  # the classifier's initialisation
 
-    train_set, val_set = build_lincls_datasets(pcfg, seed=lcfg.seed)
+    index_path, index = load_dataset_index(cfg, env)
+    train_set, val_set = build_lincls_datasets(pcfg, index, seed=lcfg.seed)
+    data = TrainingData(index_path, index.splits["train"], pcfg.accept_data_change)
     classifier = build_linear_classifier(pcfg, num_classes=len(train_set.classes))
     load_backbone(classifier, backbone_weights(cfg))
     classifier.to(env.device)
@@ -85,13 +89,13 @@ def _evaluate(cfg: RunConfig, env: DistEnv, signals: StopSignals) -> str:
             batches = augmented_batches(encode, loader)
         else:
             # The training images with the validation transform: what the features protocol trains on.
-            plain = build_plain_dataset(pcfg, "train")
+            plain = build_plain_dataset(pcfg, index, "train")
             batches = stored_batches(
                 *extract_features(encode, plain, env, local_batch, lcfg.workers), sampler
             )
         # deepcopy: every mode starts from the same initial layer
         fc = copy.deepcopy(classifier.fc)
-        result = fit_linear(cfg, env, signals, mode, fc, batches, sampler.steps_per_epoch, val_features)
+        result = fit_linear(cfg, env, signals, mode, fc, batches, sampler.steps_per_epoch, val_features, data)
         if result is None:
             return "preempted"
         results[mode] = result
@@ -173,6 +177,7 @@ def fit_linear(
     batches: Batches,
     steps_per_epoch: int,
     val_features: tuple[torch.Tensor, torch.Tensor],
+    data: TrainingData,
 ) -> dict[str, float] | None:
     """Train `fc` for `lincls.epochs` (resuming if checkpointed); final accuracy, or None if stopped."""
     lcfg = cfg.lincls
@@ -189,6 +194,7 @@ def fit_linear(
         progress=Progress(steps_per_epoch),
         total_steps=total_steps,
         config=cfg.model_dump(mode="json"),
+        data=data,
     )
     progress = session.resume()
     session.record(mode=mode)

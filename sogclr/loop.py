@@ -19,6 +19,7 @@ from typing import Any
 
 from sogclr.checkpoint import CheckpointManager, load_file, rng_state, set_rng_state
 from sogclr.config import recipe_differences
+from sogclr.datacheck import TrainingData
 from sogclr.distributed import (
     DistEnv,
     StopSignals,
@@ -53,7 +54,8 @@ class Session:
     """Checkpoints, stop signals and `state.json` of one training process (all ranks build one).
 
     `stateful` maps checkpoint keys to objects with `state_dict`/`load_state_dict` (the bare model, not
-    its DDP wrapper; the optimizer; the loss with its u buffer; the grad scaler).
+    its DDP wrapper; the optimizer; the loss with its u buffer; the grad scaler). `data`, the training
+    split, is recorded in every checkpoint and checked at resume (sogclr/datacheck.py).
     """
 
     def __init__(
@@ -66,6 +68,7 @@ class Session:
         progress: Progress,
         total_steps: int,
         config: dict[str, Any],
+        data: TrainingData | None = None,
     ) -> None:
         self.env = env
         self.signals = signals
@@ -75,6 +78,7 @@ class Session:
         self.progress = progress
         self.total_steps = total_steps
         self.config = config
+        self.data = data
         self.saved_step: int | None = None
 
     def resume(self) -> Progress:
@@ -85,6 +89,8 @@ class Session:
         """
         payload = self._load_resume_point()
         if payload is not None:
+            if self.data is not None:
+                payload = self.data.reconcile(payload, self.stateful, self.progress.steps_per_epoch)
             if payload["steps_per_epoch"] != self.progress.steps_per_epoch:
                 raise ValueError(
                     f"checkpoint has {payload['steps_per_epoch']} steps per epoch, this run "
@@ -135,6 +141,7 @@ class Session:
             world_size=self.env.world_size,
             rng=rng_state(),
             config=self.config,
+            data=self.data and self.data.record(),
         )
         self.checkpoints.save(payload, progress.global_step)
         self.saved_step = progress.global_step
