@@ -232,11 +232,12 @@ class IndexedImageFolder(Dataset):
     `image` is opened but not decoded (`open_image`); `rng` is a `random.Random` seeded from
     `(seed, epoch, index)`. The epoch lives in a shared-memory tensor, so `set_epoch` in the main process
     reaches DataLoader workers too, persistent ones included (they hold a copy of the dataset made when
-    they started). Call it before iterating the epoch's loader. `samples`, `targets` and `classes` are
-    ImageFolder's; nothing here lists a directory.
+    they started). Call it before iterating the epoch's loader. `root`, `samples`, `targets` and
+    `classes` are ImageFolder's; nothing here lists a directory.
     """
 
     def __init__(self, split_root: str | Path, index: SplitIndex, transform: Augment, seed: int = 0) -> None:
+        self.root = str(split_root)
         self.classes = list(index.classes)
         self.samples = index.samples(Path(split_root))
         self.targets = [target for _, target in self.samples]
