@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from sogclr.checkpoint import FINAL, CheckpointManager, load_file, seed_everything
-from sogclr.cli import parse_run_config
+from sogclr.cli import run_entry_point
 from sogclr.config import RunConfig
 from sogclr.data import (
     ResumableDistributedSampler,
@@ -242,8 +242,7 @@ def accuracy(
 
 
 def main(argv: list[str] | None = None) -> int:
-    train(parse_run_config(argv, "SogCLR linear evaluation"))
-    return 0
+    return run_entry_point(train, argv, "SogCLR linear evaluation")
 
 
 if __name__ == "__main__":

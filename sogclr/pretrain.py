@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from sogclr.augment import CropBatch, finish_views
 from sogclr.checkpoint import CheckpointManager, rng_state, seed_everything, set_rng_state
-from sogclr.cli import parse_run_config
+from sogclr.cli import run_entry_point
 from sogclr.config import PretrainConfig, RunConfig
 from sogclr.data import (
     IndexedImageFolder,
@@ -304,8 +304,7 @@ def evaluating(model: nn.Module) -> Iterator[None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    train(parse_run_config(argv, "SogCLR pretraining"))
-    return 0
+    return run_entry_point(train, argv, "SogCLR pretraining")
 
 
 if __name__ == "__main__":
