@@ -28,7 +28,14 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from sogclr.augment import IMAGENET_MEAN, IMAGENET_STD, CropBatch, ViewParams, crop_box, draw_two_views
 from sogclr.config import PretrainConfig, RunConfig
-from sogclr.dataindex import DatasetIndex, SplitIndex, data_root, ensure_index, read_index
+from sogclr.dataindex import (
+    DatasetIndex,
+    SplitIndex,
+    data_root,
+    ensure_index,
+    prepare_data_root,
+    read_index,
+)
 from sogclr.distributed import DistEnv, broadcast_from_main, ignore_stop_signals
 from sogclr.layout import RunLayout
 
@@ -67,7 +74,9 @@ def epoch_permutation(seed: int, epoch: int, size: int) -> np.ndarray:
 
 def load_dataset_index(cfg: RunConfig, env: DistEnv) -> tuple[Path, DatasetIndex]:
     """The index file every rank reads, and its content: the one the config names (the launcher's), else
-    the one rank 0 builds once into the run directory (sogclr/dataindex.py). No rank walks the tree again."""
+    the one rank 0 builds once into the run directory (sogclr/dataindex.py). No rank walks the tree again;
+    each checks that the root is there (and writes the digits where a node's cache lacks them)."""
+    prepare_data_root(cfg.pretrain)
     path = cfg.dataset_index
     if path is None:
         built = ensure_index(cfg.pretrain, RunLayout(cfg.run_dir).datasets) if env.is_main else None
