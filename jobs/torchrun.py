@@ -40,9 +40,15 @@ class Rendezvous:
         return f"{self.host}:{self.port}"
 
 
+# Below Linux's ephemeral range (ip_local_port_range, 32768-60999 by default, as on this machine): a port
+# in it may be held by any outgoing connection on the first host, and the rendezvous would fail on every
+# retry of the job. Above the well-known services and SLURM's own (6817-6819).
+RENDEZVOUS_PORTS = range(20000, 32768)
+
+
 def rendezvous_port(job_id: int) -> int:
-    """A port in [20000, 40000) that depends only on the job id (the same after a requeue)."""
-    return 20000 + job_id % 20000
+    """A port of RENDEZVOUS_PORTS that depends only on the job id (the same after a requeue)."""
+    return RENDEZVOUS_PORTS.start + job_id % len(RENDEZVOUS_PORTS)
 
 
 def torchrun_command(
@@ -87,11 +93,17 @@ def threads_per_rank(cpus: int, ranks: int) -> dict[str, str]:
     return {"OMP_NUM_THREADS": str(max(1, cpus // ranks))}
 
 
+def ignoring_stop_signals(command: list[str]) -> list[str]:
+    """`command` run with USR2 and TERM ignored from its start (SIG_IGN survives exec) until it handles
+    them itself; arguments appended to the result reach `command`."""
+    return ["sh", "-c", _IGNORING_EXEC, command[0], *command]
+
+
 def start_ignoring_stop_signals(
     command: list[str], log: Path | None = None, env: dict[str, str] | None = None
 ) -> subprocess.Popen:
     """Start `command` with USR2 and TERM ignored, `env` added to ours; output to `log` (appended) or ours."""
-    wrapped = ["sh", "-c", _IGNORING_EXEC, command[0], *command]
+    wrapped = ignoring_stop_signals(command)
     full_env = {**os.environ, **AGENT_ENV, **(env or {})}
     if log is None:
         return subprocess.Popen(wrapped, env=full_env)

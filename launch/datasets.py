@@ -13,8 +13,9 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from launch.manifest import private_directory, private_umask
 from launch.spec import Run, SpecError, SweepSpec
-from sogclr.dataindex import DatasetError, ensure_index, source_key
+from sogclr.dataindex import DatasetError, build_index, current_index, record_index, source_key
 
 DATASETS_DIR = "datasets"
 
@@ -28,12 +29,25 @@ def index_datasets(spec: SweepSpec, runs: list[Run], rebuild: bool = False) -> l
     indexed = {}
     for same_data in by_source.values():
         try:
-            path = ensure_index(same_data[0].config.pretrain, spec.directory / DATASETS_DIR, rebuild)
+            path = index_of(spec.directory, same_data[0], rebuild)
         except DatasetError as error:
             names = ", ".join(run.name for run in same_data)
             raise SpecError(f"pretrain.data_dir: {error} (runs: {names})") from None
         indexed |= {run.name: with_index(run, path) for run in same_data}
     return [indexed[run.name] for run in runs]
+
+
+def index_of(sweep_dir: Path, run: Run, rebuild: bool) -> Path:
+    """The run's index in the sweep directory. A new one is walked first (bad data leave nothing behind),
+    then written as privately as the sweep's configs: what its jobs train on is no more writable by
+    others than what they run (launch/manifest.py)."""
+    cfg, index_dir = run.config.pretrain, sweep_dir / DATASETS_DIR
+    if not rebuild and (path := current_index(cfg, index_dir)) is not None:
+        return path
+    index = build_index(cfg)
+    private_directory(sweep_dir)
+    with private_umask():
+        return record_index(cfg, index, index_dir)
 
 
 def with_index(run: Run, path: Path) -> Run:

@@ -287,12 +287,25 @@ def source_key(cfg: PretrainConfig) -> str:
 def ensure_index(cfg: PretrainConfig, directory: Path, rebuild: bool = False) -> Path:
     """The index file in `directory` that stands for `cfg`'s data: the one `sources.json` names, or (if
     none, or `rebuild`) one built now by walking the tree. Old index files stay: checkpoints name them."""
-    sources_path = directory / SOURCES
-    sources = json.loads(sources_path.read_text()) if sources_path.is_file() else {}
-    key = source_key(cfg)
-    if not rebuild and key in sources and (directory / sources[key]).is_file():
-        return directory / sources[key]
-    path = write_index(build_index(cfg), directory)
-    sources[key] = path.name
-    write_atomic(sources_path, lambda f: f.write(json.dumps(sources, indent=2).encode()))
+    if not rebuild and (path := current_index(cfg, directory)) is not None:
+        return path
+    return record_index(cfg, build_index(cfg), directory)
+
+
+def current_index(cfg: PretrainConfig, directory: Path) -> Path | None:
+    """The index file `directory/sources.json` names for `cfg`'s data, if any."""
+    name = _read_sources(directory).get(source_key(cfg))
+    return directory / name if name is not None and (directory / name).is_file() else None
+
+
+def record_index(cfg: PretrainConfig, index: DatasetIndex, directory: Path) -> Path:
+    """Write `index` into `directory` as the one that stands for `cfg`'s data; its path."""
+    path = write_index(index, directory)
+    sources = _read_sources(directory) | {source_key(cfg): path.name}
+    write_atomic(directory / SOURCES, lambda f: f.write(json.dumps(sources, indent=2).encode()))
     return path
+
+
+def _read_sources(directory: Path) -> dict[str, str]:
+    path = directory / SOURCES
+    return json.loads(path.read_text()) if path.is_file() else {}

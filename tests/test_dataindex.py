@@ -4,6 +4,7 @@ real image trees on disk, real checkpoints, the real entry point."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -143,9 +144,15 @@ def test_a_sweep_shares_one_index_per_dataset(tmp_path: Path) -> None:
         tmp_path, "pair", pretrain={"dataset": "folder", "data_dir": str(tmp_path / "data")}, sweep=sweep
     )
     spec = load_spec(path)
-    runs = index_datasets(spec, expand(spec))
+    umask = os.umask(0o002)  # a group-writable default: the sweep's files must not follow it
+    try:
+        runs = index_datasets(spec, expand(spec))
+    finally:
+        os.umask(umask)
     (index,) = {run.config.dataset_index for run in runs}
     assert index.parent == spec.directory / "datasets" and read_index(index).splits["train"].count == 6
+    for written in (spec.directory, index.parent, index, index.parent / SOURCES):
+        assert written.stat().st_mode & 0o022 == 0, written  # no more writable by others than the configs
     image(tmp_path / "data" / "train" / "a" / "3.png")
     assert {run.config.dataset_index for run in index_datasets(spec, expand(spec))} == {index}
     (rebuilt,) = {run.config.dataset_index for run in index_datasets(spec, expand(spec), rebuild=True)}
