@@ -102,7 +102,7 @@ def _existing(text: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m sogclr.imagenet", description=__doc__.split("\n")[0])
     parser.add_argument("out", type=Path, help="the data_dir to write: OUT/train, OUT/val")
     parser.add_argument("--devkit", type=_existing, required=True, help="ILSVRC2012_devkit_t12.tar.gz")
     parser.add_argument(
