@@ -15,6 +15,7 @@ import sys
 
 from rich.console import Console
 
+from launch.datasets import index_datasets
 from launch.spec import Run, SpecError, SweepSpec, check_data_dirs, expand, load_spec
 from launch.table import print_table
 from sogclr.cli import add_override_argument
@@ -45,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--reconfigure",
         action="store_true",
         help="rewrite the config of runs whose recipe differs from the one they were started with",
+    )
+    submit.add_argument(
+        "--reindex",
+        action="store_true",
+        help="walk the datasets' trees again and rewrite the sweep's indexes (the data really changed)",
     )
     submit.add_argument(
         "--no-snapshot",
@@ -111,6 +117,7 @@ def cmd_submit(args: argparse.Namespace, console: Console) -> int:
         return 0
     if problems:
         raise SpecError(problems[0])
+    runs = index_datasets(spec, runs, rebuild=args.reindex)
     if args.debug or args.local:
         from launch import local  # heavy imports (torch) only to run here
 

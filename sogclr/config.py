@@ -87,6 +87,13 @@ class PretrainConfig(Schema):
         description="Root with train/ and val/ subfolders; for digits, the cache directory (optional).",
         json_schema_extra=RESOURCE,
     )
+    accept_data_change: bool = Field(
+        False,
+        description="Resume runs whose checkpoints were trained on other data (images added, removed or "
+        "replaced: another fingerprint of the training split): SogCLR's u is carried over by path for the "
+        "images that stayed, new images start unseen. False: such a resume fails, naming what differs.",
+        json_schema_extra=RESOURCE,
+    )
     image_size: int = Field(
         224, ge=8, description="Crop size of the augmented views.", json_schema_extra=SHARED_RECIPE
     )
@@ -318,6 +325,11 @@ class RunConfig(Schema):
     """Everything one run needs; `meta` is provenance (git commit, sweep point, resources), opaque here."""
 
     run_dir: Path
+    dataset_index: Path | None = Field(
+        None,
+        description="The dataset index file every process reads (sogclr/dataindex.py), written by the "
+        "launcher at submission; None: built once into <run_dir>/datasets/ by the run's first start.",
+    )
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     lincls: LinclsConfig | None = None
     wandb: WandbConfig | None = wandb_field()

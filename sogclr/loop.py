@@ -19,6 +19,7 @@ from typing import Any
 
 from sogclr.checkpoint import CheckpointManager, load_file, rng_state, set_rng_state
 from sogclr.config import recipe_differences
+from sogclr.datacheck import TrainingData
 from sogclr.distributed import (
     DistEnv,
     StopSignals,
@@ -56,7 +57,8 @@ class Session:
     `stateful` maps checkpoint keys to objects with `state_dict`/`load_state_dict` (the bare model, not
     its DDP wrapper; the optimizer; the loss with its u buffer; the grad scaler). `phase` names whose
     recipe (sogclr/config.py) a resume must find unchanged; `identity` holds what else a checkpoint must
-    match, name -> digest (linear evaluation's backbone).
+    match, name -> digest (linear evaluation's backbone). `data`, the training split, is recorded in
+    every checkpoint and checked at resume (sogclr/datacheck.py).
     """
 
     def __init__(
@@ -71,6 +73,7 @@ class Session:
         config: dict[str, Any],
         phase: str,
         identity: dict[str, str] | None = None,
+        data: TrainingData | None = None,
     ) -> None:
         self.env = env
         self.signals = signals
@@ -82,6 +85,7 @@ class Session:
         self.config = config
         self.phase = phase
         self.identity = identity or {}
+        self.data = data
         self.saved_step: int | None = None
 
     def resume(self) -> Progress:
@@ -92,6 +96,8 @@ class Session:
         """
         payload = self._load_resume_point()
         if payload is not None:
+            if self.data is not None:
+                payload = self.data.reconcile(payload, self.stateful, self.progress.steps_per_epoch)
             if payload["steps_per_epoch"] != self.progress.steps_per_epoch:
                 raise ValueError(
                     f"checkpoint has {payload['steps_per_epoch']} steps per epoch, this run "
@@ -153,6 +159,7 @@ class Session:
             rng=rng_state(),
             config=self.config,
             identity=self.identity,
+            data=self.data and self.data.record(),
         )
         self.checkpoints.save(payload, progress.global_step)
         self.saved_step = progress.global_step

@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from sogclr.augment import CropBatch, finish_views
 from sogclr.checkpoint import CheckpointManager, rng_state, seed_everything, set_rng_state
-from sogclr.cli import parse_run_config
+from sogclr.cli import run_entry_point
 from sogclr.config import PretrainConfig, RunConfig
 from sogclr.data import (
     IndexedImageFolder,
@@ -28,8 +28,11 @@ from sogclr.data import (
     ResumableDistributedSampler,
     build_loader,
     build_pretrain_dataset,
+    load_dataset_index,
     set_loader_epoch,
 )
+from sogclr.datacheck import TrainingData
+from sogclr.dataindex import DatasetIndex
 from sogclr.diagnostics import GlobalObjective
 from sogclr.distributed import DistEnv, StopSignals
 from sogclr.knn import KnnMonitor
@@ -58,7 +61,8 @@ def _pretrain(cfg: RunConfig, env: DistEnv, signals: StopSignals) -> str:
     if env.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
-    dataset = build_pretrain_dataset(pcfg)
+    index_path, index = load_dataset_index(cfg, env)
+    dataset = build_pretrain_dataset(pcfg, index)
     sampler = ResumableDistributedSampler(len(dataset), pcfg.batch_size, env.rank, env.world_size, pcfg.seed)
     loader = build_loader(dataset, sampler, sampler.local_batch, pcfg.workers, env.device.type == "cuda")
     total_steps = pcfg.epochs * sampler.steps_per_epoch
@@ -85,6 +89,7 @@ def _pretrain(cfg: RunConfig, env: DistEnv, signals: StopSignals) -> str:
         total_steps=total_steps,
         config=cfg.model_dump(mode="json"),
         phase="pretrain",
+        data=TrainingData(index_path, index.splits["train"], pcfg.accept_data_change, ("criterion", "log_u")),
     )
     progress = session.resume()
     if env.is_main:
@@ -96,7 +101,7 @@ def _pretrain(cfg: RunConfig, env: DistEnv, signals: StopSignals) -> str:
     tensorboard = files.tensorboard if pcfg.tensorboard else None
     with MetricsLogger(files.metrics, total_steps, env.is_main, tensorboard, "pretrain", cfg) as logger:
         monitor = PretrainMonitor(logger, criterion, pcfg, step)
-        metrics = epoch_end_metrics(pcfg, dataset, sampler.local_batch, env)
+        metrics = epoch_end_metrics(pcfg, index, dataset, sampler.local_batch, env)
         evaluation = EpochEndEvaluation(model, metrics, logger, progress)
 
         def one_step(batch: tuple) -> None:
@@ -252,7 +257,7 @@ class ScheduledMetric:
 
 
 def epoch_end_metrics(
-    cfg: PretrainConfig, dataset: IndexedImageFolder, local_batch: int, env: DistEnv
+    cfg: PretrainConfig, index: DatasetIndex, dataset: IndexedImageFolder, local_batch: int, env: DistEnv
 ) -> list[ScheduledMetric]:
     """The metrics the config asks for after epochs (by default the kNN monitor)."""
     metrics = []
@@ -264,7 +269,7 @@ def epoch_end_metrics(
         )
         metrics.append(ScheduledMetric(cfg.objective_every_epochs, objective))
     if cfg.knn_every_epochs is not None:
-        metrics.append(ScheduledMetric(cfg.knn_every_epochs, KnnMonitor(cfg, env, local_batch, dtype)))
+        metrics.append(ScheduledMetric(cfg.knn_every_epochs, KnnMonitor(cfg, index, env, local_batch, dtype)))
     return metrics
 
 
@@ -305,8 +310,7 @@ def evaluating(model: nn.Module) -> Iterator[None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    train(parse_run_config(argv, "SogCLR pretraining"))
-    return 0
+    return run_entry_point(train, argv, "SogCLR pretraining")
 
 
 if __name__ == "__main__":
