@@ -111,7 +111,7 @@ def _load(args: argparse.Namespace) -> tuple[SweepSpec, list[Run]]:
 
 def cmd_submit(args: argparse.Namespace, console: Console) -> int:
     spec, runs = _load(args)
-    runs = resume_pruned(runs, args.resume_pruned)
+    runs = resume_pruned(runs, [*args.resume_pruned, *continued(runs)])
     problems = check_data_dirs(runs)
     if args.dry_run:
         for problem in problems:
@@ -143,6 +143,13 @@ def cmd_submit(args: argparse.Namespace, console: Console) -> int:
         snapshot=not args.no_snapshot,
         reconfigure=args.reconfigure,
     )
+
+
+def continued(runs: list[Run]) -> list[str]:
+    """The runs continued after pruning before: each stays without pruning to its end."""
+    from launch.manifest import continued_after_pruning
+
+    return [run.name for run in runs if continued_after_pruning(run)]
 
 
 def cmd_status(args: argparse.Namespace, console: Console) -> int:

@@ -220,6 +220,13 @@ def pruned(run: Run) -> bool:
     return read_state(run.files.pretrain.state).get("status") == PRUNED
 
 
+def continued_after_pruning(run: Run) -> bool:
+    """Whether the run was pruned once and continued since (`--resume-pruned`): it is never pruned again,
+    also when a later submission resumes it after an interruption."""
+    state = read_state(run.files.pretrain.state)
+    return "pruned" in state and state.get("status") != PRUNED
+
+
 def phase_standing(
     run: Run, phase: str, manifest: dict[str, Any], jobs: dict[str, SlurmJob], cluster: str | None = None
 ) -> PhaseStanding:
