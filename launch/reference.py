@@ -14,7 +14,7 @@ from pathlib import Path
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from launch.spec import LinclsSpec, SlurmConfig, SweepConfig, SweepSpec
+from launch.spec import LinclsSpec, PruneSpec, SlurmConfig, SweepConfig, SweepSpec
 from sogclr.config import CheckpointConfig, PretrainConfig, WandbConfig
 
 START, END = "<!-- spec-reference:start -->", "<!-- spec-reference:end -->"
@@ -27,6 +27,7 @@ SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("lincls", LinclsSpec),
     ("wandb", WandbConfig),
     ("sweep", SweepConfig),
+    ("sweep.prune", PruneSpec),
 ]
 
 
