@@ -37,6 +37,7 @@ def _type_name(annotation: object) -> str:
     text = getattr(annotation, "__name__", None) if not typing.get_args(annotation) else None
     text = text or re.sub(r"\b(?:\w+\.)+(\w+)", r"\1", str(annotation))  # launch.spec.X -> X
     text = re.sub(r"Annotated\[(.+?), \w+\(func=<[^>]*>\)\]", r"\1", text)  # validators are not types
+    text = re.sub(r"^Optional\[(.+)\]$", r"\1 | None", text)  # as the other optional fields read
     return text.replace("|", "\\|")
 
 
