@@ -16,7 +16,7 @@ import sys
 
 from rich.console import Console
 
-from launch.spec import Run, SpecError, SweepSpec, check_data_dirs, expand, load_spec, resume_pruned
+from launch.spec import Run, SpecError, SweepSpec, check_data_dirs, expand, load_spec, resuming_pruned
 from launch.table import print_table
 from sogclr.cli import add_override_argument
 
@@ -111,7 +111,7 @@ def _load(args: argparse.Namespace) -> tuple[SweepSpec, list[Run]]:
 
 def cmd_submit(args: argparse.Namespace, console: Console) -> int:
     spec, runs = _load(args)
-    runs = resume_pruned(runs, [*args.resume_pruned, *continued(runs)])
+    runs = resuming_pruned(runs, [*args.resume_pruned, *continued(runs)])
     problems = check_data_dirs(runs)
     if args.dry_run:
         for problem in problems:

@@ -499,7 +499,7 @@ def _prune_config(spec: SweepSpec, pretrain: PretrainConfig, where: str) -> dict
     return {"metric": prune.metric, "eta": prune.eta, "rungs": rungs, "records": spec.prune_records}
 
 
-def resume_pruned(runs: list[Run], names: list[str]) -> list[Run]:
+def resuming_pruned(runs: list[Run], names: list[str]) -> list[Run]:
     """`runs`, with the named ones set to continue past the rung that pruned them: no pruning any more
     (their config has no `prune` section), and the launcher submits them again. SpecError for a name
     that is not a run of the sweep."""

@@ -11,7 +11,7 @@ import pytest
 from jobs.attempt import Budget, classify, finish_attempt, next_action
 from launch import cli
 from launch.manifest import PRUNED, PhaseStanding
-from launch.spec import expand, load_spec, resume_pruned
+from launch.spec import expand, load_spec, resuming_pruned
 from launch.submit import phases_to_submit
 from sogclr.prune import RungRecords
 from sogclr.state import read_state, update_state
@@ -46,7 +46,7 @@ def test_only_resume_pruned_submits_a_pruned_run_again(tmp_path: Path) -> None:
             [],
             "nothing: pruned (--resume-pruned to continue it)",
         )
-    (resumed,) = resume_pruned([run], [run.name])
+    (resumed,) = resuming_pruned([run], [run.name])
     assert resumed.config.prune is None and run.config.prune is not None
     assert phases_to_submit(resumed, standing, False)[0] == ["pretrain", "lincls"]
 
