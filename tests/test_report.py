@@ -18,7 +18,7 @@ from PIL import Image
 from launch import cli
 from launch.figures import write_figures
 from launch.manifest import read_manifest, standings
-from launch.report import RunRow, attempt_seconds, collect, numeric_fields, read_records, top1_series
+from launch.results import RunRow, attempt_seconds, collect, numeric_fields, read_records, top1_series
 from launch.spec import Run, expand, load_spec
 from sogclr.state import read_state
 from tests.tiny import write_tiny_spec
