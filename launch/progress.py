@@ -14,6 +14,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
+from rich.table import Column
 
 from launch.spec import Run
 from launch.status import last_record
@@ -67,6 +68,20 @@ def plain_line(run: Run, shot: Snapshot) -> str:
     return f"{run.name} {shot.phase}: step {shot.record['step']}/{total}, {describe(shot)}"
 
 
+def progress_bar(console: Console, names: list[str]) -> Progress:
+    """One line per run. The run's name is never cut (two runs of a sweep differ only in it), nor its
+    phase; the bar is short; what is left of the width holds the details, wrapped onto more lines when
+    narrow (at 80 columns a long name would otherwise cut everything to `gamma…` and `pretr…`)."""
+    return Progress(
+        TextColumn("{task.description}", table_column=Column(no_wrap=True, min_width=max(map(len, names)))),
+        TextColumn("{task.fields[phase]}", table_column=Column(no_wrap=True, min_width=len("pretrain"))),
+        BarColumn(bar_width=10),
+        MofNCompleteColumn(table_column=Column(no_wrap=True)),
+        TextColumn("{task.fields[info]}", table_column=Column(overflow="fold", ratio=1)),
+        console=console,
+    )
+
+
 @dataclass
 class Tracked:
     """What the display knows of one run: its current phase and the records seen in it."""
@@ -92,14 +107,7 @@ class LiveProgress:
         self.thread = threading.Thread(target=self._poll_until_stopped, daemon=True)
         self.bar: Progress | None = None
         if console.is_terminal:
-            self.bar = Progress(
-                TextColumn("{task.description}"),
-                TextColumn("{task.fields[phase]}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[info]}"),
-                console=console,
-            )
+            self.bar = progress_bar(console, [run.name for run in runs])
 
     def __enter__(self) -> LiveProgress:
         if self.bar is not None:

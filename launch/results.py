@@ -18,6 +18,7 @@ from typing import Any
 
 from launch.manifest import NOT_SUBMITTED, PhaseStanding
 from launch.spec import Run
+from launch.status import position
 from launch.submit import phase_resources
 from sogclr.state import read_state
 
@@ -74,7 +75,7 @@ def collect_run(run: Run, where: dict[str, PhaseStanding]) -> RunRow:
         point=dict(run.point),
         loss=run.config.pretrain.loss,
         standing=standing(run, where),
-        epochs_done=state.get("epoch", 0),
+        epochs_done=position(run).epochs_done,
         epochs=run.config.pretrain.epochs,
         objective=steps[-1]["objective"] if steps else None,
         global_objective=last_value(records, "global_objective"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ def show_status(spec: SweepSpec, runs: list[Run], console: Console) -> int:
     monitor during pretraining), linear top-1."""
     where = standings(runs, read_manifest(spec.directory))
     columns = (
-        *("run", "pretrain job", "lincls job", "pretraining", "linear eval", "epoch/step", "requeues"),
+        *("run", "pretrain job", "lincls job", "pretraining", "linear eval", "epochs", "steps", "requeues"),
         *("last loss", "kNN top-1", "top-1"),
     )
     rows = []
@@ -39,6 +40,7 @@ def show_status(spec: SweepSpec, runs: list[Run], console: Console) -> int:
         # metrics run ahead of checkpoints; epoch-end evaluations log records without a loss
         latest = last_record(run.files.pretrain.metrics, having="loss") or state
         result = read_state(run.files.lincls.result)
+        where_now = position(run)
         rows.append(
             (
                 run.name,
@@ -46,7 +48,8 @@ def show_status(spec: SweepSpec, runs: list[Run], console: Console) -> int:
                 lincls.job_id or "-",
                 shown(pretrain),
                 shown(lincls) if run.config.lincls is not None else "-",
-                f"{latest['epoch']}/{latest['step']}" if "step" in latest else "-",
+                where_now.epochs_shown,
+                where_now.steps_shown,
                 str(state.get("requeues", 0)),
                 _format(latest.get("loss")),
                 _format((last_record(run.files.pretrain.metrics, having="knn_top1") or {}).get("knn_top1")),
@@ -57,6 +60,37 @@ def show_status(spec: SweepSpec, runs: list[Run], console: Console) -> int:
     for warning in save_time_warnings(runs, partition_grace_times()):
         console.print(f"[yellow]warning:[/] {warning}", highlight=False)
     return 0
+
+
+@dataclass(frozen=True)
+class Position:
+    """How far a run's pretraining got, as `status` and `report` both show it: epochs completed and steps
+    taken, each of its total (a finished 8-epoch run of 11 steps an epoch: 8/8 and 88/88)."""
+
+    epochs_done: int
+    epochs: int
+    steps: int
+    total_steps: int | None
+
+    @property
+    def epochs_shown(self) -> str:
+        return f"{self.epochs_done}/{self.epochs}"
+
+    @property
+    def steps_shown(self) -> str:
+        return f"{self.steps}/{self.total_steps or '?'}" if self.steps else "-"
+
+
+def position(run: Run) -> Position:
+    """The run's pretraining position: the later of its last checkpoint (state.json) and its last logged
+    step (metrics run ahead of checkpoints). A metrics record's `epoch` is the zero-based epoch in
+    progress, state.json's the epochs completed: both are turned into epochs completed here."""
+    state = read_state(run.files.pretrain.state)
+    latest = last_record(run.files.pretrain.metrics, having="loss") or {}
+    steps = max(state.get("step", 0), latest.get("step", 0))
+    total, epochs = state.get("total_steps"), run.config.pretrain.epochs
+    done = steps * epochs // total if total else state.get("epoch", 0)
+    return Position(done, epochs, steps, total)
 
 
 def partition_grace_times() -> dict[str | None, int]:
