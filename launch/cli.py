@@ -1,6 +1,7 @@
 """`sogclr-submit`: submit a sweep, or inspect it.
 
 sogclr-submit SPEC [--dry-run [-v]] [--set a.b=value ...]     submit to SLURM (or --local, --debug)
+sogclr-submit SPEC --resume-pruned RUN ...                      continue pruned runs to the end
 sogclr-submit status SPEC                                      where every run stands
 sogclr-submit report SPEC [--format table|md|csv|json]         what every run reached, and figures
 sogclr-submit cancel SPEC [--run NAME]                         cancel this sweep's jobs
@@ -15,7 +16,7 @@ import sys
 
 from rich.console import Console
 
-from launch.spec import Run, SpecError, SweepSpec, check_data_dirs, expand, load_spec
+from launch.spec import Run, SpecError, SweepSpec, check_data_dirs, expand, load_spec, resume_pruned
 from launch.table import print_table
 from sogclr.cli import add_override_argument
 
@@ -41,6 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--resubmit-failed", action="store_true", help="also resubmit runs that failed or were cancelled"
     )
     submit.add_argument("--run", metavar="NAME", help="only this run (--debug: which run to debug)")
+    submit.add_argument(
+        "--resume-pruned",
+        nargs="+",
+        default=[],
+        metavar="RUN",
+        help="continue these pruned runs from the rung that stopped them to the end, then evaluate them",
+    )
     submit.add_argument(
         "--reconfigure",
         action="store_true",
@@ -103,6 +111,7 @@ def _load(args: argparse.Namespace) -> tuple[SweepSpec, list[Run]]:
 
 def cmd_submit(args: argparse.Namespace, console: Console) -> int:
     spec, runs = _load(args)
+    runs = resume_pruned(runs, [*args.resume_pruned, *continued(runs)])
     problems = check_data_dirs(runs)
     if args.dry_run:
         for problem in problems:
@@ -134,6 +143,13 @@ def cmd_submit(args: argparse.Namespace, console: Console) -> int:
         snapshot=not args.no_snapshot,
         reconfigure=args.reconfigure,
     )
+
+
+def continued(runs: list[Run]) -> list[str]:
+    """The runs continued after pruning before: each stays without pruning to its end."""
+    from launch.manifest import continued_after_pruning
+
+    return [run.name for run in runs if continued_after_pruning(run)]
 
 
 def cmd_status(args: argparse.Namespace, console: Console) -> int:

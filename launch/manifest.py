@@ -4,6 +4,10 @@ The manifest maps run -> phase -> the submissions so far (job id, time, job name
 current. Where a run stands is read from SLURM first (squeue, then sacct) and from the run directory when
 SLURM has forgotten the job; `unknown` when SLURM could not be asked, and `not ours` when the id now names
 another job (its JobName differs, or another cluster). Submission, status and cancel all use this one view.
+
+Both phases of a run that the sweep's successive halving stopped read `pruned` from its run directory
+(its job ended COMPLETED; its evaluation was cancelled, or in local mode never started), until a
+`--resume-pruned` job of it is queued or runs.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ ACTIVE = frozenset(
     "signaling stage_out".split()
 )
 NOT_SUBMITTED = "not submitted"
+PRUNED = "pruned"  # stopped at a rung by the sweep's successive halving: settled, like done
 UNKNOWN = "unknown"  # SLURM could not be asked: neither live nor forgotten
 NOT_OURS = "not ours"  # the id now names another job (a reset controller, another cluster)
 QUERY_TIMEOUT_S = 60
@@ -210,6 +215,18 @@ def phase_done(run: Run, phase: str) -> bool:
     return read_state(PHASES[phase].state_path(run.run_dir)).get("status") == "done"
 
 
+def pruned(run: Run) -> bool:
+    """Whether the sweep's successive halving stopped the run (and it has not been continued since)."""
+    return read_state(run.files.pretrain.state).get("status") == PRUNED
+
+
+def continued_after_pruning(run: Run) -> bool:
+    """Whether the run was pruned once and continued since (`--resume-pruned`): it is never pruned again,
+    also when a later submission resumes it after an interruption."""
+    state = read_state(run.files.pretrain.state)
+    return "pruned" in state and state.get("status") != PRUNED
+
+
 def phase_standing(
     run: Run, phase: str, manifest: dict[str, Any], jobs: dict[str, SlurmJob], cluster: str | None = None
 ) -> PhaseStanding:
@@ -217,11 +234,13 @@ def phase_standing(
     job_id = submission["job_id"] if submission else None
     if phase_done(run, phase):
         return PhaseStanding(job_id, "done")
+    job = jobs.get(job_id) if job_id else None
+    if job is not None and job.state == UNKNOWN:  # a --resume-pruned job may be running: unknown
+        return PhaseStanding(job_id, UNKNOWN, reason=job.reason)
+    if pruned(run) and not (job is not None and job.state in ACTIVE):  # not yet resumed (--resume-pruned)
+        return PhaseStanding(job_id, PRUNED)
     if submission is None:
         return PhaseStanding(None, NOT_SUBMITTED)
-    job = jobs.get(job_id)
-    if job is not None and job.state == UNKNOWN:
-        return PhaseStanding(job_id, UNKNOWN, reason=job.reason)
     if (why := not_ours(submission, job, cluster)) is not None:
         return PhaseStanding(job_id, NOT_OURS, reason=why)
     if job is not None:

@@ -173,13 +173,15 @@ def run_epochs(
     epochs: int,
     batches: Callable[[int, int], Iterable[Any]],
     step: Callable[[Any], None],
-    end_of_epoch: Callable[[int], None] | None = None,
+    end_of_epoch: Callable[[int], bool | None] | None = None,
 ) -> bool:
-    """Train from the session's position to the end of `epochs`; False if stopped by a signal.
+    """Train from the session's position to the end of `epochs`, or to an epoch after which
+    `end_of_epoch` says to end (True: a pruned run); False if stopped by a signal.
 
     `batches(epoch, start_step)` yields the epoch's batches from `start_step` on; `step(batch)` takes one
     optimizer step at `session.progress` (before it advances); `end_of_epoch(epoch)` runs after an
-    epoch's last step, before the checkpoint that closes the epoch.
+    epoch's last step, before the checkpoint that closes the epoch. An end it asks for wins over a stop
+    signal at the same boundary: the checkpoint is saved either way, and the run is over.
     """
     progress = session.progress
     for epoch in range(progress.epoch, epochs):
@@ -187,10 +189,11 @@ def run_epochs(
             step(batch)
             progress.advance()
             epoch_end = progress.step_in_epoch == 0
-            if epoch_end and end_of_epoch is not None:
-                end_of_epoch(epoch)
-            if session.boundary(epoch_end):
+            ends_here = epoch_end and end_of_epoch is not None and bool(end_of_epoch(epoch))
+            if session.boundary(epoch_end) and not ends_here:
                 return False
+            if ends_here:
+                return True
     return True
 
 

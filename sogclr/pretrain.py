@@ -3,7 +3,8 @@
 `train` reads top to bottom: set up the process group, build data, model, loss and optimizer, resume from
 the run directory, then loop over epochs and steps. A stop signal (SIGUSR2 or SIGTERM, on any rank) ends
 the run at the next step boundary with one checkpoint and `preempted` in state.json; a completed run ends
-with `checkpoints/final.pt` and `done`.
+with `checkpoints/final.pt` and `done`. With a `prune` section, a run that its sweep's successive halving
+stops at a rung (sogclr/prune.py) ends there with its epoch-end checkpoint and `pruned`.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from sogclr.losses import GlobalContrastiveLoss, SimCLRLoss
 from sogclr.metrics import DeviceMean, MetricsLogger, Throughput, estimator_stats
 from sogclr.model import build_pretrain_model, maybe_sync_batchnorm
 from sogclr.optim import build_optimizer, scaled_lr
+from sogclr.prune import Pruner
 from sogclr.schedules import gamma_at, set_lr, warmup_cosine
 
 
@@ -83,6 +85,9 @@ def _pretrain(cfg: RunConfig, env: DistEnv, signals: StopSignals) -> str:
         config=cfg.model_dump(mode="json"),
     )
     progress = session.resume()
+    pruner = Pruner(cfg.prune, cfg.run_dir, env) if cfg.prune is not None else None
+    if pruner is not None and pruner.decided_before(progress.epoch):
+        return stop_pruned(session, pruner)
 
     step = PretrainStep(
         wrap_model(model, pcfg, env), criterion, optimizer, scaler, pcfg, total_steps, sampler.steps_per_epoch
@@ -93,6 +98,10 @@ def _pretrain(cfg: RunConfig, env: DistEnv, signals: StopSignals) -> str:
         metrics = epoch_end_metrics(pcfg, dataset, sampler.local_batch, env)
         evaluation = EpochEndEvaluation(model, metrics, logger, progress)
 
+        def end_of_epoch(epoch: int) -> bool:
+            values = evaluation(epoch)
+            return pruner is not None and pruner.at_epoch_end(epoch + 1, values, progress.global_step)
+
         def one_step(batch: tuple) -> None:
             views, _, index = batch
             loss = step(views, index, progress.global_step)
@@ -102,11 +111,21 @@ def _pretrain(cfg: RunConfig, env: DistEnv, signals: StopSignals) -> str:
             set_loader_epoch(loader, epoch, start_step)
             return loader
 
-        if not run_epochs(session, pcfg.epochs, epoch_batches, one_step, evaluation):
+        if not run_epochs(session, pcfg.epochs, epoch_batches, one_step, end_of_epoch):
             return "preempted"
+    if pruner is not None and pruner.stopped is not None:
+        return stop_pruned(session, pruner)
     session.finish()
     session.record(status="done")
     return "done"
+
+
+def stop_pruned(session: Session, pruner: Pruner) -> str:
+    """End a run that its sweep pruned at a rung: the checkpoint of that epoch end is saved (it is the
+    one a later continuation resumes from); state.json says `pruned`, and where and why."""
+    session.save()
+    session.record(status="pruned", pruned=pruner.stopped)
+    return "pruned"
 
 
 def build_criterion(cfg: PretrainConfig, num_samples: int) -> nn.Module:
@@ -274,13 +293,15 @@ class EpochEndEvaluation:
         self.logger = logger
         self.progress = progress
 
-    def __call__(self, epoch: int) -> None:
+    def __call__(self, epoch: int) -> dict[str, float]:
+        """The metrics due after `epoch` (zero-based), logged and returned (every rank has them)."""
         due = [metric for metric in self.metrics if (epoch + 1) % metric.every_epochs == 0]
         if not due:
-            return
+            return {}
         with evaluating(self.model):
             values = {name: value for metric in due for name, value in metric.compute(self.model).items()}
         self.logger.log(self.progress.global_step, epoch=epoch, **values)
+        return values
 
 
 @contextmanager
