@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.table import Column
 
 from launch.spec import Run
-from launch.status import last_record
+from launch.status import last_record, rung
 from sogclr.state import read_state
 
 POLL_S = 1.0
@@ -33,6 +33,7 @@ class Snapshot:
     epochs: int
     total_steps: int | None
     seconds_left: float | None
+    rung: str | None = None  # where successive halving has the run (launch.status.rung), if it prunes
 
 
 def snapshot(run: Run, phase: str, first: dict[str, Any] | None) -> Snapshot | None:
@@ -48,11 +49,13 @@ def snapshot(run: Run, phase: str, first: dict[str, Any] | None) -> Snapshot | N
     if first is not None and total and record["step"] > first["step"] and record["time"] > first["time"]:
         rate = (record["step"] - first["step"]) / (record["time"] - first["time"])
         left = max(0, total - record["step"]) / rate
-    return Snapshot(phase, record, epochs, total, left)
+    judged = phase == "pretrain" and run.config.prune is not None
+    return Snapshot(phase, record, epochs, total, left, rung(run) if judged else None)
 
 
 def describe(shot: Snapshot) -> str:
-    """epoch 3/8, loss 0.41, objective -0.02, 95 img/s, 0:01:20 left (what the record has)."""
+    """epoch 3/8, loss 0.41, objective -0.02, 95 img/s, 0:01:20 left, rung: kept at 2 (what the record
+    has; the rung where the sweep prunes)."""
     record = shot.record
     parts = [f"epoch {record.get('epoch', 0) + 1}/{shot.epochs}"]
     parts += [f"{key} {record[key]:.4g}" for key in ("loss", "objective") if key in record]
@@ -60,6 +63,8 @@ def describe(shot: Snapshot) -> str:
         parts.append(f"{record['images_per_s']:.0f} img/s")
     if shot.seconds_left is not None:
         parts.append(f"{timedelta(seconds=round(shot.seconds_left))} left")
+    if shot.rung is not None:
+        parts.append(f"rung: {shot.rung}")
     return ", ".join(parts)
 
 

@@ -26,7 +26,8 @@ TABLE_NOTE = (
     "different scales); global objective: the exact one, the same for every loss, at the last epoch end that "
     "logged it. wall time: the recorded attempts of both phases (one in progress: up to its last update); "
     "hours: that x the job's nodes x GPUs per node (GPU-h), "
-    "or x CPUs per task for CPU jobs (CPU-h)"
+    "or x CPUs per task for CPU jobs (CPU-h); a pruned run's `saved`: about what its remaining epochs "
+    "(at its own rate) and an evaluation (the sweep's average) would have cost"
 )
 
 
@@ -34,12 +35,14 @@ def show_report(spec: SweepSpec, runs: list[Run], console: Console, fmt: str, fi
     """Print the report table in `fmt` (table, md, csv, json) and write the figures."""
     rows = collect(runs, standings(runs, read_manifest(spec.directory)))
     render(rows, f"{spec.name}: {len(runs)} run(s)", fmt, console)
+    notes = console if fmt == "table" else Console(stderr=True)  # stdout stays machine-readable
+    if (saved := savings(rows)) is not None:
+        notes.print(saved, highlight=False, soft_wrap=True)
     if figures:
         from launch.figures import write_figures  # matplotlib: only when drawing
 
         directory = spec.directory / REPORT_DIR
         paths = write_figures(rows, directory)
-        notes = console if fmt == "table" else Console(stderr=True)  # stdout stays machine-readable
         notes.print(f"{len(paths)} figure(s) in {directory}/", highlight=False, soft_wrap=True)
     return 0
 
@@ -82,7 +85,8 @@ def formatted(row: RunRow) -> dict[str, str]:
         "linear top-1": _number(row.linear_top1, ".2f"),
         "linear top-5": _number(row.linear_top5, ".2f"),
         "wall time": _duration(row.wall_s),
-        "hours": f"{row.hours:{'.3f' if row.hours < 10 else '.1f'}} {row.hours_unit}",
+        "hours": _hours(row.hours, row.hours_unit)
+        + ("" if row.hours_saved is None else f" (~{_hours(row.hours_saved)} saved)"),
         "requeues": str(row.requeues),
     }
 
@@ -121,6 +125,24 @@ def csv_text(names: list[str], cells: list[list[str]]) -> str:
     writer = csv.writer(out, lineterminator="\n")
     writer.writerows([names, *cells])
     return out.getvalue()
+
+
+def savings(rows: list[RunRow]) -> str | None:
+    """What pruning saved, summed over the sweep (None if no run was pruned): the hours spent, and about
+    what training the pruned runs to the end and evaluating them would have added."""
+    stopped = [row for row in rows if row.hours_saved is not None]
+    if not stopped:
+        return None
+    spent, saved = sum(row.hours for row in rows), sum(row.hours_saved for row in stopped)
+    unit = "/".join(sorted({row.hours_unit for row in rows}))
+    return (
+        f"pruning: {len(stopped)} of {len(rows)} run(s) stopped early; the sweep used {_hours(spent, unit)}, "
+        f"about {_hours(saved)} ({saved / (spent + saved):.0%}) less than training every run to the end"
+    )
+
+
+def _hours(hours: float, unit: str = "") -> str:
+    return f"{hours:{'.3f' if hours < 10 else '.1f'}} {unit}".rstrip()
 
 
 def _number(value: float | None, spec: str = ".4g") -> str:

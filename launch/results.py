@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from launch.manifest import NOT_SUBMITTED, PhaseStanding
+from launch.manifest import NOT_SUBMITTED, PRUNED, PhaseStanding, phase_done
 from launch.spec import Run
 from launch.status import position
 from launch.submit import phase_resources
@@ -53,14 +53,22 @@ class RunRow:
     hours_unit: str  # GPU-h or CPU-h
     requeues: int
     curves: dict[str, Series] = field(default_factory=dict)  # objective, global objective, kNN top-1
+    rungs: list[int] = field(default_factory=list)  # the epochs where successive halving judges the run
+    prune_metric: str | None = None  # what it is judged on there
+    pruned_at: int | None = None  # the rung (epoch) that stopped it
+    hours_saved: float | None = None  # a pruned run: about what training on and evaluating would have cost
 
 
 # --- collection -------------------------------------------------------------------------------------
 
 
 def collect(runs: list[Run], where: dict[str, dict[str, PhaseStanding]]) -> list[RunRow]:
-    """One row per run, from its run directory and its standing (`launch.manifest.standings`)."""
-    return [collect_run(run, where[run.name]) for run in runs]
+    """One row per run, from its run directory and its standing (`launch.manifest.standings`); a pruned
+    run's row has the hours its pruning saved (`with_hours_saved`)."""
+    rows = [collect_run(run, where[run.name]) for run in runs]
+    evaluations = [lincls_hours(run) for run in runs if "lincls" in run.phases and phase_done(run, "lincls")]
+    evaluation = sum(evaluations) / len(evaluations) if evaluations else 0.0
+    return [with_hours_saved(row, run, evaluation) for row, run in zip(rows, runs, strict=True)]
 
 
 def collect_run(run: Run, where: dict[str, PhaseStanding]) -> RunRow:
@@ -70,6 +78,7 @@ def collect_run(run: Run, where: dict[str, PhaseStanding]) -> RunRow:
     steps = [r for r in records if "objective" in r]
     result = read_state(files.lincls.result)
     wall_s, hours, unit = spent(run)
+    prune = run.config.prune
     return RunRow(
         run=run.name,
         point=dict(run.point),
@@ -88,12 +97,39 @@ def collect_run(run: Run, where: dict[str, PhaseStanding]) -> RunRow:
         hours_unit=unit,
         requeues=state.get("requeues", 0) + read_state(files.lincls.state).get("requeues", 0),
         curves=curves(records, state.get("total_steps"), run.config.pretrain.epochs),
+        rungs=list(prune.rungs) if prune else [],
+        prune_metric=prune.metric if prune else None,
+        pruned_at=pruned_at(run, where),
     )
 
 
+def with_hours_saved(row: RunRow, run: Run, evaluation_hours: float) -> RunRow:
+    """A pruned run's row with the compute its pruning saved against training it to the end: its
+    pretraining's remaining steps at the rate it ran, plus an evaluation as long as the sweep's evaluated
+    runs' on average (0 before any is evaluated). An estimate: the rest of the run never happened."""
+    if row.pruned_at is None:
+        return row
+    state = read_state(run.files.pretrain.state)
+    steps, total = state.get("step") or 0, state.get("total_steps") or 0
+    pretraining = pretrain_hours(run)
+    rest = pretraining * (total - steps) / steps if steps else 0.0
+    return replace(row, hours_saved=rest + evaluation_hours)
+
+
+def pruned_at(run: Run, where: dict[str, PhaseStanding]) -> int | None:
+    """The rung (epoch) at which successive halving stopped the run, unless it was continued since."""
+    if where["pretrain"].state != PRUNED:
+        return None
+    return (read_state(run.files.pretrain.state).get("pruned") or {}).get("epoch")
+
+
 def standing(run: Run, where: dict[str, PhaseStanding]) -> str:
-    """`done`, or the first unfinished phase and its state (a `--local` run has no job: its run
-    directory's status)."""
+    """`done`, `pruned at epoch E`, or the first unfinished phase and its state (a `--local` run has no
+    job: its run directory's status)."""
+    if where["pretrain"].state == PRUNED:
+        return (
+            f"pruned at epoch {(read_state(run.files.pretrain.state).get('pruned') or {}).get('epoch', '?')}"
+        )
     for phase in run.phases:
         state = where[phase].state
         if state == "done":
@@ -137,22 +173,30 @@ def curves(records: list[dict[str, Any]], total_steps: int | None, epochs: int) 
 
 def spent(run: Run) -> tuple[float, float, str]:
     """Wall seconds of the recorded attempts of both phases, the resource-hours they used, and the unit."""
-    wall_s = hours = 0.0
-    units = set()
-    for phase in ("pretrain", "lincls"):
-        resources = phase_resources(run, phase)
-        if resources is None:
-            continue
-        state = read_state(run.files.phase(phase).state)
-        # the attempt in progress counts up to the trainer's last word in state.json
-        current = state.get("current_attempt")
-        current = [{**current, "ended": state.get("updated")}] if current else []
-        seconds = sum(attempt_seconds(attempt) for attempt in state.get("attempts", []) + current)
-        per_node = resources.gpus_per_node or resources.cpus_per_task
-        units.add("GPU-h" if resources.gpus_per_node else "CPU-h")
-        wall_s += seconds
-        hours += seconds / 3600 * resources.nodes * per_node
-    return wall_s, hours, "/".join(sorted(units))
+    used = [phase_spent(run, phase) for phase in run.phases]
+    units = {"GPU-h" if phase_resources(run, phase).gpus_per_node else "CPU-h" for phase in run.phases}
+    return sum(seconds for seconds, _ in used), sum(hours for _, hours in used), "/".join(sorted(units))
+
+
+def phase_spent(run: Run, phase: str) -> tuple[float, float]:
+    """Wall seconds of one phase's recorded attempts and the resource-hours they used (x nodes x GPUs
+    per node, or x CPUs per task for a CPU job)."""
+    resources = phase_resources(run, phase)
+    state = read_state(run.files.phase(phase).state)
+    # the attempt in progress counts up to the trainer's last word in state.json
+    current = state.get("current_attempt")
+    current = [{**current, "ended": state.get("updated")}] if current else []
+    seconds = sum(attempt_seconds(attempt) for attempt in state.get("attempts", []) + current)
+    per_node = resources.gpus_per_node or resources.cpus_per_task
+    return seconds, seconds / 3600 * resources.nodes * per_node
+
+
+def pretrain_hours(run: Run) -> float:
+    return phase_spent(run, "pretrain")[1]
+
+
+def lincls_hours(run: Run) -> float:
+    return phase_spent(run, "lincls")[1]
 
 
 def attempt_seconds(attempt: dict[str, Any]) -> float:

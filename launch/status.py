@@ -22,6 +22,7 @@ from launch.manifest import (
 )
 from launch.spec import Run, SweepSpec
 from launch.table import print_table
+from sogclr.prune import RungRecords
 from sogclr.state import read_state
 
 
@@ -30,7 +31,8 @@ def show_status(spec: SweepSpec, runs: list[Run], console: Console) -> int:
     monitor during pretraining), linear top-1."""
     where = standings(runs, read_manifest(spec.directory))
     columns = (
-        *("run", "pretrain job", "lincls job", "pretraining", "linear eval", "epochs", "steps", "requeues"),
+        *("run", "pretrain job", "lincls job", "pretraining", "linear eval", "epochs", "steps", "rung"),
+        "requeues",
         *("last loss", "kNN top-1", "top-1"),
     )
     rows = []
@@ -50,6 +52,7 @@ def show_status(spec: SweepSpec, runs: list[Run], console: Console) -> int:
                 shown(lincls) if run.config.lincls is not None else "-",
                 where_now.epochs_shown,
                 where_now.steps_shown,
+                rung(run),
                 str(state.get("requeues", 0)),
                 _format(latest.get("loss")),
                 _format((last_record(run.files.pretrain.metrics, having="knn_top1") or {}).get("knn_top1")),
@@ -91,6 +94,22 @@ def position(run: Run) -> Position:
     total, epochs = state.get("total_steps"), run.config.pretrain.epochs
     done = steps * epochs // total if total else state.get("epoch", 0)
     return Position(done, epochs, steps, total)
+
+
+def rung(run: Run) -> str:
+    """Where successive halving has the run: `-` (no pruning), `before 1` (no rung reached yet),
+    `kept at 2` (the last rung it passed), `pruned at 2`, or `resumed after 2` (pruned, then continued
+    with --resume-pruned: never judged again), from state.json and the rungs' decision records."""
+    prune = run.config.prune
+    if prune is None:
+        return "-"
+    state = read_state(run.files.pretrain.state)
+    if (stopped := state.get("pruned")) is not None:
+        still = state.get("status") == "pruned"
+        return f"{'pruned at' if still else 'resumed after'} {stopped['epoch']}"
+    decisions = [RungRecords(prune.records, epoch).decision(run.run_dir.name) for epoch in prune.rungs]
+    kept = [epoch for epoch, d in zip(prune.rungs, decisions, strict=True) if d and d["continue"]]
+    return f"kept at {kept[-1]}" if kept else f"before {prune.rungs[0]}"
 
 
 def partition_grace_times() -> dict[str | None, int]:
