@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -182,11 +183,15 @@ def phase_spent(run: Run, phase: str) -> tuple[float, float]:
     """Wall seconds of one phase's recorded attempts and the resource-hours they used (x nodes x GPUs
     per node, or x CPUs per task for a CPU job)."""
     resources = phase_resources(run, phase)
-    state = read_state(run.files.phase(phase).state)
+    files = run.files.phase(phase)
+    state = read_state(files.state)
     # the attempt in progress counts up to the trainer's last word in state.json
     current = state.get("current_attempt")
     current = [{**current, "ended": state.get("updated")}] if current else []
-    seconds = sum(attempt_seconds(attempt) for attempt in state.get("attempts", []) + current)
+    attempts = state.get("attempts", []) + current
+    lost = any(not attempt.get("ended") for attempt in attempts)
+    times = [r["time"] for r in read_records(files.metrics) if "time" in r] if lost else []
+    seconds = sum(attempt_seconds(attempts, times))
     per_node = resources.gpus_per_node or resources.cpus_per_task
     return seconds, seconds / 3600 * resources.nodes * per_node
 
@@ -199,12 +204,24 @@ def lincls_hours(run: Run) -> float:
     return phase_spent(run, "lincls")[1]
 
 
-def attempt_seconds(attempt: dict[str, Any]) -> float:
-    """How long an attempt ran; 0 for one whose end was never recorded (a lost attempt)."""
-    if not attempt.get("started") or not attempt.get("ended"):
-        return 0.0
-    started, ended = (datetime.fromisoformat(attempt[key]) for key in ("started", "ended"))
-    return (ended - started).total_seconds()
+def attempt_seconds(attempts: list[dict[str, Any]], log_times: Sequence[float] = ()) -> list[float]:
+    """How long each attempt ran. A lost attempt (a node failure, a job killed before its task could
+    record the end: `ended` null) ran at least until the last metrics record (`log_times`, epoch
+    seconds) it logged before the next attempt started; 0 only if it logged none. Counting it as 0
+    would leave out the hours exactly where most were burnt (an attempt lost after 23 h)."""
+    starts = [_time(attempt.get("started")) for attempt in attempts]
+    seconds = []
+    for attempt, start, after in zip(attempts, starts, [*starts[1:], None], strict=True):
+        end = _time(attempt.get("ended"))
+        if start is not None and end is None:
+            within = [t for t in log_times if t >= start and (after is None or t < after)]
+            end = max(within, default=start)
+        seconds.append(0.0 if start is None else end - start)
+    return seconds
+
+
+def _time(iso: str | None) -> float | None:
+    return None if not iso else datetime.fromisoformat(iso).timestamp()
 
 
 # --- the numbers behind the figures -----------------------------------------------------------------

@@ -75,7 +75,7 @@ def test_rows_hold_what_each_run_reached_and_nothing_for_an_unstarted_run(sweep:
         assert row.requeues == 0
         # hours: each phase's attempts x its CPUs (pretraining 2, evaluation 1)
         pretrain_s, lincls_s = (
-            sum(map(attempt_seconds, read_state(files.state)["attempts"]))
+            sum(attempt_seconds(read_state(files.state)["attempts"]))
             for files in (run.files.pretrain, run.files.lincls)
         )
         assert row.wall_s == pretrain_s + lincls_s > 0
