@@ -211,7 +211,7 @@ def attempt_seconds(attempts: list[dict[str, Any]], log_times: Sequence[float] =
     would leave out the hours exactly where most were burnt (an attempt lost after 23 h)."""
     starts = [_time(attempt.get("started")) for attempt in attempts]
     seconds = []
-    for attempt, start, after in zip(attempts, starts, [*starts[1:], None], strict=True):
+    for attempt, start, after in zip(attempts, starts, [*starts[1:], None]):  # after: the next's start
         end = _time(attempt.get("ended"))
         if start is not None and end is None:
             within = [t for t in log_times if t >= start and (after is None or t < after)]
