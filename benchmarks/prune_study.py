@@ -77,13 +77,14 @@ def wall_clock(runs: list[Run]) -> float:
     return (max(ends) - min(starts)).total_seconds() if starts and ends else 0.0
 
 
-def correlations(rows: dict[str, RunRow]) -> dict[int, float]:
-    """Epoch -> Spearman's rho between that epoch's kNN top-1 and the final linear top-1, over the runs."""
+def correlations(rows: dict[str, RunRow]) -> dict[int, tuple[float, float]]:
+    """Epoch -> Spearman's rho between that epoch's kNN top-1 and the final linear top-1 over the runs,
+    and its two-sided p-value (ties get average ranks)."""
     done = [row for row in rows.values() if row.linear_top1 is not None]
     epochs = sorted(set.intersection(*(set(knn_by_epoch(row)) for row in done)))
-    return {
-        e: spearmanr([knn_by_epoch(r)[e] for r in done], [r.linear_top1 for r in done])[0] for e in epochs
-    }
+    final = [row.linear_top1 for row in done]
+    tests = {e: spearmanr([knn_by_epoch(row)[e] for row in done], final) for e in epochs}
+    return {e: (float(test.statistic), float(test.pvalue)) for e, test in tests.items()}
 
 
 def totals(rows: dict[str, RunRow]) -> tuple[float, int, int]:
@@ -121,8 +122,12 @@ def table(full: dict[str, RunRow], pruned: dict[str, RunRow], rungs: list[int]) 
 
 
 def figure(
-    full: dict[str, RunRow], pruned: dict[str, RunRow], rho: dict[int, float], rungs: list[int], path: Path
-):
+    full: dict[str, RunRow],
+    pruned: dict[str, RunRow],
+    rho: dict[int, tuple[float, float]],
+    rungs: list[int],
+    path: Path,
+) -> None:
     fig, (curves, ranks) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 2]})
     for rung in rungs:
         for ax in (curves, ranks):
@@ -138,10 +143,11 @@ def figure(
     curves.set_title("full sweep: kNN top-1 by epoch (legend: final linear top-1)")
     curves.legend(fontsize=7, ncol=2, loc="lower right")
     curves.grid(alpha=0.3)
-    ranks.plot(list(rho), list(rho.values()), marker="o")
+    ranks.plot(list(rho), [r for r, _ in rho.values()], marker="o")
     ranks.axhline(0, color="black", linewidth=0.8)
     ranks.set(xlabel="epoch", ylabel="Spearman rho", ylim=(-1, 1))
-    ranks.set_title("rank correlation: kNN top-1 at epoch vs final linear top-1")
+    title = f"Spearman rho (n={len(full)} runs):\nkNN top-1 at the epoch vs final linear top-1"
+    ranks.set_title(title, fontsize=10)
     ranks.grid(alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -180,7 +186,8 @@ def main() -> None:
     print(f"\nSpearman rho, kNN top-1 at epoch vs final linear top-1 (full sweep, n = {len(full)}):")
     print("| epoch | " + " | ".join(str(e) + (" (rung)" if e in rungs else "") for e in rho) + " |")
     print("|---|" + "---|" * len(rho))
-    print("| rho | " + " | ".join(f"{r:+.2f}" for r in rho.values()) + " |")
+    print("| rho | " + " | ".join(f"{r:+.2f}" for r, _ in rho.values()) + " |")
+    print("| p | " + " | ".join(f"{p:.2f}" for _, p in rho.values()) + " |")
     print(
         "\nlargest kNN top-1 difference between the sweeps at an epoch both trained: "
         f"{same_training(full, pruned):.3g}"

@@ -26,8 +26,8 @@ TABLE_NOTE = (
     "different scales); global objective: the exact one, the same for every loss, at the last epoch end that "
     "logged it. wall time: the recorded attempts of both phases (one in progress: up to its last update); "
     "hours: that x the job's nodes x GPUs per node (GPU-h), "
-    "or x CPUs per task for CPU jobs (CPU-h); a pruned run's `saved`: about what its remaining epochs "
-    "(at its own rate) and an evaluation (the sweep's average) would have cost"
+    "or x CPUs per task for CPU jobs (CPU-h); a pruned run's `saved`: about what its remaining epochs and "
+    "an evaluation would have cost, at the sweep's average per epoch and per evaluation"
 )
 
 
@@ -35,6 +35,7 @@ def show_report(spec: SweepSpec, runs: list[Run], console: Console, fmt: str, fi
     """Print the report table in `fmt` (table, md, csv, json) and write the figures."""
     rows = collect(runs, standings(runs, read_manifest(spec.directory)))
     render(rows, f"{spec.name}: {len(runs)} run(s)", fmt, console)
+    console.file.flush()  # the table first, then the notes (on stderr for md, csv and json)
     notes = console if fmt == "table" else Console(stderr=True)  # stdout stays machine-readable
     if (saved := savings(rows)) is not None:
         notes.print(saved, highlight=False, soft_wrap=True)

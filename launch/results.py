@@ -65,11 +65,43 @@ class RunRow:
 
 def collect(runs: list[Run], where: dict[str, dict[str, PhaseStanding]]) -> list[RunRow]:
     """One row per run, from its run directory and its standing (`launch.manifest.standings`); a pruned
-    run's row has the hours its pruning saved (`with_hours_saved`)."""
+    run's row has about the hours its pruning saved (`Costs`)."""
     rows = [collect_run(run, where[run.name]) for run in runs]
-    evaluations = [lincls_hours(run) for run in runs if "lincls" in run.phases and phase_done(run, "lincls")]
-    evaluation = sum(evaluations) / len(evaluations) if evaluations else 0.0
-    return [with_hours_saved(row, run, evaluation) for row, run in zip(rows, runs, strict=True)]
+    costs = Costs.of(runs)
+    return [
+        row if row.pruned_at is None else replace(row, hours_saved=costs.saved(run, row.pruned_at))
+        for row, run in zip(rows, runs, strict=True)
+    ]
+
+
+@dataclass(frozen=True)
+class Costs:
+    """What a pretraining epoch and an evaluation cost in this sweep, from the runs that finished them:
+    what a pruned run would have spent on its remaining epochs and its evaluation. Measured in the same
+    sweep, so under the same machine load; a run's own rate stands in while no run has finished."""
+
+    epoch_hours: float | None  # pretraining hours per epoch, averaged over finished pretrainings
+    evaluation_hours: float  # an evaluation's hours, averaged (0 before any is done)
+
+    @classmethod
+    def of(cls, runs: list[Run]) -> Costs:
+        trained = [
+            pretrain_hours(run) / run.config.pretrain.epochs for run in runs if phase_done(run, "pretrain")
+        ]
+        evaluated = [
+            lincls_hours(run) for run in runs if "lincls" in run.phases and phase_done(run, "lincls")
+        ]
+        return cls(_mean(trained), _mean(evaluated) or 0.0)
+
+    def saved(self, run: Run, stopped_at: int) -> float:
+        """About the hours training `run` on from epoch `stopped_at` to its end and evaluating it take."""
+        per_epoch = self.epoch_hours if self.epoch_hours is not None else pretrain_hours(run) / stopped_at
+        evaluation = self.evaluation_hours if "lincls" in run.phases else 0.0
+        return per_epoch * (run.config.pretrain.epochs - stopped_at) + evaluation
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
 
 
 def collect_run(run: Run, where: dict[str, PhaseStanding]) -> RunRow:
@@ -102,19 +134,6 @@ def collect_run(run: Run, where: dict[str, PhaseStanding]) -> RunRow:
         prune_metric=prune.metric if prune else None,
         pruned_at=pruned_at(run, where),
     )
-
-
-def with_hours_saved(row: RunRow, run: Run, evaluation_hours: float) -> RunRow:
-    """A pruned run's row with the compute its pruning saved against training it to the end: its
-    pretraining's remaining steps at the rate it ran, plus an evaluation as long as the sweep's evaluated
-    runs' on average (0 before any is evaluated). An estimate: the rest of the run never happened."""
-    if row.pruned_at is None:
-        return row
-    state = read_state(run.files.pretrain.state)
-    steps, total = state.get("step") or 0, state.get("total_steps") or 0
-    pretraining = pretrain_hours(run)
-    rest = pretraining * (total - steps) / steps if steps else 0.0
-    return replace(row, hours_saved=rest + evaluation_hours)
 
 
 def pruned_at(run: Run, where: dict[str, PhaseStanding]) -> int | None:
