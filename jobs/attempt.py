@@ -11,7 +11,8 @@ torchrun reliably; the trainer's record does). Its outcome is one of
                 recorded as such by the next attempt)
     failed      training code raised: a bug, retried never
     pruned      the sweep's successive halving stopped the run at a rung (sogclr/prune.py): a finished
-                outcome, never requeued; the job ends and its evaluation is cancelled
+                outcome, never requeued; the job ends, COMPLETED, which satisfies its evaluation's
+                afterok or aftercorr (exit status 0): so its evaluation is cancelled
 
 The attempt is appended to `attempts`, and `next_action` decides: `done`, `requeue` (resume from the saved
 step), `fail`, or `end` (SLURM is ending the job, as after a cancel: neither requeue nor fail it).

@@ -5,21 +5,21 @@ so the trainers receive the signal themselves. torchrun runs with both ignored, 
 submitit's handlers (whose `checkpoint()` would requeue from a process that cannot see the model) with
 ones that note the signal and keep telling the trainers until they have stopped (see `wait_for`).
 
-After torchrun exits, node 0 reads the phase's state.json. If the trainers stopped on a signal, SLURM's
-own view of the job says why (asked from inside the job, never guessed from elapsed time):
+After torchrun exits, node 0 reads the phase's state.json. Why the trainers stopped, and what to do
+about it, is decided by jobs/stop.py from SLURM's own view of the job (asked from inside it, never
+guessed from elapsed time), at the signal and again after the trainers exit: preempted (requeued by
+node 0, or already by SLURM), a time-limit warning (requeued by node 0), or a cancel (never requeued).
 
-    still RUNNING, PreemptTime set   preempted: SLURM would end the job COMPLETED once we exit, even with
-                                     PreemptMode=REQUEUE, so node 0 requeues it, exactly once
-    still RUNNING                    a time-limit warning (or `scancel --signal`): node 0 requeues it
-    anything else (COMPLETING, ...)  SLURM is ending it (a cancel): recorded `cancelled`, never requeued
-
-A requeue keeps the job id and run directory, so `afterok` dependents still wait. An array task is
+A requeue keeps the job id and run directory, so `afterok` dependents still wait. `scontrol requeue`
+is retried with backoff for REQUEUE_WINDOW_S (a busy controller answers "Socket timed out"); if it
+still fails, state.json says so, the dependents are cancelled and the job fails. An array task is
 addressed as `ARRAYJOBID_TASKID` in every SLURM command: its own numeric id may equal the array's id (the
 last task keeps it), and that id names the whole array to scontrol and scancel. Transient failures
 (a rank killed, a peer lost) are requeued within `max_failures`; a failure in training code raises, so
 the job ends FAILED. When the run ends without completing, node 0 also cancels the jobs waiting on it
 (its evaluation), which would otherwise stay pending for ever on a cluster without kill_invalid_depend;
 after a cancel it does so as soon as the signal arrives, since KillWait may end it before the trainers.
+It looks for them among the user's own pending jobs only (`squeue --me`), never the whole queue.
 Other nodes run their torchrun and report; they never fail the job themselves (node 0 decides).
 """
 
@@ -37,6 +37,7 @@ from typing import Any
 
 from jobs.attempt import PHASES, Budget, finish_attempt, run_attempt, wait_for
 from jobs.code import running_code
+from jobs.stop import Seen, Stop, decide
 from jobs.torchrun import (
     Rendezvous,
     rendezvous_port,
@@ -45,9 +46,12 @@ from jobs.torchrun import (
     torchrun_command,
 )
 from sogclr.layout import RunLayout
-from sogclr.state import read_state
+from sogclr.state import read_state, update_state
 
 SLURM_QUERY_TIMEOUT_S = 30
+# How long node 0 keeps retrying `scontrol requeue` (doubling pauses from 1 s). Within a grace time or
+# a signal lead of a minute or more; a controller that stays silent longer fails the job loudly.
+REQUEUE_WINDOW_S = 60
 
 
 class JobFailed(RuntimeError):
@@ -136,17 +140,13 @@ class TrainingJob:
             where,
             env=self.env(),
             stop_requested=stop.requested,
-            on_stop=lambda: cancel_dependents_if_ending(task.slurm_id),
+            on_stop=lambda: act_on_signal(task, stop.reason()),
         )
-        if attempt["outcome"] == "preempted":
-            attempt.update(why_stopped(task.slurm_id, stop.reason() or attempt["reason"]))
+        decided = judge(task, stop.reason(), attempt)
         action = finish_attempt(state_path, attempt, Budget(self.max_requeues, self.max_failures))
-        if action in ("fail", "end"):
-            cancel_dependents(task.slurm_id)
+        action = carry_out(task, state_path, action, decided)
         if action == "fail":
             raise JobFailed(f"{self.phase} of {self.run_dir} failed: {read_state(state_path).get('error')}")
-        if action == "requeue":
-            subprocess.run(["scontrol", "requeue", task.slurm_id], check=True)
         return {"phase": self.phase, "action": action, "attempt": attempt}
 
     def _follow(self, task: SlurmTask, stop: StopNote) -> dict[str, Any]:
@@ -181,19 +181,74 @@ class StopNote:
         print(f"job task: received {self.received.name}; telling the training processes", flush=True)
 
 
-def why_stopped(job_id: int | str, signal_reason: str | None) -> dict[str, str]:
-    """`outcome` and `reason` of an attempt whose trainers stopped on a signal, from SLURM's view."""
-    fields = job_fields(job_id)
-    state = fields.get("JobState")
-    if state is None:  # no answer: a requeue is the step that loses nothing (it fails if SLURM is ending it)
-        return {"outcome": "preempted", "reason": f"{signal_reason}; the controller did not say why"}
-    if state != "RUNNING":
-        ended_as = accounted_state(job_id) or state
-        return {"outcome": "cancelled", "reason": f"{signal_reason}; SLURM is ending the job ({ended_as})"}
-    preempted_at = fields.get("PreemptTime", "None")
-    if preempted_at not in ("None", "Unknown", ""):
-        return {"outcome": "preempted", "reason": f"{signal_reason}; preempted by SLURM at {preempted_at}"}
-    return {"outcome": "timeout", "reason": f"{signal_reason}; a warning before the time limit"}
+def observe(task: SlurmTask, signal: str | None, trainers: str | None) -> Seen:
+    """What node 0 sees of its job now: `signal` and `trainers` as given, and SLURM's view."""
+    fields = job_fields(task.slurm_id, tries=3 if trainers else 2)
+    restarts = fields.get("Restarts", "")
+    return Seen(
+        signal=signal,
+        job_state=fields.get("JobState"),
+        reason=fields.get("Reason"),
+        preempt_time=fields.get("PreemptTime", "None") not in ("None", "Unknown", ""),
+        requeued=restarts.isdigit() and int(restarts) > task.restart_count,
+        trainers=trainers,
+    )
+
+
+def judge(task: SlurmTask, signal: str | None, attempt: dict[str, Any]) -> Stop | None:
+    """After the trainers exit: for an attempt that stopped on a signal or lost its trainers, the stop
+    decision (its outcome and reason written into `attempt`); None for `done` and `failed`."""
+    if attempt["outcome"] not in ("preempted", "transient"):
+        return None
+    stopped = attempt["outcome"] == "preempted"  # then the trainers' record names the signal they saw
+    decided = decide(observe(task, signal or (attempt["reason"] if stopped else None), attempt["outcome"]))
+    reason = decided.why if stopped else f"{attempt['reason']}; {decided.why}"
+    attempt.update(outcome=decided.outcome, reason=reason)
+    return decided
+
+
+def carry_out(task: SlurmTask, state_path: Path, action: str, decided: Stop | None) -> str:
+    """Do what `action` (finish_attempt's) and the stop decision ask; the action, `fail` if a requeue
+    that was ours to make failed (then recorded as such in state.json)."""
+    if action == "requeue" and decided is not None and decided.requeue != "slurm":
+        if error := requeue(task.slurm_id):
+            update_state(state_path, status="failed", error=f"scontrol requeue failed: {error}")
+            action = "fail"
+    if action in ("fail", "end"):
+        cancel_dependents(task.slurm_id)
+    if action == "fail" and decided is not None and decided.requeue == "slurm":
+        _slurm(["scancel", task.slurm_id])  # SLURM requeued it, but the run gives up: no next attempt
+    return action
+
+
+def act_on_signal(task: SlurmTask, signal: str | None) -> Stop:
+    """At the stop signal, while the trainers save: what cannot wait for them (KillWait may end the job
+    first): cancel the dependents of a cancelled job, requeue a job SLURM is ending. A requeue that
+    fails here is tried again after the trainers exit."""
+    decided = decide(observe(task, signal, None))
+    print(f"job task: {decided.why}: requeue {decided.requeue}", flush=True)
+    if decided.cancel_dependents:
+        cancel_dependents(task.slurm_id)
+    if decided.requeue == "now":
+        requeue(task.slurm_id)
+    return decided
+
+
+def requeue(job_id: int | str, window_s: float = REQUEUE_WINDOW_S) -> str | None:
+    """`scontrol requeue`, retried with doubling pauses for `window_s`; None once SLURM has it requeued
+    (also when it already was: "Job is pending execution"), else the last error."""
+    deadline, pause = time.monotonic() + window_s, 1.0
+    while True:
+        result = _slurm(["scontrol", "requeue", str(job_id)])
+        error = " ".join(result.stderr.split()) or f"exit status {result.returncode}"
+        if result.returncode == 0 or "pending execution" in error:
+            return None
+        if time.monotonic() + pause > deadline:
+            print(f"job task: scontrol requeue {job_id} failed, giving up: {error}", flush=True)
+            return error
+        print(f"job task: scontrol requeue {job_id} failed, again in {pause:.0f} s: {error}", flush=True)
+        time.sleep(pause)
+        pause *= 2
 
 
 def job_fields(job_id: int | str, tries: int = 3) -> dict[str, str]:
@@ -211,35 +266,14 @@ def scontrol_fields(line: str) -> dict[str, str]:
     return dict(re.findall(r"(\w+)=(\S*)", line))
 
 
-# States in accounting of a job that has not ended (accounting lags the controller by seconds under load).
-ACCOUNTED_UNENDED = ("PENDING", "RUNNING", "REQUEUED", "RESIZING", "SUSPENDED")
-
-
-def accounted_state(job_id: int | str, tries: int = 5) -> str | None:
-    """The job's final state in accounting ('CANCELLED by 0' -> 'CANCELLED'), once accounting has it,
-    asking `tries` times a second apart; None if it does not say."""
-    for attempt in range(tries):
-        result = _slurm(["sacct", "-n", "-X", "-P", "-o", "State", "-j", str(job_id)])
-        words = result.stdout.split() if result.returncode == 0 else []
-        if words and words[0] not in ACCOUNTED_UNENDED:
-            return words[0]
-        if attempt + 1 < tries:
-            time.sleep(1)
-    return None
-
-
-def cancel_dependents_if_ending(job_id: int | str) -> None:
-    """On the stop signal, before the trainers have stopped: if SLURM is ending the job (a cancel), its
-    dependents go now, since KillWait may run out before the attempt is recorded."""
-    if job_fields(job_id, tries=1).get("JobState", "RUNNING") != "RUNNING":
-        cancel_dependents(job_id)
-
-
 def cancel_dependents(job_id: int | str) -> list[str]:
     """scancel the jobs that wait on `job_id` (`afterok:ID` and the like): they can never run now. For an
     array task `A_i` that includes task i, and only task i, of each array waiting with `aftercorr:A_*`."""
-    result = _slurm(["squeue", "-r", "-h", "-t", "PD", "-o", "%i|%E"])  # -r: every pending task on its own
+    # Our own pending jobs only (--me): the evaluation is ours. -r: every pending task on its own.
+    result = _slurm(["squeue", "--me", "-r", "-h", "-t", "PD", "-o", "%i|%E"])
     if result.returncode != 0:
+        why = " ".join(result.stderr.split()) or f"exit status {result.returncode}"
+        print(f"job task: cannot list the jobs waiting on {job_id}, none cancelled: {why}", flush=True)
         return []
     dependents = [
         dependent

@@ -40,9 +40,15 @@ class Rendezvous:
         return f"{self.host}:{self.port}"
 
 
+# Below Linux's ephemeral range (ip_local_port_range, 32768-60999 by default, as on this machine): a port
+# in it may be held by any outgoing connection on the first host, and the rendezvous would fail on every
+# retry of the job. Above the well-known services and SLURM's own (6817-6819).
+RENDEZVOUS_PORTS = range(20000, 32768)
+
+
 def rendezvous_port(job_id: int) -> int:
-    """A port in [20000, 40000) that depends only on the job id (the same after a requeue)."""
-    return 20000 + job_id % 20000
+    """A port of RENDEZVOUS_PORTS that depends only on the job id (the same after a requeue)."""
+    return RENDEZVOUS_PORTS.start + job_id % len(RENDEZVOUS_PORTS)
 
 
 def torchrun_command(

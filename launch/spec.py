@@ -31,6 +31,7 @@ from sogclr.config import (
     PretrainConfig,
     PruneMetric,
     RunConfig,
+    Rungs,
     Schema,
     WandbConfig,
     apply_overrides,
@@ -211,7 +212,7 @@ class PruneSpec(Schema):
         ge=1,
         description="Epochs to the first rung; the rungs are first_rung x eta^k below pretrain.epochs.",
     )
-    rungs: list[int] | None = Field(
+    rungs: Rungs | None = Field(
         None, description="The rungs (epochs, increasing, each below pretrain.epochs), instead of first_rung."
     )
 
@@ -219,10 +220,6 @@ class PruneSpec(Schema):
     def _one_way_to_rungs(self) -> PruneSpec:
         if (self.first_rung is None) == (self.rungs is None):
             raise ValueError("give either first_rung (with eta) or rungs, not both or neither")
-        if self.rungs is not None and (
-            not self.rungs or self.rungs[0] < 1 or any(a >= b for a, b in itertools.pairwise(self.rungs))
-        ):
-            raise ValueError(f"sweep.prune.rungs: epochs must be positive and increasing, got {self.rungs}")
         return self
 
     def rungs_for(self, epochs: int) -> list[int]:

@@ -12,6 +12,7 @@ from rich.console import Console
 
 from jobs.slurm import scontrol_fields
 from launch.manifest import (
+    NEVER_RUNS,
     NOT_OURS,
     UNKNOWN,
     PhaseStanding,
@@ -156,13 +157,16 @@ def shown(standing: PhaseStanding) -> str:
 
 
 def cancel(spec: SweepSpec, runs: list[Run], console: Console) -> int:
-    """scancel the recorded, still queued or running jobs of `runs` (and nothing else). Jobs SLURM cannot
+    """scancel the recorded, still queued or running jobs of `runs` (and nothing else), also those that wait
+    on a dependency that can never be met. Jobs SLURM cannot
     say anything about, and ids that now name other jobs, are left alone and listed; 1 if any is unknown."""
     where = standings(runs, read_manifest(spec.directory))
     targets, untouched = {}, []
     for run in runs:
         for phase, standing in where[run.name].items():
-            if standing.active:
+            # also a job that waits on a dependency that can never be met (no kill_invalid_depend): it
+            # would stay in the queue for ever
+            if standing.active or (standing.from_slurm and standing.state == NEVER_RUNS):
                 targets[standing.job_id] = f"{run.name} {phase}"
             elif standing.state in (UNKNOWN, NOT_OURS):
                 untouched.append(

@@ -368,6 +368,9 @@ def make_executor(
         time=slurm.time,
         setup=([code.setup_line()] if code else []) + list(slurm.setup),
         signal_delay_s=slurm.signal_lead_s,
+        # srun 22.05-23.02 does not inherit --cpus-per-task: where the site binds tasks to cores, the
+        # node's one task would get one core (measured: Cpus_allowed_list 0 of 0-1; README).
+        srun_args=["--cpus-per-task", str(slurm.cpus_per_task)],
         additional_parameters=extra,
         **{key: value for key, value in optional.items() if value is not None},
     )
@@ -436,7 +439,7 @@ def _torchrun_lines(run: Run, phase: str) -> list[str]:
     lines = [f"# started with {' and '.join(AGENT_IGNORES)} ignored; the training processes handle them"]
     if slurm.nodes > 1:
         lines.append("# FIRST_HOST: first of `scontrol show hostnames $SLURM_JOB_NODELIST`")
-        lines.append("# PORT: 20000 + job id % 20000")
+        lines.append("# PORT: 20000 + job id % 12768 (below the ephemeral ports)")
     rendezvous = Rendezvous("$FIRST_HOST", "$PORT", "$SLURM_JOB_ID") if slurm.nodes > 1 else None
     command = torchrun_command(
         PHASES[phase].module,

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from sogclr.atomic import write_atomic
 
@@ -186,6 +186,15 @@ PruneMetric = Literal["knn_top1", "global_objective"]
 _PRUNE_MONITORS = {"knn_top1": "knn_every_epochs", "global_objective": "objective_every_epochs"}
 
 
+def _increasing(rungs: list[int]) -> list[int]:
+    if not rungs or rungs[0] < 1 or any(a >= b for a, b in itertools.pairwise(rungs)):
+        raise ValueError(f"epochs must be one or more, positive and increasing, got {rungs}")
+    return rungs
+
+
+Rungs = Annotated[list[int], AfterValidator(_increasing)]
+
+
 class PruneConfig(Schema):
     """Successive halving decided inside the run (sogclr/prune.py): at each rung the run records its
     metric in `records`, shared with the runs it competes with, and stops unless it is in the top 1/eta
@@ -195,15 +204,8 @@ class PruneConfig(Schema):
         "knn_top1", description="knn_top1 (maximised) or global_objective (minimised)."
     )
     eta: int = Field(3, ge=2, description="Reduction factor: the top 1/eta of a rung continue.")
-    rungs: list[int] = Field(min_length=1, description="Epochs after which the run is judged, increasing.")
+    rungs: Rungs = Field(description="Epochs after which the run is judged, increasing.")
     records: Path = Field(description="Directory of the rungs' records, shared by the competing runs.")
-
-    @field_validator("rungs")
-    @classmethod
-    def _increasing(cls, rungs: list[int]) -> list[int]:
-        if rungs[0] < 1 or any(a >= b for a, b in itertools.pairwise(rungs)):
-            raise ValueError(f"rungs must be positive and increasing, got {rungs}")
-        return rungs
 
 
 def rung_problem(pretrain: PretrainConfig, metric: str, rungs: list[int]) -> str | None:

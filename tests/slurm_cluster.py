@@ -15,6 +15,15 @@ The fixture returns a ``SlurmCluster``: ``conf``, ``env`` (what a client needs),
 ``state(id)`` (the controller's view), ``accounted_state(id)`` and ``sacct(id, fields)`` (slurmdbd's
 records), and ``wait_job(id, states, timeout)``, which polls with a timeout so a hang fails.
 
+The cluster runs DEFAULT_PROFILE (SLURM's own defaults, with partition-priority preemption in REQUEUE
+mode and no grace time). A test that needs another asks for it, applied live and undone afterwards::
+
+    with slurm_cluster.profile(preempt="cancel", preempt_type="qos", grace_s=30):
+        ...
+
+and ``frozen_controller()`` stops slurmctld for a block (SIGSTOP, then SIGCONT), as a controller that
+does not answer.
+
 Where the cluster cannot run (not Linux, not root, SLURM missing and no apt-get), slurm tests
 are skipped; with ``SOGCLR_REQUIRE_SLURM=1`` (CI) they fail instead, so that a machine that
 silently lost its cluster cannot pass. A cluster that was already up before the session (say,
@@ -26,17 +35,22 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
 __all__ = [
+    "DEFAULT_PROFILE",
     "FINAL_STATES",
+    "Profile",
     "SLURM_GROUP",
     "SLURM_MODULE",
     "SlurmCluster",
@@ -48,14 +62,32 @@ __all__ = [
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "local-slurm"
 REQUIRE_ENV = "SOGCLR_REQUIRE_SLURM"
-# Configured as shared clusters commonly are: partition-priority preemption with a grace time (jobs run
-# in `low`; a job in `high` that needs their CPUs preempts them with SIGTERM, SIGKILL 30 s later), and
-# without kill_invalid_depend (SLURM's default: a never-satisfiable afterok job stays pending).
-CLUSTER_VARIANT = {
-    "SOGCLR_SLURM_PREEMPT": "requeue",
-    "SOGCLR_SLURM_GRACE_S": "30",
-    "SOGCLR_SLURM_KILL_INVALID_DEPEND": "0",
-}
+
+
+@dataclass(frozen=True)
+class Profile:
+    """How the cluster preempts, binds CPUs and ends jobs: scripts/local-slurm's profile (see its usage).
+    The defaults are SLURM's own, with partition-priority preemption in REQUEUE mode switched on (SLURM's
+    default has none): GraceTime 0, KillWait 30, no kill_invalid_depend, no CPU binding."""
+
+    preempt: Literal["requeue", "cancel"] = "requeue"
+    preempt_type: Literal["partition", "qos"] = "partition"
+    grace_s: int = 0
+    kill_wait_s: int = 30
+    kill_invalid_depend: bool = False
+    cpu_bind: Literal["none", "cores"] = "none"
+    message_timeout_s: int = 10
+    max_array_size: int = 1001
+
+    def env(self) -> dict[str, str]:
+        """The script's environment variables for this profile."""
+        return {
+            f"SOGCLR_SLURM_{name.upper()}": str(int(value) if isinstance(value, bool) else value)
+            for name, value in asdict(self).items()
+        }
+
+
+DEFAULT_PROFILE = Profile()
 HIGH_PARTITION = "high"
 # The marks of a module that needs the cluster, and of a module that has a few tests that do.
 SLURM_GROUP = pytest.mark.xdist_group("slurm")
@@ -102,7 +134,7 @@ def _run(
     return result
 
 
-@dataclass(frozen=True)
+@dataclass
 class SlurmCluster:
     """Handle on the running cluster, with helpers for submitting jobs and waiting on them."""
 
@@ -110,6 +142,36 @@ class SlurmCluster:
     env: dict[str, str]  # what clients need in their environment (SLURM_CONF)
     nodes: tuple[str, ...]
     partition: str
+    active: Profile = field(default=DEFAULT_PROFILE)  # the profile the cluster runs now
+
+    @contextmanager
+    def profile(self, **changes: object) -> Iterator[Profile]:
+        """Run the block under DEFAULT_PROFILE with `changes` (`grace_s=30, preempt="cancel",
+        preempt_type="qos"`), applied live (scontrol reconfigure, sacctmgr; slurmctld restarts for another
+        PreemptType, jobs keep running); the default profile is back afterwards."""
+        wanted = replace(DEFAULT_PROFILE, **changes)
+        if self.active != DEFAULT_PROFILE:
+            raise RuntimeError(f"profiles do not nest: {self.active} is active")
+        self._apply(wanted)
+        try:
+            yield wanted
+        finally:
+            self._apply(DEFAULT_PROFILE)
+
+    @contextmanager
+    def frozen_controller(self) -> Iterator[None]:
+        """slurmctld stopped (SIGSTOP) for the block, as a controller that does not answer at peak hours:
+        clients time out after MessageTimeout. It is continued (SIGCONT) however the block ends."""
+        pid = int((self.conf.parent.parent / "run" / "slurmctld.pid").read_text())
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            os.kill(pid, signal.SIGCONT)
+
+    def _apply(self, profile: Profile) -> None:
+        _run([str(SCRIPT), "profile"], env={**os.environ, **profile.env()}, timeout=UP_TIMEOUT_S)
+        self.active = profile
 
     def run(
         self, *cmd: str, check: bool = True, timeout: float = COMMAND_TIMEOUT_S, stdin_text: str | None = None
@@ -194,12 +256,12 @@ class SlurmCluster:
         return self.run("scontrol", "show", "hostnames", nodes).stdout.split()[0]
 
     def preempt_node(self, node: str) -> str:
-        """Preempt whatever runs on `node` as a shared cluster does: a high-priority job that needs all
-        of the node's CPUs (SLURM then sends the running jobs SIGTERM, and requeues them). Its id."""
+        """Preempt whatever runs on `node` as a shared cluster does: a high-priority job (partition
+        `high`, or QOS `high` under QOS preemption) that needs all of the node's CPUs. SLURM then sends
+        the running jobs SIGTERM and, after the grace time, requeues or cancels them. Its id."""
         cpus = self.run("sinfo", "-h", "-n", node, "-o", "%c").stdout.split()[0]
-        return self.sbatch(
-            "#!/bin/sh\nsleep 1\n", "-p", HIGH_PARTITION, "-w", node, "-c", cpus, "-o", "/dev/null"
-        )
+        priority = ["--qos", "high"] if self.active.preempt_type == "qos" else ["-p", HIGH_PARTITION]
+        return self.sbatch("#!/bin/sh\nsleep 1\n", *priority, "-w", node, "-c", cpus, "-o", "/dev/null")
 
     def lose_node(self, node: str) -> None:
         """A node failure: its slurmd and every process of its job steps killed at once. SLURM marks
@@ -231,7 +293,8 @@ def _unavailable_reason() -> str | None:
 
 
 def _script(command: str, timeout: float) -> subprocess.CompletedProcess[str]:
-    return _run([str(SCRIPT), command], env={**os.environ, **CLUSTER_VARIANT}, check=False, timeout=timeout)
+    env = {**os.environ, **DEFAULT_PROFILE.env()}
+    return _run([str(SCRIPT), command], env=env, check=False, timeout=timeout)
 
 
 def _client_env() -> dict[str, str]:

@@ -42,9 +42,10 @@ def test_a_run_that_never_saved_is_not_warned(tmp_path: Path):
 
 
 @pytest.mark.slurm
-def test_grace_times_are_read_from_the_controller():
-    # the test cluster: `low` (default) preempts with GraceTime=30, `high` does not preempt
-    assert partition_grace_times() == {"low": 30, None: 30}
+def test_grace_times_are_read_from_the_controller(slurm_cluster):
+    # `low` (default) preempts with GraceTime=30 in this profile, `high` does not preempt
+    with slurm_cluster.profile(grace_s=30):
+        assert partition_grace_times() == {"low": 30, None: 30}
 
 
 def test_the_last_loss_is_found_behind_an_epoch_end_evaluation(tmp_path: Path):

@@ -100,3 +100,25 @@ def test_a_taken_port_is_named(sandbox: Path):
         taken.listen()
         line = error_line(script(sandbox, "up"))
     assert "step 'port check'" in line and f"port {PORT + 3} is in use" in line
+
+
+NOBODY = 65534
+
+
+def test_another_users_directory_is_refused_even_empty(sandbox: Path):
+    """Under a shared /tmp another user could make the cluster directory first, and then swap the
+    slurm.conf that root daemons read: refused, never reused (review finding 31)."""
+    (sandbox / "cluster").mkdir()
+    os.chown(sandbox / "cluster", NOBODY, NOBODY)
+    line = error_line(script(sandbox, "up"))
+    assert "step 'cluster directory'" in line and "another user's" in line
+    assert (sandbox / "cluster").stat().st_uid == NOBODY and not any((sandbox / "cluster").iterdir())
+
+
+def test_another_users_lock_file_is_refused_and_left_as_it_is(sandbox: Path):
+    lock = sandbox / "cluster.lock"
+    lock.write_text("theirs\n")
+    os.chown(lock, NOBODY, NOBODY)
+    line = error_line(script(sandbox, "up"))
+    assert "cluster.lock is not a file of ours" in line
+    assert lock.read_text() == "theirs\n"  # not truncated

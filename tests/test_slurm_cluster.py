@@ -191,3 +191,47 @@ def test_sacct_reports_final_states_and_exit_codes(slurm_cluster, tmp_path):
     assert outcome[completed] == ("COMPLETED", "0:0")
     assert outcome[failed] == ("FAILED", "7:0")
     assert outcome[cancelled][0].startswith("CANCELLED")
+
+
+def test_a_profile_is_applied_live_and_the_default_comes_back(slurm_cluster):
+    def seen() -> dict[str, str]:
+        config = slurm_cluster.run("scontrol", "show", "config").stdout
+        pairs = (line.split(" = ", 1) for line in config.splitlines() if " = " in line)
+        settings = {key.strip(): value.strip() for key, value in pairs}
+        partition = slurm_cluster.run("scontrol", "show", "partition", "low", "-o").stdout
+        qos = slurm_cluster.run(
+            "sacctmgr", "-n", "-P", "show", "qos", "normal", "format=GraceTime,PreemptMode"
+        )
+        return {
+            **{
+                key: settings[key]
+                for key in (
+                    "PreemptType",
+                    "KillWait",
+                    "MessageTimeout",
+                    "MaxArraySize",
+                    "DependencyParameters",
+                )
+            },
+            "partition": " ".join(
+                w for w in partition.split() if w.split("=")[0] in ("GraceTime", "CpuBind")
+            ),
+            "qos": qos.stdout.strip(),
+        }
+
+    default = seen()
+    with slurm_cluster.profile(
+        preempt="cancel", preempt_type="qos", grace_s=30, kill_wait_s=5, kill_invalid_depend=True,
+        cpu_bind="cores", message_timeout_s=5, max_array_size=11,
+    ):  # fmt: skip
+        changed = seen()
+    assert changed == {
+        "PreemptType": "preempt/qos", "KillWait": "5 sec", "MessageTimeout": "5 sec", "MaxArraySize": "11",
+        "DependencyParameters": "kill_invalid_depend", "partition": "CpuBind=cores GraceTime=0",
+        "qos": "00:00:30|cancel",
+    }  # fmt: skip
+    assert default == seen() == {
+        "PreemptType": "preempt/partition_prio", "KillWait": "30 sec", "MessageTimeout": "10 sec",
+        "MaxArraySize": "1001", "DependencyParameters": "(null)", "partition": "GraceTime=0",
+        "qos": "00:00:00|cluster",
+    }  # fmt: skip
