@@ -67,7 +67,7 @@ def curves_figure(row: RunRow, path: Path) -> Path:
         else:
             ax.plot(curve.x, curve.y, marker="o" if key != "objective" else None, markersize=3)
         if row.pruned_at is not None:
-            ax.axvline(row.pruned_at, color="tab:red", linestyle="--", label="pruned")
+            ax.axvline(row.pruned_at, color="tab:red", linestyle="--")  # where it stopped
         ax.set_xlabel("epoch")
         ax.set_title(CURVE_PANELS[key])
         ax.set_xlim(0, row.epochs)

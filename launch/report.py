@@ -136,9 +136,10 @@ def savings(rows: list[RunRow]) -> str | None:
         return None
     spent, saved = sum(row.hours for row in rows), sum(row.hours_saved for row in stopped)
     unit = "/".join(sorted({row.hours_unit for row in rows}))
+    share = saved / (spent + saved) if saved else 0.0  # nothing recorded yet: nothing saved
     return (
         f"pruning: {len(stopped)} of {len(rows)} run(s) stopped early; the sweep used {_hours(spent, unit)}, "
-        f"about {_hours(saved)} ({saved / (spent + saved):.0%}) less than training every run to the end"
+        f"about {_hours(saved)} ({share:.0%}) less than training every run to the end"
     )
 
 

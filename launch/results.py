@@ -146,10 +146,8 @@ def pruned_at(run: Run, where: dict[str, PhaseStanding]) -> int | None:
 def standing(run: Run, where: dict[str, PhaseStanding]) -> str:
     """`done`, `pruned at epoch E`, or the first unfinished phase and its state (a `--local` run has no
     job: its run directory's status)."""
-    if where["pretrain"].state == PRUNED:
-        return (
-            f"pruned at epoch {(read_state(run.files.pretrain.state).get('pruned') or {}).get('epoch', '?')}"
-        )
+    if (epoch := pruned_at(run, where)) is not None:
+        return f"pruned at epoch {epoch}"
     for phase in run.phases:
         state = where[phase].state
         if state == "done":
