@@ -94,7 +94,7 @@ class Tracked:
     phase: str | None = None
     started: float = 0.0  # records older than the phase's start are an earlier invocation's
     first: dict[str, Any] | None = None
-    shown_step: int | None = None
+    shown: tuple[int, str | None] | None = None  # the step and rung of the last plain line
     shown_at: float = 0.0
     task: TaskID | None = None
 
@@ -129,7 +129,7 @@ class LiveProgress:
     def phase_started(self, run: Run, phase: str) -> None:
         with self.lock:
             tracked = self.tracked[run.name]
-            tracked.phase, tracked.started, tracked.first, tracked.shown_step = phase, time.time(), None, None
+            tracked.phase, tracked.started, tracked.first, tracked.shown = phase, time.time(), None, None
             if self.bar is not None and tracked.task is None:
                 tracked.task = self.bar.add_task(run.name, total=None, phase=phase, info="starting")
 
@@ -166,7 +166,8 @@ class LiveProgress:
                 )
                 return
             now = time.monotonic()
-            new = shot.record["step"] != tracked.shown_step
-            if new and (final or tracked.shown_step is None or now - tracked.shown_at >= PLAIN_EVERY_S):
+            # a rung decided after the epoch's last step record is news too (at the end: `pruned at 2`)
+            new = (shot.record["step"], shot.rung) != tracked.shown
+            if new and (final or tracked.shown is None or now - tracked.shown_at >= PLAIN_EVERY_S):
                 self.console.print(plain_line(run, shot), highlight=False, soft_wrap=True)
-                tracked.shown_step, tracked.shown_at = shot.record["step"], now
+                tracked.shown, tracked.shown_at = (shot.record["step"], shot.rung), now
