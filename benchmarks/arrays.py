@@ -4,6 +4,7 @@ A sweep of tiny runs (gamma x temperature x lr, 1,000 points by default) is subm
 nothing starts, once as arrays (the default) and once with `slurm.arrays: false` (the baseline); then
 `status` runs on each, and everything is cancelled. Wall times are measured in this process (imports
 excluded); SLURM commands are counted by shims on PATH that log each call and run the real command.
+Then the calls of `status` while an sbatch whose reply was lost is pending (its token is looked up).
 
     eval "$(scripts/local-slurm env)"   # the local cluster (scripts/local-slurm up)
     python benchmarks/arrays.py [--runs-per-axis 10]
@@ -26,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from launch import cli, status, submit  # noqa: E402, F401  (imported before anything is timed)
-from launch.manifest import read_manifest  # noqa: E402
+from launch.manifest import add_pending, new_token, read_manifest, write_manifest  # noqa: E402
 from tests.tiny import write_tiny_spec  # noqa: E402
 
 COUNTED = ("sbatch", "squeue", "sacct", "scontrol", "scancel")
@@ -79,21 +80,39 @@ def main() -> None:
         log = directory / "calls.log"
         install_shims(directory / "shims", log)
         print(f"runs: {runs}, submitted held, then cancelled")
-        print(f"{'mode':<12} {'submit s':>9} {'status s':>9} {'cancel s':>9}  SLURM calls (submit | status)")
+        print(
+            f"{'mode':<12} {'submit s':>9} {'status s':>9} {'cancel s':>9}  "
+            "SLURM calls (submit | status | cancel)"
+        )
         results = {}
         for mode, arrays in (("arrays", True), ("single jobs", False)):
             spec = sweep_spec(directory, mode.replace(" ", "-"), args.runs_per_axis, arrays)
             submit_s, submit_calls = measured(log, str(spec))
             status_s, status_calls = measured(log, "status", str(spec))
-            cancel_s, _ = measured(log, "cancel", str(spec))
+            if arrays:
+                lost = lost_reply_status(log, spec)
+            cancel_s, cancel_calls = measured(log, "cancel", str(spec))
             ids = read_manifest(directory / "runs" / spec.stem)["runs"]
             assert len(ids) == runs
             results[mode] = submit_s
             print(
                 f"{mode:<12} {submit_s:9.2f} {status_s:9.2f} {cancel_s:9.2f}  "
-                f"{counts(submit_calls)} | {counts(status_calls)}"
+                f"{counts(submit_calls)} | {counts(status_calls)} | {counts(cancel_calls)}"
             )
         print(f"submit, single jobs / arrays: {results['single jobs'] / results['arrays']:.1f}x")
+        print(f"arrays: status while a lost sbatch reply is pending: {lost}")
+
+
+def lost_reply_status(log: Path, spec: Path) -> str:
+    """Wall time and SLURM calls of `status` while the manifest holds a pending sbatch (a token)."""
+    sweep_dir = spec.parent / "runs" / spec.stem
+    manifest = read_manifest(sweep_dir)
+    add_pending(manifest, new_token(), "pretrain", ["-"], job_name=f"{spec.stem}.pretrain", submitted="-")
+    write_manifest(sweep_dir, manifest)  # as an sbatch whose reply was lost leaves it
+    took, calls = measured(log, "status", str(spec))
+    manifest["pending"] = []
+    write_manifest(sweep_dir, manifest)
+    return f"{took:.2f} s, {counts(calls)}"
 
 
 if __name__ == "__main__":

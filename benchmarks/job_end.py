@@ -66,6 +66,7 @@ def load_before(directory: Path) -> ModuleType:
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("slurm_before", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 

@@ -13,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+from jobs.code import check_submitted_code
 from jobs.slurm import TrainingJob
 
 
@@ -23,6 +24,7 @@ def task_job(tasks_dir: Path, fields: dict, task_index: int) -> TrainingJob:
 
 def main(argv: list[str]) -> None:
     tasks_dir, fields = argv
+    check_submitted_code()
     task_job(Path(tasks_dir), json.loads(fields), int(os.environ["SLURM_ARRAY_TASK_ID"]))()
 
 

@@ -234,10 +234,11 @@ def act_on_signal(task: SlurmTask, signal: str | None) -> Stop:
     return decided
 
 
-def requeue(job_id: int | str, window_s: float = REQUEUE_WINDOW_S) -> str | None:
-    """`scontrol requeue`, retried with doubling pauses for `window_s`; None once SLURM has it requeued
-    (also when it already was: "Job is pending execution"), else the last error."""
-    deadline, pause = time.monotonic() + window_s, 1.0
+def requeue(job_id: int | str, window_s: float | None = None) -> str | None:
+    """`scontrol requeue`, retried with doubling pauses for `window_s` (REQUEUE_WINDOW_S); None once
+    SLURM has it requeued (also when it already was: "Job is pending execution"), else the last error."""
+    deadline = time.monotonic() + (REQUEUE_WINDOW_S if window_s is None else window_s)
+    pause = 1.0
     while True:
         result = _slurm(["scontrol", "requeue", str(job_id)])
         error = " ".join(result.stderr.split()) or f"exit status {result.returncode}"

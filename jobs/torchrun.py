@@ -93,11 +93,17 @@ def threads_per_rank(cpus: int, ranks: int) -> dict[str, str]:
     return {"OMP_NUM_THREADS": str(max(1, cpus // ranks))}
 
 
+def ignoring_stop_signals(command: list[str]) -> list[str]:
+    """`command` run with USR2 and TERM ignored from its start (SIG_IGN survives exec) until it handles
+    them itself; arguments appended to the result reach `command`."""
+    return ["sh", "-c", _IGNORING_EXEC, command[0], *command]
+
+
 def start_ignoring_stop_signals(
     command: list[str], log: Path | None = None, env: dict[str, str] | None = None
 ) -> subprocess.Popen:
     """Start `command` with USR2 and TERM ignored, `env` added to ours; output to `log` (appended) or ours."""
-    wrapped = ["sh", "-c", _IGNORING_EXEC, command[0], *command]
+    wrapped = ignoring_stop_signals(command)
     full_env = {**os.environ, **AGENT_ENV, **(env or {})}
     if log is None:
         return subprocess.Popen(wrapped, env=full_env)

@@ -37,19 +37,20 @@ def max_array_size() -> int:
     return int(setting) if setting and setting.isdigit() else DEFAULT_MAX_ARRAY_SIZE
 
 
-def array_range(tasks: int, max_parallel: int | None) -> str:
-    """sbatch's `--array` value: tasks 0 to tasks-1, at most `max_parallel` at once."""
+def array_range(tasks: int, max_parallel: int | None, indices: list[int] | None = None) -> str:
+    """sbatch's `--array` value: tasks 0 to tasks-1 (or these `indices`), at most `max_parallel` at once."""
     throttle = f"%{max_parallel}" if max_parallel is not None and max_parallel < tasks else ""
-    return f"0-{tasks - 1}{throttle}"
+    listed = ",".join(map(str, indices)) if indices is not None else f"0-{tasks - 1}"
+    return f"{listed}{throttle}"
 
 
-def link_tasks(sweep_dir: Path, phase: str, runs: list[Run]) -> Path:
+def link_tasks(sweep_dir: Path, phase: str, runs: list[Run], indices: list[int] | None = None) -> Path:
     """A new folder of links `<index>` -> run directory (with its slurm/ log folder made) for the tasks
-    of one array, in the order of `runs`."""
+    of one array, in the order of `runs` (task indices 0..n-1, or `indices`)."""
     parent = sweep_dir / ARRAYS_DIR
     parent.mkdir(parents=True, exist_ok=True)
     tasks = Path(tempfile.mkdtemp(prefix=f"{phase}-", dir=parent))
-    for index, run in enumerate(runs):
+    for index, run in zip(indices or range(len(runs)), runs, strict=True):
         run.files.slurm_logs.mkdir(parents=True, exist_ok=True)  # SLURM creates log files, not folders
         os.symlink(run.run_dir, tasks / str(index))
     return tasks

@@ -16,7 +16,7 @@ import sys
 
 from rich.console import Console
 
-from launch.spec import Run, SpecError, SweepSpec, check_data_dirs, expand, load_spec, resume_pruned
+from launch.spec import Run, SpecError, SweepSpec, check_data_dirs, expand, load_spec, resuming_pruned
 from launch.table import print_table
 from sogclr.cli import add_override_argument
 
@@ -111,7 +111,7 @@ def _load(args: argparse.Namespace) -> tuple[SweepSpec, list[Run]]:
 
 def cmd_submit(args: argparse.Namespace, console: Console) -> int:
     spec, runs = _load(args)
-    runs = resume_pruned(runs, [*args.resume_pruned, *continued(runs)])
+    runs = resuming_pruned(runs, [*args.resume_pruned, *continued(runs)])
     problems = check_data_dirs(runs)
     if args.dry_run:
         for problem in problems:
@@ -197,6 +197,14 @@ def print_runs(spec: SweepSpec, runs: list[Run], console: Console, verbose: bool
         rows.append((run.name, point, resources, run.slurm.time, lincls, str(run.run_dir)))
     columns = ("run", "swept values", "nodes x gpus", "time", "linear eval", "run directory")
     print_table(console, f"{spec.name}: {len(runs)} run(s), nothing submitted", columns, rows)
+    if (prune := spec.sweep.prune) is not None:
+        rungs = sorted({tuple(run.config.prune.rungs) for run in runs if run.config.prune is not None})
+        at = " or ".join(", ".join(map(str, epochs)) for epochs in rungs) or "- (every run continued)"
+        console.print(
+            f"pruning: {prune.metric} after epochs {at}; the top 1/{prune.eta} of each rung continue, "
+            f"records in {spec.prune_records}",
+            highlight=False,
+        )
     if verbose:
         from launch.submit import describe_submission
 

@@ -25,7 +25,16 @@ from rich.table import Table
 
 from jobs.attempt import PHASES, Budget, finish_attempt, run_attempt
 from jobs.torchrun import threads_per_rank, torchrun_command
-from launch.manifest import PRUNED, UNKNOWN, phase_done, pruned, read_manifest, standings, sweep_lock
+from launch.manifest import (
+    PRUNED,
+    UNKNOWN,
+    phase_done,
+    pruned,
+    read_manifest,
+    standings,
+    sweep_lock,
+    write_manifest,
+)
 from launch.progress import LiveProgress
 from launch.snapshot import live_code
 from launch.spec import Run, SpecError, SweepSpec
@@ -39,7 +48,11 @@ def owning(spec: SweepSpec, runs: list[Run], reconfigure: bool) -> Iterator[None
     that SLURM cannot say about: one owner per run directory. Also the recipe check of a submission."""
     with sweep_lock(spec.directory):
         check_recipes(runs, reconfigure)
-        where = standings(runs, read_manifest(spec.directory))
+        manifest = read_manifest(spec.directory)
+        lost_replies = bool(manifest.get("pending"))
+        where = standings(runs, manifest)
+        if lost_replies:
+            write_manifest(spec.directory, manifest)  # what the lookup of their tokens settled
         busy = [
             f"{run.name} ({phase} job {standing.job_id}: {standing.state})"
             for run in runs

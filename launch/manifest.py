@@ -2,8 +2,13 @@
 
 The manifest maps run -> phase -> the submissions so far (job id, time, job name, cluster), the last one
 current. Where a run stands is read from SLURM first (squeue, then sacct) and from the run directory when
-SLURM has forgotten the job; `unknown` when SLURM could not be asked, and `not ours` when the id now names
-another job (its JobName differs, or another cluster). Submission, status and cancel all use this one view.
+SLURM has forgotten the job; `unknown` when SLURM could not be asked (or the job was submitted on another
+cluster), and `not ours` when the id now names another job (its JobName differs). Submission, status and
+cancel all use this one view.
+
+Every sbatch is first recorded as pending, with a token that the job carries in its comment
+(`--comment=sogclr:<token>`): when sbatch's reply is lost (the controller timed out after creating the
+job, measured below), the job is found by its token instead of being submitted a second time.
 
 Both phases of a run that the sweep's successive halving stopped read `pruned` from its run directory
 (its job ended COMPLETED; its evaluation was cancelled, or in local mode never started), until a
@@ -12,8 +17,14 @@ Both phases of a run that the sweep's successive halving stopped read `pruned` f
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import os
+import secrets
+import socket
+import stat
 import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,8 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from jobs.attempt import PHASES, close_unrecorded_attempt
-from launch.spec import Run
-from sogclr.state import read_state, write_json_atomic
+from launch.spec import Run, SpecError
+from sogclr.state import now, read_state, write_json_atomic
 
 MANIFEST_FILE = "manifest.json"
 LOCK_FILE = ".submit.lock"
@@ -35,20 +46,66 @@ ACTIVE = frozenset(
 NOT_SUBMITTED = "not submitted"
 PRUNED = "pruned"  # stopped at a rung by the sweep's successive halving: settled, like done
 UNKNOWN = "unknown"  # SLURM could not be asked: neither live nor forgotten
-NOT_OURS = "not ours"  # the id now names another job (a reset controller, another cluster)
+NOT_OURS = "not ours"  # the id now names another job (a reset controller)
 QUERY_TIMEOUT_S = 60
 # A pending job whose afterok can never be met (its pretraining failed or was cancelled) on a cluster
 # without kill_invalid_depend: it will never run, and a resubmission replaces it.
 NEVER_RUNS = "pending (dependency never satisfied)"
+# What sacct says on a cluster without accounting (no slurmdbd; measured on 22.05, exit status 1): the
+# controller's view is then all there is, and a job squeue has forgotten is read from its run directory.
+NO_ACCOUNTING = "accounting storage is disabled"
+# A job's comment carries the token of the submission that made it (see `find_submissions`).
+TOKEN_PREFIX = "sogclr:"
 
 
 @contextmanager
 def sweep_lock(directory: Path) -> Iterator[None]:
-    """Hold the sweep's lock: two submissions of one sweep run one after the other, never interleaved."""
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / LOCK_FILE, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    """Hold the sweep's lock: two submissions of one sweep run one after the other, never interleaved.
+    Says who holds it while waiting. Everything written meanwhile (by this process, and by the jobs it
+    submits, which inherit its umask) is closed to writes by group and others (`private_umask`)."""
+    private_directory(directory)
+    with private_umask(), open(directory / LOCK_FILE, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the file closes
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another sogclr-submit"
+            print(f"waiting for the sweep's lock {directory / LOCK_FILE}: held by {holder}", file=sys.stderr)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError as err:  # a file system mounted without locks (Lustre `noflock`: ENOSYS)
+            raise SpecError(
+                f"output_root: {directory} is on a file system without file locks ({err.strerror}); "
+                "put output_root on one that has them"
+            ) from None
+        lock.truncate(0)
+        lock.write(f"{socket.gethostname()}:{os.getpid()} since {now()}\n")
+        lock.flush()
         yield
+
+
+def private_directory(directory: Path) -> None:
+    """Make the sweep directory (0750), or refuse it if group or others may write into it: they could
+    replace the code, scripts and configs that its jobs run under the owner's account."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        directory.mkdir(mode=0o750)
+    mode = directory.stat().st_mode
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise SpecError(
+            f"output_root: the sweep directory {directory} is writable by group or others "
+            f"(mode {stat.S_IMODE(mode):o}): they could change what its jobs run; chmod go-w it"
+        )
+
+
+@contextmanager
+def private_umask() -> Iterator[None]:
+    """Files and directories made meanwhile are not writable by group or others, nor readable by others."""
+    previous = os.umask(0o027)
+    os.umask(previous | 0o027)
+    try:
+        yield
+    finally:
+        os.umask(previous)
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:
@@ -66,6 +123,61 @@ def record_job(
     manifest["runs"].setdefault(run, {}).setdefault(phase, []).append(
         {"job_id": job_id, "submitted": submitted, **about}
     )
+
+
+def new_token() -> str:
+    return secrets.token_hex(8)
+
+
+def add_pending(manifest: dict[str, Any], token: str, phase: str, runs: list[str], **about: Any) -> None:
+    """Note an sbatch about to be made: its token, its phase and runs (in array task order), and what
+    identifies it (`job_name`, `cluster`, `array`, `submitted`); kept until its job id is known."""
+    manifest.setdefault("pending", []).append({"token": token, "phase": phase, "runs": runs, **about})
+
+
+def settle_pending(manifest: dict[str, Any], token: str, job_id: str | None) -> None:
+    """The pending sbatch `token` made job `job_id` (an array: task i is its i-th run; `indices` when it
+    has other task indices), or none: record its ids, and forget the pending entry."""
+    pending = next(entry for entry in manifest.get("pending", []) if entry["token"] == token)
+    manifest["pending"].remove(pending)
+    if job_id is None:
+        return
+    about = {"job_name": pending.get("job_name"), "cluster": pending.get("cluster")}
+    indices = pending.get("indices") or range(len(pending["runs"]))
+    for index, run in zip(indices, pending["runs"], strict=True):
+        task = f"{job_id}_{index}" if pending.get("array") else job_id
+        record_job(manifest, run, pending["phase"], task, pending["submitted"], **about)
+
+
+def find_submissions(pending: list[dict[str, Any]]) -> dict[str, str]:
+    """token -> job id (an array's id) of the pending submissions SLURM has a job for: one squeue of our
+    own jobs with those names, any state, matched by the token in their comment. SlurmUnavailable when
+    squeue fails. sacct cannot help: it keeps no comment unless AccountingStoreFlags=job_comment, and
+    `sacct --name` leaves out a job that never started (both measured on 22.05)."""
+    names = sorted({entry["job_name"] for entry in pending})
+    command = ["squeue", "--me", "-h", "-t", "all", "-o", "%F|%k", "--name", ",".join(names)]
+    found = {}
+    for line in slurm_output(command).splitlines():
+        job_id, _, comment = line.partition("|")
+        if comment.startswith(TOKEN_PREFIX):
+            found[comment.removeprefix(TOKEN_PREFIX).strip()] = job_id.strip()
+    return found
+
+
+def resolve_pending(manifest: dict[str, Any]) -> dict[str, str]:
+    """Settle the sbatch calls whose reply was lost (see `settle_pending`): a job SLURM has is recorded,
+    one it has not was never made (or has ended and been forgotten: it runs no more either way). Returns
+    {token: why} for those SLURM could not be asked about; they stay pending, and their runs `unknown`."""
+    pending = manifest.get("pending", [])
+    if not pending:
+        return {}
+    try:
+        found = find_submissions(pending)
+    except SlurmUnavailable as err:
+        return {entry["token"]: str(err) for entry in pending}
+    for entry in list(pending):
+        settle_pending(manifest, entry["token"], found.get(entry["token"]))
+    return {}
 
 
 def current_submission(manifest: dict[str, Any], run: str, phase: str) -> dict[str, Any] | None:
@@ -108,7 +220,9 @@ def slurm_jobs(job_ids: list[str]) -> dict[str, SlurmJob]:
         live = dict(_records(["squeue", "-r", "-t", "all", "-h", "-o", "%i|%T|%j|%r", "-j"], job_ids))
         jobs = {job_id: live[job_id] for job_id in job_ids if job_id in live}
         forgotten = [job_id for job_id in job_ids if job_id not in live]
-        accounted = _records(["sacct", "-n", "-X", "-P", "-o", "JobID,State,JobName", "-j"], forgotten)
+        accounted = _records(
+            ["sacct", "-n", "-X", "-P", "-o", "JobID,State,JobName", "-j"], forgotten, NO_ACCOUNTING
+        )
     except SlurmUnavailable as err:
         unknown = SlurmJob(UNKNOWN, reason=str(err))
         return {job_id: jobs.get(job_id, unknown) for job_id in job_ids}
@@ -126,12 +240,16 @@ def slurm_jobs(job_ids: list[str]) -> dict[str, SlurmJob]:
     return jobs
 
 
-def _records(command: list[str], job_ids: list[str]) -> list[tuple[str, SlurmJob]]:
-    """(JobID as listed, SlurmJob) for each line of squeue's or sacct's answer about `job_ids`."""
+def _records(
+    command: list[str], job_ids: list[str], none_if: str = "Invalid job id"
+) -> list[tuple[str, SlurmJob]]:
+    """(JobID as listed, SlurmJob) for each line of squeue's or sacct's answer about `job_ids`; none
+    when the command fails saying `none_if` (squeue: none of the ids is known any more; sacct: there is
+    no accounting, so the jobs squeue has forgotten are known nowhere)."""
     if not job_ids:
         return []
     asked = sorted({job_id.partition("_")[0] for job_id in job_ids})  # a job, or the array of a task
-    result = slurm_output([*command, ",".join(asked)], ok_if="Invalid job id")
+    result = slurm_output([*command, ",".join(asked)], ok_if=none_if)
     records = []
     for line in result.splitlines():
         record, state, name, *reason = [*line.split("|"), "", ""][:4]
@@ -228,33 +346,50 @@ def continued_after_pruning(run: Run) -> bool:
 
 
 def phase_standing(
-    run: Run, phase: str, manifest: dict[str, Any], jobs: dict[str, SlurmJob], cluster: str | None = None
+    run: Run,
+    phase: str,
+    manifest: dict[str, Any],
+    jobs: dict[str, SlurmJob],
+    cluster: str | None = None,
+    unconfirmed: dict[tuple[str, str], str] | None = None,
 ) -> PhaseStanding:
+    """Where one phase stands; `unconfirmed`: (run, phase) -> why, for an sbatch whose reply was lost
+    and that SLURM could not be asked about (`resolve_pending`)."""
     submission = current_submission(manifest, run.name, phase)
     job_id = submission["job_id"] if submission else None
     if phase_done(run, phase):
         return PhaseStanding(job_id, "done")
+    if (why := (unconfirmed or {}).get((run.name, phase))) is not None:
+        return PhaseStanding(job_id, UNKNOWN, reason=why)
     job = jobs.get(job_id) if job_id else None
-    if job is not None and job.state == UNKNOWN:  # a --resume-pruned job may be running: unknown
+    if job is not None and job.state == UNKNOWN:  # (a --resume-pruned job of a pruned run may be running)
         return PhaseStanding(job_id, UNKNOWN, reason=job.reason)
+    if submission is not None and (why := other_cluster(submission, cluster)) is not None:
+        return PhaseStanding(job_id, UNKNOWN, reason=why)  # it may be running there: never act on it
     if pruned(run) and not (job is not None and job.state in ACTIVE):  # not yet resumed (--resume-pruned)
         return PhaseStanding(job_id, PRUNED)
     if submission is None:
         return PhaseStanding(None, NOT_SUBMITTED)
-    if (why := not_ours(submission, job, cluster)) is not None:
+    if (why := not_ours(submission, job)) is not None:
         return PhaseStanding(job_id, NOT_OURS, reason=why)
     if job is not None:
         return PhaseStanding(job_id, job.state, from_slurm=True)
-    status = read_state(PHASES[phase].state_path(run.run_dir)).get("status", "unknown")
+    status = read_state(PHASES[phase].state_path(run.run_dir)).get("status", "never ran")
     return PhaseStanding(job_id, f"{status} (run dir)")
 
 
-def not_ours(submission: dict[str, Any], job: SlurmJob | None, cluster: str | None) -> str | None:
-    """Why the recorded id no longer names the job we submitted, or None if it may (records written
-    before names were kept, or a cluster that cannot say its name, are taken as ours)."""
+def other_cluster(submission: dict[str, Any], cluster: str | None) -> str | None:
+    """Why the job is not this cluster's to ask about, or None (also when a cluster cannot say its
+    name): a job on another cluster sharing the file system may be training in the run directory."""
     recorded = submission.get("cluster")
     if recorded and cluster and recorded != cluster:
-        return f"submitted on cluster {recorded}, this is {cluster}"
+        return f"submitted on cluster {recorded}, this is {cluster}: ask there"
+    return None
+
+
+def not_ours(submission: dict[str, Any], job: SlurmJob | None) -> str | None:
+    """Why the recorded id no longer names the job we submitted, or None if it may (records written
+    before names were kept are taken as ours)."""
     expected = submission.get("job_name")
     if job is not None and job.name is not None and expected and job.name != expected:
         return f"job {submission['job_id']} is now {job.name!r}, not {expected!r}"
@@ -262,18 +397,29 @@ def not_ours(submission: dict[str, Any], job: SlurmJob | None, cluster: str | No
 
 
 def standings(runs: list[Run], manifest: dict[str, Any]) -> dict[str, dict[str, PhaseStanding]]:
-    """run -> phase -> standing, with one squeue and at most one sacct call for the whole sweep.
+    """run -> phase -> standing, with one squeue and at most one sacct call for the whole sweep (and
+    one squeue more while an sbatch whose reply was lost is pending: `resolve_pending`, which records
+    what it finds in `manifest`; a caller holding the sweep's lock writes it).
 
     A job that SLURM has ended for good while its run directory still shows an attempt in progress gets
     that attempt closed (`close_unrecorded_attempt`), so the run directory agrees with SLURM.
     """
+    lost = resolve_pending(manifest)
+    unconfirmed = {
+        (run, entry["phase"]): f"an sbatch's reply was lost, and whether it made the job: {why}"
+        for entry in manifest.get("pending", [])
+        if (why := lost.get(entry["token"])) is not None
+        for run in entry["runs"]
+    }
     job_ids = [
         job_id for run in runs for phase in PHASES if (job_id := current_job(manifest, run.name, phase))
     ]
     jobs = slurm_jobs(job_ids)
     cluster = cluster_name() if job_ids else None
     where = {
-        run.name: {phase: phase_standing(run, phase, manifest, jobs, cluster) for phase in PHASES}
+        run.name: {
+            phase: phase_standing(run, phase, manifest, jobs, cluster, unconfirmed) for phase in PHASES
+        }
         for run in runs
     }
     for run in runs:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.code import SNAPSHOT_MARKER as MARKER
+from jobs.code import SUBMITTED_CODE_ENV
 
 PACKAGES = ("sogclr", "jobs", "launch")
 CODE_DIR = "code"
@@ -44,9 +45,13 @@ class Snapshot:
 
     def setup_line(self) -> str:
         """The sbatch line that makes every process of the job import this code: first on PYTHONPATH,
-        and no current directory in front of it (jobs start where `sbatch` ran, often the checkout)."""
+        and no current directory in front of it (jobs start where `sbatch` ran, often the checkout).
+        It also names the snapshot, which the job checks it runs (jobs/code.py)."""
         path = shlex.quote(str(self.path))
-        return f'export PYTHONSAFEPATH=1 PYTHONPATH={path}"${{PYTHONPATH:+:$PYTHONPATH}}"'
+        return (
+            f"export {SUBMITTED_CODE_ENV}={shlex.quote(self.digest)} PYTHONSAFEPATH=1 "
+            f'PYTHONPATH={path}"${{PYTHONPATH:+:$PYTHONPATH}}"'
+        )
 
 
 def package_dirs() -> dict[str, Path]:

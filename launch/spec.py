@@ -44,7 +44,7 @@ from sogclr.layout import RunLayout
 SECTIONS = ("pretrain", "lincls", "slurm")
 PRUNE_DIR = "prune"  # <sweep dir>/prune: the records of successive halving
 BUILTIN_DATASETS = ("digits",)
-_TIME = re.compile(r"^(?:(\d+)-)?(\d{1,2}):(\d{2}):(\d{2})$")
+_TIME = re.compile(r"(?:(\d+)-)?(\d{1,2}):(\d{2}):(\d{2})")  # fullmatch: `$` would let a newline end it
 
 
 class SpecError(Exception):
@@ -53,7 +53,7 @@ class SpecError(Exception):
 
 def parse_time_limit(text: str) -> int:
     """SLURM time `HH:MM:SS` or `D-HH:MM:SS` -> seconds."""
-    match = _TIME.match(text)
+    match = _TIME.fullmatch(text)
     if not match:
         raise ValueError(f"expected HH:MM:SS or D-HH:MM:SS, got {text!r}")
     days, hours, minutes, seconds = (int(g or 0) for g in match.groups())
@@ -66,9 +66,9 @@ def parse_time_limit(text: str) -> int:
 # signal and requeue, its log paths, the evaluation's dependency): `slurm.additional` may not set them.
 # Written with underscores; submitit turns `_` into `-`, so `ntasks-per-node` is the same key.
 RESERVED_SBATCH = frozenset(
-    "account array chdir constraint cpus_per_gpu cpus_per_task dependency error export gpus gpus_per_node "
-    "gpus_per_task gres job_name mem mem_per_cpu mem_per_gpu nodes no_requeue ntasks ntasks_per_node "
-    "open_mode output parsable partition qos requeue signal time wrap".split()
+    "account array chdir comment constraint cpus_per_gpu cpus_per_task dependency error export gpus "
+    "gpus_per_node gpus_per_task gres job_name mem mem_per_cpu mem_per_gpu nodes no_requeue ntasks "
+    "ntasks_per_node open_mode output parsable partition qos requeue signal time wrap".split()
 )
 _OPTION = re.compile(r"^[a-z][a-z0-9_-]*$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -114,7 +114,10 @@ class SlurmConfig(Schema):
         default_factory=list, description="Shell lines run before training (modules, venv)."
     )
     signal_lead_s: int = Field(
-        300, ge=0, description="Seconds before the time limit that SLURM warns (USR2)."
+        300,
+        ge=1,
+        description="Seconds before the time limit that SLURM warns (USR2); at least 1: without the "
+        "warning a time limit ends the attempt TIMEOUT, unsaved and not requeued.",
     )
     max_requeues: int = Field(
         20, ge=0, description="Give up after this many requeues (preemption, time limit) per submission."
@@ -142,6 +145,9 @@ class SlurmConfig(Schema):
         description="Extra sbatch parameters, e.g. {exclusive: true, reservation: x}; not the options the "
         "launcher sets itself (listed under Running on a cluster).",
     )
+
+    # Written into #SBATCH lines: YAML's `account: |` adds a newline, which would end the #SBATCH block.
+    _one_line = field_validator("partition", "account", "qos", "constraint")(_sbatch_value)
 
     @field_validator("time")
     @classmethod
@@ -499,7 +505,7 @@ def _prune_config(spec: SweepSpec, pretrain: PretrainConfig, where: str) -> dict
     return {"metric": prune.metric, "eta": prune.eta, "rungs": rungs, "records": spec.prune_records}
 
 
-def resume_pruned(runs: list[Run], names: list[str]) -> list[Run]:
+def resuming_pruned(runs: list[Run], names: list[str]) -> list[Run]:
     """`runs`, with the named ones set to continue past the rung that pruned them: no pruning any more
     (their config has no `prune` section), and the launcher submits them again. SpecError for a name
     that is not a run of the sweep."""

@@ -14,6 +14,7 @@ from jobs.slurm import scontrol_fields
 from launch.manifest import (
     NEVER_RUNS,
     NOT_OURS,
+    QUERY_TIMEOUT_S,
     UNKNOWN,
     PhaseStanding,
     SlurmUnavailable,
@@ -157,9 +158,9 @@ def shown(standing: PhaseStanding) -> str:
 
 
 def cancel(spec: SweepSpec, runs: list[Run], console: Console) -> int:
-    """scancel the recorded, still queued or running jobs of `runs` (and nothing else), also those that wait
-    on a dependency that can never be met. Jobs SLURM cannot
-    say anything about, and ids that now name other jobs, are left alone and listed; 1 if any is unknown."""
+    """scancel the recorded, still queued or running jobs of `runs` (and nothing else), evaluations that
+    can never run included. Jobs SLURM cannot say anything about, and ids that now name other jobs, are
+    left alone and listed; 1 if any is unknown or scancel failed."""
     where = standings(runs, read_manifest(spec.directory))
     targets, untouched = {}, []
     for run in runs:
@@ -174,13 +175,36 @@ def cancel(spec: SweepSpec, runs: list[Run], console: Console) -> int:
                 )
     for line in untouched:
         console.print(f"[yellow]warning:[/] {line}", highlight=False)
-    if targets:
-        subprocess.run(["scancel", *targets], check=True)
-    elif not untouched:
+    failed = scancel(list(targets), console)
+    if not targets and not untouched:
         console.print(f"{spec.name}: no queued or running jobs to cancel")
     for job_id, what in targets.items():
-        console.print(f"cancelled job {job_id} ({what})", highlight=False)
-    return int(any(standing.state == UNKNOWN for phases in where.values() for standing in phases.values()))
+        if job_id not in failed:
+            console.print(f"cancelled job {job_id} ({what})", highlight=False)
+    unknown = any(standing.state == UNKNOWN for phases in where.values() for standing in phases.values())
+    return int(unknown or bool(failed))
+
+
+def scancel(job_ids: list[str], console: Console) -> set[str]:
+    """scancel `job_ids`; the ids it could not cancel, with its errors printed. Measured on 22.05: a job
+    that ended meanwhile is no failure (exit status 0; `already completing or completed`, with -v);
+    a controller that does not answer fails each job (`Socket timed out`, exit status 140)."""
+    if not job_ids:
+        return set()
+    try:
+        result = subprocess.run(
+            ["scancel", *job_ids], capture_output=True, text=True, timeout=QUERY_TIMEOUT_S
+        )
+    except (OSError, subprocess.TimeoutExpired) as err:
+        console.print(f"[bold red]error:[/] scancel: {err}: nothing cancelled", highlight=False)
+        return set(job_ids)
+    failed: set[str] = set()
+    for line in result.stderr.splitlines():
+        if "already completing or completed" in line:
+            continue  # it ended meanwhile (its node 0, or kill_invalid_depend, got there first)
+        failed |= {job_id for job_id in job_ids if f"job id {job_id}:" in line} or set(job_ids)
+        console.print(f"[yellow]warning:[/] {line.strip()}", highlight=False)
+    return failed
 
 
 def last_record(path: Path, having: str, block: int = 65536) -> dict[str, Any] | None:

@@ -14,12 +14,10 @@ submission (launch/snapshot.py).
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import shlex
 import subprocess
-from collections.abc import Iterator
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,17 +28,22 @@ from rich.console import Console
 
 from jobs.attempt import PHASES
 from jobs.slurm import TrainingJob
-from jobs.torchrun import AGENT_IGNORES, Rendezvous, torchrun_command
+from jobs.torchrun import AGENT_IGNORES, Rendezvous, ignoring_stop_signals, torchrun_command
 from launch.arrays import ARRAYS_DIR, array_range, link_tasks, max_array_size
 from launch.manifest import (
     NEVER_RUNS,
     PRUNED,
+    TOKEN_PREFIX,
     UNKNOWN,
     PhaseStanding,
+    SlurmUnavailable,
+    add_pending,
     cluster_name,
     current_job,
+    find_submissions,
+    new_token,
     read_manifest,
-    record_job,
+    settle_pending,
     standings,
     sweep_lock,
     write_manifest,
@@ -88,8 +91,11 @@ def submit_sweep(
     with sweep_lock(directory):
         check_recipes(runs, reconfigure)
         manifest = read_manifest(directory)
+        lost_replies = bool(manifest.get("pending"))
         where = standings(runs, manifest)
-        cluster = cluster_name()
+        if lost_replies:
+            write_manifest(directory, manifest)  # what the lookup of their tokens settled
+        ledger = Ledger(directory, manifest, cluster_name())
         code = freeze(directory) if snapshot else None
         if code is None:
             console.print(
@@ -109,10 +115,7 @@ def submit_sweep(
         pending = batches(plans, max_array_size())
         for number, batch in enumerate(pending):
             try:
-                for phase, name, job_ids in submit_batch(batch, code, directory):
-                    for run_name, job_id in job_ids.items():
-                        record_job(manifest, run_name, phase, job_id, now(), job_name=name, cluster=cluster)
-                    write_manifest(directory, manifest)  # at once: an id recorded is never orphaned
+                submit_batch(batch, code, ledger)
             except SubmissionError as err:
                 failure = err  # a bad partition or a submission limit refuses the next runs too
                 actions |= {plan.run.name: "sbatch failed" for plan in batch}
@@ -120,6 +123,7 @@ def submit_sweep(
                     p.run.name: "not submitted: an sbatch failed" for b in pending[number + 1 :] for p in b
                 }
                 break
+        ledger.close()
     rows = [
         (run.name, *(current_job(manifest, run.name, phase) or "-" for phase in PHASES), actions[run.name])
         for run in runs
@@ -133,6 +137,58 @@ def submit_sweep(
     return status
 
 
+@dataclass
+class Ledger:
+    """The manifest of a submission in progress. Each sbatch is noted as pending with a token (which the
+    job carries in its comment), and the manifest written, before it is made; its job ids are recorded
+    as soon as they are known, and written with the next sbatch's note (one manifest write per sbatch),
+    or by `close`. A job is never orphaned: until its ids are written, its token finds it (as it finds
+    one whose sbatch reply was lost), so it is never submitted twice."""
+
+    directory: Path
+    manifest: dict[str, Any]
+    cluster: str | None
+    unwritten: bool = False  # ids recorded since the manifest was last written
+
+    def sbatch(self, script: Path, what: str, phase: str, name: str, runs: list[str], **array: Any) -> str:
+        """Submit the batch script `script` for `runs` (an array: `array=True`, and `indices` where its
+        task indices are not 0..n-1); its job id, recorded. SubmissionError when sbatch fails and SLURM
+        has no job with its token (or cannot say: the token stays pending for the next submission)."""
+        token = new_token()
+        add_pending(
+            self.manifest, token, phase, runs, job_name=name, cluster=self.cluster, submitted=now(), **array
+        )
+        write_manifest(self.directory, self.manifest)
+        self.unwritten = False
+        try:
+            job_id = sbatch_script(script, what, token)
+        except SubmissionError as err:
+            job_id = self.look_up(token, err)  # the controller may have made the job and lost the reply
+        settle_pending(self.manifest, token, job_id)
+        self.unwritten = True
+        return job_id
+
+    def close(self) -> None:
+        """Write the ids recorded since the last sbatch."""
+        if self.unwritten:
+            write_manifest(self.directory, self.manifest)
+            self.unwritten = False
+
+    def look_up(self, token: str, err: SubmissionError) -> str:
+        """The id of the job that a failed sbatch made after all, or `err` (with what SLURM said)."""
+        (entry,) = [entry for entry in self.manifest["pending"] if entry["token"] == token]
+        try:
+            found = find_submissions([entry])
+        except SlurmUnavailable as unavailable:
+            raise SubmissionError(
+                f"{err}; SLURM could not say whether it made the job ({unavailable}): the next "
+                "submission looks for it before submitting again"
+            ) from None
+        if token not in found:
+            raise err
+        return found[token]
+
+
 def batches(plans: list[Plan], max_array_size: int) -> list[list[Plan]]:
     """The plans in submission order, grouped: the runs of one group become one array per phase (at
     most `max_array_size` tasks), a group of one is a single job."""
@@ -144,40 +200,50 @@ def batches(plans: list[Plan], max_array_size: int) -> list[list[Plan]]:
 
 
 def array_key(plan: Plan) -> tuple | None:
-    """What the runs of one array share: their phases and each phase's resources. None for a run that
-    goes as single jobs: `slurm.arrays: false`, or an evaluation that waits on a live pretraining job."""
-    if not plan.run.slurm.arrays or plan.after is not None:
+    """What the runs of one array share: their phases, each phase's resources, and the pretraining
+    array whose tasks their evaluations wait on, if any (an evaluation whose own sbatch failed goes in
+    an array with the same task indices, `aftercorr` on that array). None for a run that goes as single
+    jobs: `slurm.arrays: false`, or an evaluation that waits on a live pretraining single job."""
+    after_array, _, task = (plan.after or "").partition("_")
+    if not plan.run.slurm.arrays or (plan.after is not None and not task):
         return None
-    return (*plan.phases, *(phase_resources(plan.run, phase).model_dump_json() for phase in plan.phases))
+    resources = (phase_resources(plan.run, phase).model_dump_json() for phase in plan.phases)
+    return (after_array, *plan.phases, *resources)
 
 
-def submit_batch(
-    batch: list[Plan], code: Snapshot | None, directory: Path
-) -> Iterator[tuple[str, str, dict[str, str]]]:
-    """Submit a batch (see `batches`); yield (phase, job name, {run name: job id}) after each sbatch."""
+def submit_batch(batch: list[Plan], code: Snapshot | None, ledger: Ledger) -> None:
+    """Submit a batch (see `batches`), recording each job in the ledger as soon as sbatch returns."""
     if len(batch) == 1:
         (plan,) = batch
-        for phase, job_id in submit_run(plan.run, plan.phases, code, plan.after):
-            yield phase, job_name(plan.run, phase), {plan.run.name: job_id}
+        submit_run(plan.run, plan.phases, code, ledger, plan.after)
     else:
-        yield from submit_arrays([plan.run for plan in batch], batch[0].phases, code, directory)
+        after = batch[0].after and batch[0].after.partition("_")[0]  # evaluations of a live array
+        indices = [int(plan.after.partition("_")[2]) for plan in batch] if after else None
+        submit_arrays([plan.run for plan in batch], batch[0].phases, code, ledger, after, indices)
 
 
 def submit_arrays(
-    runs: list[Run], phases: list[str], code: Snapshot | None, directory: Path
-) -> Iterator[tuple[str, str, dict[str, str]]]:
-    """Write the runs' configs, submit one array per phase (evaluation task i `aftercorr` on pretraining
-    task i), and yield (phase, job name, {run name: task id}) as soon as each sbatch returns."""
+    runs: list[Run],
+    phases: list[str],
+    code: Snapshot | None,
+    ledger: Ledger,
+    after: str | None = None,
+    indices: list[int] | None = None,
+) -> None:
+    """Write the runs' configs and submit one array per phase, evaluation task i `aftercorr` on
+    pretraining task i (of the array submitted here, else of the array `after`); task i runs runs[i],
+    or with `indices`, task indices[i] does."""
     record = code.record() if code else live_code()
     with ThreadPoolExecutor(CONFIG_WRITERS) as pool:  # each write waits on its fsyncs: overlap them
         list(pool.map(lambda run: write_run_config(run, record), runs))
-    after = None
     for phase in phases:
-        tasks = link_tasks(directory, phase, runs)
-        script = array_script(runs, phase, tasks, f"aftercorr:{after}" if after else None, code)
+        tasks = link_tasks(ledger.directory, phase, runs, indices)
+        dependency = f"aftercorr:{after}" if after else None
+        (tasks / "job.sh").write_text(array_script(runs, phase, tasks, dependency, code, indices))
         what = f"array of {len(runs)} runs ({runs[0].name}, ...) {phase}"
-        array_id = sbatch_script(tasks / "job.sh", script, what)
-        yield phase, array_name(runs[0], phase), {run.name: f"{array_id}_{i}" for i, run in enumerate(runs)}
+        names = [run.name for run in runs]
+        array = {"array": True, **({"indices": indices} if indices else {})}
+        array_id = ledger.sbatch(tasks / "job.sh", what, phase, array_name(runs[0], phase), names, **array)
         after = array_id if phase == "pretrain" else after
 
 
@@ -225,62 +291,75 @@ def cancel_replaced(plans: list[Plan], where: dict[str, dict[str, PhaseStanding]
         if (standing := where[plan.run.name][phase]).state == NEVER_RUNS
     ]
     if stale:
-        subprocess.run(["scancel", *stale], check=True)
+        # scancel exits 1 when a job ended meanwhile (kill_invalid_depend got there first): that is fine
+        subprocess.run(["scancel", *stale], capture_output=True)
 
 
 def submit_run(
-    run: Run, phases: list[str], code: Snapshot | None, after: str | None = None
-) -> Iterator[tuple[str, str]]:
-    """Write the run's config, submit `phases` (lincls `afterok` on the pretraining job submitted here,
-    else on `after`), and yield each (phase, job id) as soon as sbatch returns it, before the next sbatch.
-    Raises SubmissionError when sbatch refuses one."""
+    run: Run, phases: list[str], code: Snapshot | None, ledger: Ledger, after: str | None = None
+) -> None:
+    """Write the run's config and submit `phases` as single jobs (lincls `afterok` on the pretraining
+    job submitted here, else on `after`), each recorded before the next sbatch. Raises SubmissionError
+    when sbatch refuses one."""
     if not phases:
         return
     write_run_config(run, code.record() if code else live_code())
     for phase in phases:
-        executor = make_executor(run, phase, dependency=f"afterok:{after}" if after else None, code=code)
-        job_id = sbatch(executor, training_job(run, phase), f"run {run.name} {phase}")
-        yield phase, job_id
+        script = run.files.slurm_logs / f"{phase}-{new_token()}.sh"
+        script.parent.mkdir(parents=True, exist_ok=True)
+        script.write_text(job_script(run, phase, f"afterok:{after}" if after else None, code))
+        job_id = ledger.sbatch(script, f"run {run.name} {phase}", phase, job_name(run, phase), [run.name])
         after = job_id if phase == "pretrain" else after
 
 
+def job_script(run: Run, phase: str, dependency: str | None, code: Snapshot | None) -> str:
+    """The sbatch script of one phase of a run as a single job: submitit's rendering of its #SBATCH
+    lines, running `python -m jobs.single` on every node. No pickle: the script alone says what to run,
+    so a job whose sbatch reply was lost runs as well as any other."""
+    executor = make_executor(run, phase, dependency, code)
+    arguments = shlex.join([str(run.run_dir), json.dumps(job_fields(run, phase))])
+    return executor._make_submission_file_text(f"{executor.python} -u -m jobs.single {arguments}", uid="")
+
+
 def array_script(
-    runs: list[Run], phase: str, tasks: Path, dependency: str | None, code: Snapshot | None
+    runs: list[Run],
+    phase: str,
+    tasks: Path,
+    dependency: str | None,
+    code: Snapshot | None,
+    indices: list[int] | None = None,
 ) -> str:
     """The sbatch script of one array: a single job's #SBATCH lines (submitit's rendering) with the
-    array's range, name and per-run log paths, running `python -m jobs.array` on every node."""
+    array's range (tasks 0..n-1, or `indices`), name and per-run log paths, running `python -m jobs.array`
+    on every node."""
     executor = make_executor(runs[0], phase, dependency, code)
     executor.folder = tasks / "%a" / "slurm"  # %a: the task's link to its run directory
     executor.parameters["map_count"] = len(runs)  # submitit's array log names, %A_%a
     executor.parameters["job_name"] = array_name(runs[0], phase)
     limit = phase_resources(runs[0], phase).max_parallel
-    executor.parameters["additional_parameters"]["array"] = array_range(len(runs), limit)
-    fields = {k: v for k, v in asdict(training_job(runs[0], phase)).items() if k != "run_dir"}
-    arguments = shlex.join([str(tasks), json.dumps(fields)])
+    executor.parameters["additional_parameters"]["array"] = array_range(len(runs), limit, indices)
+    arguments = shlex.join([str(tasks), json.dumps(job_fields(runs[0], phase))])
     command = f"{executor.python} -u -m jobs.array {arguments}"
     return executor._make_submission_file_text(command, uid="")
 
 
-def sbatch_script(path: Path, script: str, what: str) -> str:
-    """Write `script` to `path` and submit it; the job id, or SubmissionError with sbatch's message."""
-    path.write_text(script)
+def job_fields(run: Run, phase: str) -> dict[str, Any]:
+    """The TrainingJob of `phase` as JSON fields, less the run directory (which the job is told apart)."""
+    return {k: v for k, v in asdict(training_job(run, phase)).items() if k != "run_dir"}
+
+
+def sbatch_script(path: Path, what: str, token: str) -> str:
+    """Submit the batch script at `path`, its comment carrying `token` (see Ledger); the job id, or
+    SubmissionError with sbatch's message."""
+    command = ["sbatch", "--parsable", f"--comment={TOKEN_PREFIX}{token}", str(path)]
     try:
-        result = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True)
+        result = subprocess.run(command, capture_output=True, text=True)
     except OSError as err:
         raise SubmissionError(f"{what}: sbatch failed: {err}") from None
     if result.returncode != 0:
         why = " ".join(result.stderr.split()) or f"exit status {result.returncode}"
         raise SubmissionError(f"{what}: sbatch failed: {why}")
     return result.stdout.strip().split(";")[0]
-
-
-def sbatch(executor: submitit.SlurmExecutor, job: TrainingJob, what: str) -> str:
-    """Submit `job`; its id, or SubmissionError with sbatch's message on one line."""
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):  # submitit prints sbatch's error too: say it once
-            return executor.submit(job).job_id
-    except (submitit.core.utils.FailedJobError, OSError) as err:
-        raise SubmissionError(f"{what}: sbatch failed: {' '.join(str(err).split())}") from None
 
 
 def check_recipes(runs: list[Run], reconfigure: bool) -> None:
@@ -348,7 +427,11 @@ def make_executor(
     """A submitit executor with the phase's resources, `--requeue`, USR2 `signal_lead_s` early, and the
     frozen `code` first on every process's PYTHONPATH."""
     slurm = phase_resources(run, phase)
-    executor = submitit.SlurmExecutor(folder=run.files.slurm_logs)
+    # The job task starts with USR2 and TERM ignored until it installs its handlers: unhandled, a signal
+    # in its first second kills it (measured: the job FAILED, "task 0: User defined signal 2", no attempt
+    # recorded). A time-limit warning lost so is caught at the time limit (jobs/stop.py).
+    python = shlex.join(ignoring_stop_signals([sys.executable]))
+    executor = submitit.SlurmExecutor(folder=run.files.slurm_logs, python=python)
     optional = {
         "gpus_per_node": slurm.gpus_per_node or None,
         "mem": f"{slurm.mem_gb}GB" if slurm.mem_gb else None,
@@ -366,7 +449,8 @@ def make_executor(
         ntasks_per_node=1,
         cpus_per_task=slurm.cpus_per_task,
         time=slurm.time,
-        setup=([code.setup_line()] if code else []) + list(slurm.setup),
+        # the snapshot last, so that no setup line (`export PYTHONPATH=...`) can put other code first
+        setup=list(slurm.setup) + ([code.setup_line()] if code else []),
         signal_delay_s=slurm.signal_lead_s,
         # srun 22.05-23.02 does not inherit --cpus-per-task: where the site binds tasks to cores, the
         # node's one task would get one core (measured: Cpus_allowed_list 0 of 0-1; README).
@@ -401,9 +485,7 @@ def describe_job(run: Run) -> str:
     code = _placeholder_code(run.run_dir.parent)
     for phase in run.phases:
         dependency = "afterok:<pretraining job id>" if phase == "lincls" else None
-        executor = make_executor(run, phase, dependency, code)
-        # submitit's own rendering of the script it would submit (private, but exactly what sbatch gets)
-        script = executor._make_submission_file_text(executor._submitit_command_str, uid="<uid>")
+        script = job_script(run, phase, dependency, code)
         parts += [
             f"# --- {phase}: sbatch script",
             script,

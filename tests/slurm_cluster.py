@@ -55,6 +55,7 @@ __all__ = [
     "SLURM_MODULE",
     "SlurmCluster",
     "SlurmCommandError",
+    "another_cluster",
     "pytest_configure",
     "slurm_cluster",
     "_slurm_cluster_for_marked_tests",
@@ -292,15 +293,17 @@ def _unavailable_reason() -> str | None:
     return None
 
 
-def _script(command: str, timeout: float) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, **DEFAULT_PROFILE.env()}
+def _script(
+    command: str, timeout: float, settings: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, **DEFAULT_PROFILE.env(), **(settings or {})}
     return _run([str(SCRIPT), command], env=env, check=False, timeout=timeout)
 
 
-def _client_env() -> dict[str, str]:
+def _client_env(settings: Mapping[str, str] | None = None) -> dict[str, str]:
     """Parse the script's ``export NAME=VALUE`` lines: the script stays the one source of paths."""
     env = {}
-    for line in _script("env", COMMAND_TIMEOUT_S).stdout.splitlines():
+    for line in _script("env", COMMAND_TIMEOUT_S, settings).stdout.splitlines():
         words = shlex.split(line)
         if len(words) == 2 and words[0] == "export" and "=" in words[1]:
             name, value = words[1].split("=", 1)
@@ -308,8 +311,8 @@ def _client_env() -> dict[str, str]:
     return env
 
 
-def _connect() -> SlurmCluster:
-    env = _client_env()
+def _connect(settings: Mapping[str, str] | None = None) -> SlurmCluster:
+    env = _client_env(settings)
     client_env = {**os.environ, **env}
     nodes = _run(["sinfo", "-h", "-N", "-o", "%N"], env=client_env).stdout.split()
     partitions = _run(["sinfo", "-h", "-o", "%P"], env=client_env).stdout.split()
@@ -346,6 +349,36 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
                 os.environ[name] = value
         if not already_up:
             _script("down", DOWN_TIMEOUT_S)
+
+
+@contextmanager
+def another_cluster(name: str, **settings: str) -> Iterator[SlurmCluster]:
+    """A second cluster beside the session's: DEFAULT_PROFILE with scripts/local-slurm's `settings`
+    (SOGCLR_SLURM_*), in `<the session's directory>-<name>` on the five ports after the session's; up
+    for the block (with SLURM_CONF pointing at it), down after. Its tests are not marked `slurm` (that
+    is the session's cluster) but go in an xdist group of their own, beside it. Skipped (or failed in
+    CI) as the session's fixture is."""
+    reason = _unavailable_reason()
+    if reason is not None:
+        if os.environ.get(REQUIRE_ENV) == "1":
+            pytest.fail(f"{reason}, and {REQUIRE_ENV}=1 forbids skipping slurm tests", pytrace=False)
+        pytest.skip(reason)
+    settings = {
+        "SOGCLR_SLURM_DIR": f"{os.environ.get('SOGCLR_SLURM_DIR', '/tmp/sogclr-slurm')}-{name}",
+        "SOGCLR_SLURM_PORT": str(int(os.environ.get("SOGCLR_SLURM_PORT", "17010")) + 5),
+        **settings,
+    }
+    up = _script("up", UP_TIMEOUT_S, settings)
+    if up.returncode != 0:
+        pytest.fail(f"scripts/local-slurm up ({name}) failed:\n{up.stderr}", pytrace=False)
+    try:
+        cluster = _connect(settings)
+        with pytest.MonkeyPatch.context() as patch:
+            for variable, value in cluster.env.items():
+                patch.setenv(variable, value)
+            yield cluster
+    finally:
+        _script("down", DOWN_TIMEOUT_S, settings)
 
 
 @pytest.fixture(autouse=True)

@@ -163,3 +163,17 @@ def cpus_allowed(pid: int) -> set[int]:
         first, _, last = part.partition("-")
         cpus.update(range(int(first), int(last or first) + 1))
     return cpus
+
+
+def test_a_warning_in_the_first_second_of_a_job_does_not_kill_its_job_task(workdir: Path, slurm_cluster: Any):
+    """USR2 as soon as the job step exists, before Python has installed a handler (review finding 29):
+    the job task starts with it ignored (before: killed by it, the job FAILED, no attempt recorded)."""
+    spec = write_tiny_spec(workdir, "early", slurm={"additional": {"hold": True}}, lincls=None)
+    assert submit(spec) == 0
+    job = job_ids(workdir, "early", "early")["pretrain"]
+    slurm_cluster.run("scontrol", "release", job)
+    steps = lambda: slurm_cluster.run("squeue", "-h", "-s", "-j", job, "-o", "%i", check=False).stdout  # noqa: E731
+    wait_until(lambda: f"{job}.0" in steps(), "the job step", poll_s=0.02)
+    slurm_cluster.run("scancel", "--signal=USR2", job)
+    assert slurm_cluster.wait_job(job, timeout=WAIT_S) == "COMPLETED"
+    assert read_state(workdir / "runs" / "early" / "early" / "state.json")["status"] == "done"

@@ -1,11 +1,12 @@
-"""A pruned sweep end to end on the local SLURM cluster, as a job array: every task records its kNN
-accuracy at the rung beside its siblings', decides, and is pruned; its job ends COMPLETED without a
-requeue, its evaluation task is cancelled, `status` says `pruned`, a resubmission leaves it alone, and
-`--resume-pruned` continues one run to the end and evaluates it.
+"""A pruned sweep end to end on the local SLURM cluster, as a job array (and a sweep of one run, as
+single jobs, beside it): every task records its kNN accuracy at the rung beside its siblings', decides,
+and is pruned; its job ends COMPLETED without a requeue, its evaluation is cancelled, `status` says
+`pruned`, a resubmission leaves it alone, and `--resume-pruned` continues one run to the end and
+evaluates it.
 
 A run of the sweep recorded 100% at the rung before them (as an earlier run would have), so that every
 task is pruned whatever order the tasks reach the rung in; test_prune.py has the rule between real
-processes. One epoch to the rung and one after it, 11 steps each: about 3 minutes.
+processes. One epoch to the rung and one after it, 11 steps each: 1.5 to 3 minutes (idle to loaded).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def test_a_pruned_sweep_as_an_array_ends_its_tasks_and_their_evaluations_and_res
     assert submit(spec) == 0
     ids = {run: job_ids(tmp_path, "halving", run) for run in RUNS}
     assert len({ids[run]["pretrain"].partition("_")[0] for run in RUNS}) == 1  # one array
+    single = single_jobs(tmp_path)  # beside them, on the cluster's fourth CPU
 
     for run in RUNS:
         wait_until(lambda run=run: sacct_state(ids[run]["lincls"]) == "CANCELLED", f"{run}'s evaluation")
@@ -58,6 +60,10 @@ def test_a_pruned_sweep_as_an_array_ends_its_tasks_and_their_evaluations_and_res
         assert not (sweep_dir / run / "lincls" / "state.json").exists()
         seen.append(len(table))
     assert max(seen) == 4  # the last task to record saw its siblings' records and the rival's
+    wait_until(lambda: sacct_state(single["lincls"]) == "CANCELLED", "the single job's evaluation")
+    assert sacct_state(single["pretrain"]) == "COMPLETED"
+    state = read_state(tmp_path / "runs" / "single" / "single" / "state.json")
+    assert state["status"] == "pruned" and [a["outcome"] for a in state["attempts"]] == ["pruned"]
     capsys.readouterr()
 
     assert submit(spec) == 0 and submit(spec, "--resubmit-failed") == 0  # neither restarts them
@@ -85,3 +91,15 @@ def test_a_pruned_sweep_as_an_array_ends_its_tasks_and_their_evaluations_and_res
 def run_lines(out: str) -> list[str]:
     """The lines of the launcher's tables that are about a run of the sweep."""
     return [line for line in out.splitlines() if line.split()[:1] in ([run] for run in RUNS)]
+
+
+def single_jobs(directory: Path) -> dict[str, str]:
+    """A sweep of one run, so single jobs (pretraining, and its evaluation `afterok`), that a rival
+    prunes at its rung; its job ids."""
+    sweep = {"prune": {"rungs": [1], "eta": 3}}
+    spec = write_tiny_spec(directory, "single", pretrain=RECIPE, sweep=sweep)
+    RungRecords(directory / "runs" / "single" / "prune", 1).record("rival", "knn_top1", 100.0, step=11)
+    assert submit(spec) == 0
+    ids = job_ids(directory, "single", "single")
+    assert "_" not in ids["pretrain"] and "_" not in ids["lincls"]
+    return ids

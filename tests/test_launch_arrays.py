@@ -42,16 +42,19 @@ def test_a_sweep_whose_points_differ_in_resources_becomes_one_array_per_resource
     }
     groups = batches(plans(tmp_path, sweep=sweep), 1001)
     assert [[plan.run.slurm.nodes for plan in group] for group in groups] == [[1, 1], [2, 2]]
-    # an evaluation that waits on a live pretraining job goes alone, with afterok on that job
-    first, second = plans(tmp_path, sweep={"product": {"gamma": [0.5, 0.9]}})
-    waiting = [Plan(first.run, ["lincls"], after="12_0"), Plan(second.run, ["lincls"], after="12_1")]
-    assert [len(group) for group in batches(waiting, 1001)] == [1, 1]
+    # evaluations whose own sbatch failed, waiting on tasks of a live pretraining array, go as one array
+    # (task i aftercorr on that array's task i); one waiting on a live single job goes alone (afterok)
+    first, second, third = plans(tmp_path, sweep={"product": {"gamma": [0.5, 0.9, 0.7]}})
+    waiting = [Plan(first.run, ["lincls"], after="12_3"), Plan(second.run, ["lincls"], after="12_7"),
+               Plan(third.run, ["lincls"], after="15")]  # fmt: skip
+    assert names(batches(waiting, 1001)) == [["gamma0.5", "gamma0.9"], ["gamma0.7"]]
 
 
 def test_array_range_throttles_only_below_the_number_of_tasks():
     assert array_range(10, None) == "0-9"
     assert array_range(10, 4) == "0-9%4"
     assert array_range(3, 4) == "0-2"
+    assert array_range(2, None, [3, 7]) == "3,7"  # evaluations of tasks 3 and 7 of a live array
 
 
 def test_max_parallel_needs_arrays_and_the_evaluation_cannot_leave_its_array(tmp_path: Path):

@@ -193,3 +193,21 @@ def test_an_id_that_now_names_another_job_is_never_cancelled(workdir: Path, caps
         assert read_manifest(workdir / "runs" / "stale") == manifest
     finally:
         subprocess.run(["scancel", other], check=True)
+
+
+@pytest.mark.slurm
+def test_a_cancel_that_the_controller_does_not_answer_says_so_and_fails(
+    held: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+):
+    spec, ids = held  # scancel as a controller that stopped answering after squeue did answers it:
+    message = (
+        f"scancel: error: Kill job error on job id {ids['pretrain']}: Socket timed out on send/recv operation"
+    )
+    failing(tmp_path, monkeypatch, "scancel", message)
+    capsys.readouterr()
+    assert cli.main(["cancel", str(spec)]) == 1  # no traceback
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"warning: {message}" in out
+    assert f"cancelled job {ids['pretrain']}" not in out and f"cancelled job {ids['lincls']}" in out
+    monkeypatch.undo()
+    assert squeue_state(ids["pretrain"]) == "PENDING"

@@ -12,6 +12,9 @@ import pytest
 
 from launch import snapshot
 from launch.snapshot import PACKAGES, freeze
+from launch.spec import expand, load_spec
+from launch.submit import job_script
+from tests.tiny import write_tiny_spec
 
 
 @pytest.fixture
@@ -55,3 +58,26 @@ def test_a_job_shell_imports_the_snapshot_first(tmp_path: Path, checkout: Path):
         check=True,
     ).stdout
     assert out.strip() == frozen.digest
+
+
+def test_setup_lines_cannot_put_other_code_first_and_a_job_refuses_code_it_was_not_submitted_with(
+    tmp_path: Path, checkout: Path
+):
+    frozen = freeze(tmp_path / "sweep")
+    user_line = f"export PYTHONPATH={checkout}:$PYTHONPATH"  # carried over from an old sbatch script
+    spec = write_tiny_spec(tmp_path, "s", slurm={"setup": [user_line]})
+    (run,) = expand(load_spec(spec))
+    script = job_script(run, "pretrain", None, frozen).splitlines()
+    assert script.index(user_line) < script.index(frozen.setup_line())  # the snapshot is exported last
+    check = f"{sys.executable} -c 'from jobs.code import check_submitted_code; check_submitted_code()'"
+
+    def job(*lines: str) -> subprocess.CompletedProcess:
+        env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": ""}
+        return subprocess.run(
+            ["bash", "-c", "; ".join([*lines, check])], env=env, capture_output=True, text=True
+        )
+
+    assert job(user_line, frozen.setup_line()).returncode == 0
+    bypassed = job(frozen.setup_line(), user_line)  # as before: the live checkout first
+    assert bypassed.returncode == 1
+    assert f"submitted with code snapshot {frozen.digest} but imports live" in bypassed.stderr

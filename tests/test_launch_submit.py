@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import fcntl
 import multiprocessing
+import stat
 import subprocess
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from launch.manifest import (
     write_manifest,
 )
 from launch.snapshot import git_provenance
-from launch.spec import Run, expand, load_spec
+from launch.spec import Run, SpecError, expand, load_spec
 from launch.submit import describe_job, phases_to_submit, provenance_config
 from sogclr.state import update_state
 
@@ -157,7 +159,7 @@ def test_provenance_names_the_point_resources_and_code(run: Run, tmp_path: Path)
     assert meta["resources"]["pretrain"]["nodes"] == 2 and meta["resources"]["lincls"]["nodes"] == 1
 
 
-def test_an_id_that_names_another_job_or_cluster_is_not_ours(run: Run):
+def test_an_id_that_names_another_job_is_not_ours_and_one_of_another_cluster_is_unknown(run: Run):
     manifest = {"runs": {}}
     record_job(manifest, run.name, "pretrain", "7", "t", job_name="unit.unit.pretrain", cluster="c1")
     ours = phase_standing(run, "pretrain", manifest, {"7": SlurmJob("running", "unit.unit.pretrain")}, "c1")
@@ -166,7 +168,52 @@ def test_an_id_that_names_another_job_or_cluster_is_not_ours(run: Run):
     assert (other.state, other.active) == ("not ours", False) and "'wrap'" in other.reason
     nameless = phase_standing(run, "pretrain", manifest, {"7": SlurmJob("cancelled", None)}, "c1")
     assert nameless.state == "cancelled"  # accounting that does not know the name yet says nothing
+    # it may be training in the run directory on the other cluster: never resubmitted from this one
     elsewhere = phase_standing(run, "pretrain", manifest, {}, "c2")
-    assert elsewhere.state == "not ours" and "cluster c1" in elsewhere.reason
+    assert elsewhere.state == UNKNOWN and "submitted on cluster c1, this is c2" in elsewhere.reason
+    assert phases_to_submit(run, {"pretrain": elsewhere, "lincls": elsewhere}, True)[0] == []
     unknown = phase_standing(run, "pretrain", manifest, {"7": SlurmJob("unknown", reason="squeue failed")})
     assert (unknown.state, unknown.reason, unknown.active) == ("unknown", "squeue failed", False)
+
+
+def test_a_sweep_directory_is_private_and_one_that_group_or_others_can_write_is_refused(tmp_path: Path):
+    with sweep_lock(tmp_path / "new"):
+        (tmp_path / "new" / "run").mkdir()
+        (tmp_path / "new" / "run" / "state.json").write_text("{}")
+    assert stat.S_IMODE((tmp_path / "new").stat().st_mode) == 0o750
+    assert stat.S_IMODE((tmp_path / "new" / "run").stat().st_mode) & 0o027 == 0  # made under the lock
+    assert stat.S_IMODE((tmp_path / "new" / "run" / "state.json").stat().st_mode) & 0o027 == 0
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o2775)  # a setgid project directory with umask 002
+    with pytest.raises(SpecError, match=r"output_root: the sweep directory .*shared is writable by group"):
+        with sweep_lock(shared):
+            pass
+    assert not (shared / ".submit.lock").exists()
+
+
+def _hold_lock(directory: str, held: multiprocessing.Event) -> None:
+    """Hold the sweep's lock until another process waits for it (a blocked request in /proc/locks)."""
+    with sweep_lock(Path(directory)):
+        held.set()
+        inode = (Path(directory) / ".submit.lock").stat().st_ino
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if any(
+                "->" in line and f":{inode} " in line for line in Path("/proc/locks").read_text().splitlines()
+            ):
+                return
+            time.sleep(0.05)
+
+
+def test_waiting_for_the_sweep_lock_says_who_holds_it(tmp_path: Path, capfd: pytest.CaptureFixture):
+    held = multiprocessing.Event()
+    other = multiprocessing.Process(target=_hold_lock, args=(str(tmp_path), held))
+    other.start()
+    assert held.wait(60)
+    with sweep_lock(tmp_path):
+        pass
+    other.join(60)
+    err = " ".join(capfd.readouterr().err.split())
+    assert f"waiting for the sweep's lock {tmp_path}/.submit.lock: held by " in err
+    assert f":{other.pid} since " in err

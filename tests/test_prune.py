@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from launch.cli import main
 from launch.spec import SpecError, expand, load_spec
 from sogclr.checkpoint import load_file
 from sogclr.config import PruneConfig
@@ -67,11 +68,16 @@ def write_spec(tmp_path: Path, prune: dict, **pretrain: object) -> Path:
     return path
 
 
-def test_rungs_come_from_the_first_rung_and_eta_or_a_list_and_reach_the_run_config(tmp_path: Path) -> None:
-    (run, _) = expand(load_spec(write_spec(tmp_path, {"first_rung": 2, "eta": 2})))
-    assert run.config.prune == PruneConfig(
-        metric="knn_top1", eta=2, rungs=[2, 4, 8], records=tmp_path / "runs" / "halving" / "prune"
-    )
+def test_rungs_come_from_the_first_rung_and_eta_or_a_list_and_reach_the_run_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    spec = write_spec(tmp_path, {"first_rung": 2, "eta": 2})
+    (run, _) = expand(load_spec(spec))
+    records = tmp_path / "runs" / "halving" / "prune"
+    assert run.config.prune == PruneConfig(metric="knn_top1", eta=2, rungs=[2, 4, 8], records=records)
+    assert main([str(spec), "--dry-run"]) == 0
+    line = f"pruning: knn_top1 after epochs 2, 4, 8; the top 1/2 of each rung continue, records in {records}"
+    assert line in capsys.readouterr().out
     spec = write_spec(tmp_path, {"rungs": [6], "metric": "global_objective"}, objective_every_epochs=3)
     assert expand(load_spec(spec))[0].config.prune.rungs == [6]
 

@@ -10,8 +10,17 @@ import pytest
 
 from jobs.attempt import Budget, classify, finish_attempt, next_action
 from launch import cli
-from launch.manifest import PRUNED, PhaseStanding
-from launch.spec import expand, load_spec, resume_pruned
+from launch.cli import continued
+from launch.manifest import (
+    PRUNED,
+    UNKNOWN,
+    PhaseStanding,
+    SlurmJob,
+    continued_after_pruning,
+    phase_standing,
+    record_job,
+)
+from launch.spec import expand, load_spec, resuming_pruned
 from launch.submit import phases_to_submit
 from sogclr.prune import RungRecords
 from sogclr.state import read_state, update_state
@@ -46,9 +55,31 @@ def test_only_resume_pruned_submits_a_pruned_run_again(tmp_path: Path) -> None:
             [],
             "nothing: pruned (--resume-pruned to continue it)",
         )
-    (resumed,) = resume_pruned([run], [run.name])
+    (resumed,) = resuming_pruned([run], [run.name])
     assert resumed.config.prune is None and run.config.prune is not None
     assert phases_to_submit(resumed, standing, False)[0] == ["pretrain", "lincls"]
+
+
+def test_a_pruned_run_stands_pruned_until_a_job_of_its_continuation_is_queued(tmp_path: Path) -> None:
+    spec = write_tiny_spec(tmp_path, "halving", pretrain=RECIPE, sweep=HALVING)
+    (run,) = expand(load_spec(spec))
+    manifest = {"runs": {}}
+    record_job(manifest, run.name, "pretrain", "7", "t")
+    record_job(manifest, run.name, "lincls", "8", "t")
+    update_state(run.files.pretrain.state, status="pruned", pruned={"epoch": 1})
+    ended = {"7": SlurmJob("completed"), "8": SlurmJob("cancelled")}  # as SLURM ends a pruned run's jobs
+    for phase in ("pretrain", "lincls"):
+        standing = phase_standing(run, phase, manifest, ended)
+        assert standing.state == PRUNED and not standing.active
+    resumed = {"7": SlurmJob("pending"), "8": SlurmJob("pending")}  # --resume-pruned submitted both
+    assert all(phase_standing(run, phase, manifest, resumed).active for phase in ("pretrain", "lincls"))
+    unknown = phase_standing(run, "pretrain", manifest, {"7": SlurmJob(UNKNOWN, reason="squeue failed")})
+    assert unknown.state == UNKNOWN  # SLURM could not say whether a continuation runs: not `pruned`
+    assert not continued_after_pruning(run)
+    update_state(run.files.pretrain.state, status="running")
+    assert continued_after_pruning(run)  # its next submission resumes it without pruning too
+    (again,) = resuming_pruned([run], continued([run]))
+    assert again.config.prune is None
 
 
 def test_a_pruned_run_is_not_evaluated_shows_as_pruned_and_continues_to_the_unpruned_weights(

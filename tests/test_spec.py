@@ -203,8 +203,29 @@ BAD_SPECS = {
         "lincls.slurm.additional.signal: the launcher sets this option",
     ),
     "additional injects a line": (
-        _edit("slurm.additional", {"comment": "x\n#SBATCH --nodes=64"}),
-        "slurm.additional.comment: a newline or control character",
+        _edit("slurm.additional", {"reservation": "x\n#SBATCH --nodes=64"}),
+        "slurm.additional.reservation: a newline or control character",
+    ),
+    "additional sets the comment": (
+        _edit("slurm.additional", {"comment": "mine"}),
+        "slurm.additional.comment: the launcher sets this option",
+    ),
+    # YAML's `account: |` adds a newline: it would end the #SBATCH block and drop every line after it
+    **{
+        f"newline in {field}": (
+            _edit(f"slurm.{field}", "x\n"),
+            f"slurm.{field}: a newline or control character",
+        )
+        for field in ("partition", "account", "qos", "constraint")
+    },
+    "newline in lincls account": (
+        _edit("lincls.slurm", {"account": "x\n"}),
+        "lincls.slurm.account: a newline or control character",
+    ),
+    "newline after time": (_edit("slurm.time", "24:00:00\n"), "slurm.time: expected HH:MM:SS or D-HH:MM:SS"),
+    "no warning before the time limit": (
+        _edit("slurm.signal_lead_s", 0),
+        "slurm.signal_lead_s: Input should be greater than or equal to 1",
     ),
     "additional key is no option": (
         _edit("slurm.additional", {"x --nodes": 2}),
