@@ -177,6 +177,7 @@ def session(directory: Path, data: TrainingData, log_u: torch.Tensor | None = No
         Progress(steps_per_epoch=3, epoch=1, step_in_epoch=2),
         total_steps=30,
         config={},
+        phase="pretrain",
         data=data,
     )
 
