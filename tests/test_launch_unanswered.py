@@ -22,7 +22,7 @@ from launch.manifest import read_manifest, standings
 from launch.spec import expand, load_spec
 from tests.e2e import job_ids, wait_until
 from tests.slurm_cluster import another_cluster
-from tests.tiny import write_tiny_spec
+from tests.tiny import write_tiny_spec, write_undecodable_dataset
 
 pytestmark = pytest.mark.xdist_group("slurm-unanswered")  # its own cluster: beside the session's tests
 
@@ -129,10 +129,8 @@ def test_status_and_cancel_under_a_frozen_controller_act_on_nothing(
 def test_without_accounting_a_forgotten_job_is_read_from_its_run_directory(
     workdir: Path, capsys: pytest.CaptureFixture
 ):
-    empty = workdir / "empty"  # dataset `folder` on an empty directory: training crashes at once
-    (empty / "train").mkdir(parents=True)
-    (empty / "val").mkdir()
-    spec = write_tiny_spec(workdir, "noacct", pretrain={"dataset": "folder", "data_dir": str(empty)})
+    junk = write_undecodable_dataset(workdir / "junk")  # training fails on its first batch
+    spec = write_tiny_spec(workdir, "noacct", pretrain={"dataset": "folder", "data_dir": str(junk)})
     assert cli.main([str(spec)]) == 0
     first = job_ids(workdir, "noacct", "noacct")
 
