@@ -32,6 +32,7 @@ from sogclr.data import (
     open_image,
     sample_rng,
 )
+from sogclr.dataindex import index_split
 
 IMAGE_SIZE = 224
 CROP_MIN = 0.08
@@ -86,8 +87,8 @@ def reduced_fraction(dataset: IndexedImageFolder) -> float:
 
 def compare(folder: Path, batch: int, repeats: int) -> list:
     """Prints one table row per path; returns the new path's collated batches (for `finish_views`)."""
-    today = IndexedImageFolder(folder, PretrainAugment(IMAGE_SIZE, CROP_MIN))
-    new = IndexedImageFolder(folder, PretrainCrops(IMAGE_SIZE, CROP_MIN))
+    today = IndexedImageFolder(folder, index_split(folder), PretrainAugment(IMAGE_SIZE, CROP_MIN))
+    new = IndexedImageFolder(folder, index_split(folder), PretrainCrops(IMAGE_SIZE, CROP_MIN))
     images = len(today)
     jobs = {
         "decode only (for reference)": decode_only(today),
@@ -136,7 +137,7 @@ def main() -> None:
         for folder in folders:
             batches = compare(folder, args.batch, args.repeats)
         for folder in folders:
-            dataset = IndexedImageFolder(folder, PretrainCrops(IMAGE_SIZE, CROP_MIN))
+            dataset = IndexedImageFolder(folder, index_split(folder), PretrainCrops(IMAGE_SIZE, CROP_MIN))
             print(
                 f"{folder.name}: {100 * reduced_fraction(dataset):.0f}% of images decoded at a reduced scale"
             )

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from sogclr.checkpoint import load_file, seed_everything
 from sogclr.config import PretrainConfig, load_run_config
 from sogclr.data import PretrainAugment, build_pretrain_dataset
+from sogclr.dataindex import build_index
 from sogclr.diagnostics import (
     EstimateStats,
     FixedViews,
@@ -96,7 +97,7 @@ def estimators(
 
 def encoder_projections(model: nn.Module, cfg: PretrainConfig) -> tuple[Tensor, Tensor]:
     """Both fixed views of every training image through `model` in eval mode."""
-    dataset = build_pretrain_dataset(cfg)
+    dataset = build_pretrain_dataset(cfg, build_index(cfg))
     views = FixedViews(dataset, range(len(dataset)), PretrainAugment(cfg.image_size, cfg.crop_min))
     return project_fixed_views(model.eval(), views, batch_size=256)
 

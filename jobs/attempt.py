@@ -11,6 +11,9 @@ torchrun reliably; the trainer's record does). Its outcome is one of
                 read, a hung decoder), a node failure, or an attempt that ended without a word (found and
                 recorded as such by the next attempt)
     failed      training code raised: a bug, retried never
+    pruned      the sweep's successive halving stopped the run at a rung (sogclr/prune.py): a finished
+                outcome, never requeued; the job ends, COMPLETED, which satisfies its evaluation's
+                afterok or aftercorr (exit status 0): so its evaluation is cancelled
 
 The attempt is appended to `attempts`, and `next_action` decides: `done`, `requeue` (resume from the saved
 step), `fail`, or `end` (SLURM is ending the job, as after a cancel: neither requeue nor fail it).
@@ -149,6 +152,13 @@ def classify(state: dict[str, Any], returncode: int) -> tuple[str, str | None]:
         return "done", None
     if status == "preempted":
         return "preempted", f"signal {state.get('signal')}"
+    if status == "pruned":
+        pruned = state.get("pruned") or {}
+        return (
+            "pruned",
+            f"at epoch {pruned.get('epoch')}: {pruned.get('metric')} {pruned.get('value')}, "
+            f"threshold {pruned.get('threshold')}",
+        )
     if status == "failed" and (why := TRANSIENT_FAILURES.get(state.get("failure"))):
         return "transient", f"{why}: {state.get('error')}"
     if status == "failed":
@@ -218,6 +228,8 @@ def next_action(attempts: list[dict[str, Any]], budget: Budget) -> tuple[Action,
         return "done", None
     if outcome == "failed":
         return "fail", last.get("reason")
+    if outcome == "pruned":  # over for good, though not done: end the job, cancel its evaluation
+        return "end", None
     if outcome not in (*STOPPED, "transient"):  # cancelled: SLURM ends the job
         return "end", None
     submission = [a for a in attempts if a.get("job_id") == last.get("job_id")]

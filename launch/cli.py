@@ -1,6 +1,7 @@
 """`sogclr-submit`: submit a sweep, or inspect it.
 
 sogclr-submit SPEC [--dry-run [-v]] [--set a.b=value ...]     submit to SLURM (or --local, --debug)
+sogclr-submit SPEC --resume-pruned RUN ...                      continue pruned runs to the end
 sogclr-submit status SPEC                                      where every run stands
 sogclr-submit report SPEC [--format table|md|csv|json]         what every run reached, and figures
 sogclr-submit cancel SPEC [--run NAME]                         cancel this sweep's jobs
@@ -15,7 +16,8 @@ import sys
 
 from rich.console import Console
 
-from launch.spec import Run, SpecError, SweepSpec, check_data_dirs, expand, load_spec
+from launch.datasets import index_datasets
+from launch.spec import Run, SpecError, SweepSpec, check_data_dirs, expand, load_spec, resuming_pruned
 from launch.table import print_table
 from sogclr.cli import add_override_argument
 
@@ -42,9 +44,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     submit.add_argument("--run", metavar="NAME", help="only this run (--debug: which run to debug)")
     submit.add_argument(
+        "--resume-pruned",
+        nargs="+",
+        default=[],
+        metavar="RUN",
+        help="continue these pruned runs from the rung that stopped them to the end, then evaluate them",
+    )
+    submit.add_argument(
         "--reconfigure",
         action="store_true",
         help="rewrite the config of runs whose recipe differs from the one they were started with",
+    )
+    submit.add_argument(
+        "--reindex",
+        action="store_true",
+        help="walk the datasets' trees again and rewrite the sweep's indexes (the data really changed)",
     )
     submit.add_argument(
         "--no-snapshot",
@@ -103,6 +117,7 @@ def _load(args: argparse.Namespace) -> tuple[SweepSpec, list[Run]]:
 
 def cmd_submit(args: argparse.Namespace, console: Console) -> int:
     spec, runs = _load(args)
+    runs = resuming_pruned(runs, [*args.resume_pruned, *continued(runs)])
     problems = check_data_dirs(runs)
     if args.dry_run:
         for problem in problems:
@@ -111,6 +126,7 @@ def cmd_submit(args: argparse.Namespace, console: Console) -> int:
         return 0
     if problems:
         raise SpecError(problems[0])
+    runs = index_datasets(spec, runs, rebuild=args.reindex)
     if args.debug or args.local:
         from launch import local  # heavy imports (torch) only to run here
 
@@ -134,6 +150,13 @@ def cmd_submit(args: argparse.Namespace, console: Console) -> int:
         snapshot=not args.no_snapshot,
         reconfigure=args.reconfigure,
     )
+
+
+def continued(runs: list[Run]) -> list[str]:
+    """The runs continued after pruning before: each stays without pruning to its end."""
+    from launch.manifest import continued_after_pruning
+
+    return [run.name for run in runs if continued_after_pruning(run)]
 
 
 def cmd_status(args: argparse.Namespace, console: Console) -> int:
@@ -181,6 +204,14 @@ def print_runs(spec: SweepSpec, runs: list[Run], console: Console, verbose: bool
         rows.append((run.name, point, resources, run.slurm.time, lincls, str(run.run_dir)))
     columns = ("run", "swept values", "nodes x gpus", "time", "linear eval", "run directory")
     print_table(console, f"{spec.name}: {len(runs)} run(s), nothing submitted", columns, rows)
+    if (prune := spec.sweep.prune) is not None:
+        rungs = sorted({tuple(run.config.prune.rungs) for run in runs if run.config.prune is not None})
+        at = " or ".join(", ".join(map(str, epochs)) for epochs in rungs) or "- (every run continued)"
+        console.print(
+            f"pruning: {prune.metric} after epochs {at}; the top 1/{prune.eta} of each rung continue, "
+            f"records in {spec.prune_records}",
+            highlight=False,
+        )
     if verbose:
         from launch.submit import describe_submission
 

@@ -3,7 +3,8 @@
 Progress shows live (launch/progress.py), and the closing table has each run's outcome and linear top-1.
 
 Each run uses its usual run directory; a preempted attempt is started again from its checkpoint (that is
-the local requeue, counted against `max_requeues`), and linear evaluation follows a completed pretraining.
+the local requeue, counted against `max_requeues`), and linear evaluation follows a completed pretraining
+(not a pruned one: a pruned run ends there, and is continued only with `--resume-pruned`).
 `--preempt-after` rehearses preemption: SLURM's warning signal (USR2) to the training processes after
 that many seconds of a run's first attempt. `--debug` runs one run in this process, single rank.
 """
@@ -24,7 +25,16 @@ from rich.table import Table
 
 from jobs.attempt import PHASES, Budget, finish_attempt, run_attempt
 from jobs.torchrun import threads_per_rank, torchrun_command
-from launch.manifest import UNKNOWN, phase_done, read_manifest, standings, sweep_lock, write_manifest
+from launch.manifest import (
+    PRUNED,
+    UNKNOWN,
+    phase_done,
+    pruned,
+    read_manifest,
+    standings,
+    sweep_lock,
+    write_manifest,
+)
 from launch.progress import LiveProgress
 from launch.snapshot import live_code
 from launch.spec import Run, SpecError, SweepSpec
@@ -84,11 +94,14 @@ def run_local(
         top1 = read_state(run.files.lincls.result).get("top1")
         table.add_row(run.name, outcome, "-" if top1 is None else f"{top1:.2f}", str(run.run_dir))
     console.print(table)
-    return 0 if all(outcome == "done" for outcome in outcomes) else 1
+    return 0 if all(outcome in ("done", PRUNED) for outcome in outcomes) else 1
 
 
 def run_locally(run: Run, preempt_after: float | None, console: Console, live: LiveProgress) -> str:
-    """Both phases of one run; returns `done` or which phase failed."""
+    """Both phases of one run; returns `done`, `pruned` (its evaluation never starts) or which phase
+    failed. A pruned run is settled: it trains again only with `--resume-pruned`."""
+    if pruned(run) and not run.resume_pruned:
+        return PRUNED
     write_run_config(run, live_code())
     for phase in run.phases:
         if phase_done(run, phase):
@@ -100,7 +113,7 @@ def run_locally(run: Run, preempt_after: float | None, console: Console, live: L
         finally:
             live.phase_ended(run)
         if action != "done":
-            return f"{phase} failed (see {run.files.local_logs / phase}.log)"
+            return PRUNED if pruned(run) else f"{phase} failed (see {run.files.local_logs / phase}.log)"
     return "done"
 
 
@@ -154,4 +167,4 @@ def _debug(run: Run) -> int:
             return 1
         pdb.post_mortem(sys.exc_info()[2])
         return 1
-    return 0 if status == "done" else 1
+    return 0 if status in ("done", PRUNED) else 1

@@ -9,6 +9,10 @@ cancel all use this one view.
 Every sbatch is first recorded as pending, with a token that the job carries in its comment
 (`--comment=sogclr:<token>`): when sbatch's reply is lost (the controller timed out after creating the
 job, measured below), the job is found by its token instead of being submitted a second time.
+
+Both phases of a run that the sweep's successive halving stopped read `pruned` from its run directory
+(its job ended COMPLETED; its evaluation was cancelled, or in local mode never started), until a
+`--resume-pruned` job of it is queued or runs.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ ACTIVE = frozenset(
     "signaling stage_out".split()
 )
 NOT_SUBMITTED = "not submitted"
+PRUNED = "pruned"  # stopped at a rung by the sweep's successive halving: settled, like done
 UNKNOWN = "unknown"  # SLURM could not be asked: neither live nor forgotten
 NOT_OURS = "not ours"  # the id now names another job (a reset controller)
 QUERY_TIMEOUT_S = 60
@@ -359,6 +364,18 @@ def phase_done(run: Run, phase: str) -> bool:
     return read_state(PHASES[phase].state_path(run.run_dir)).get("status") == "done"
 
 
+def pruned(run: Run) -> bool:
+    """Whether the sweep's successive halving stopped the run (and it has not been continued since)."""
+    return read_state(run.files.pretrain.state).get("status") == PRUNED
+
+
+def continued_after_pruning(run: Run) -> bool:
+    """Whether the run was pruned once and continued since (`--resume-pruned`): it is never pruned again,
+    also when a later submission resumes it after an interruption."""
+    state = read_state(run.files.pretrain.state)
+    return "pruned" in state and state.get("status") != PRUNED
+
+
 def phase_standing(
     run: Run,
     phase: str,
@@ -375,13 +392,15 @@ def phase_standing(
         return PhaseStanding(job_id, "done")
     if (why := (unconfirmed or {}).get((run.name, phase))) is not None:
         return PhaseStanding(job_id, UNKNOWN, reason=why)
+    job = jobs.get(job_id) if job_id else None
+    if job is not None and job.state == UNKNOWN:  # (a --resume-pruned job of a pruned run may be running)
+        return PhaseStanding(job_id, UNKNOWN, reason=job.reason)
+    if submission is not None and (why := other_cluster(submission, cluster)) is not None:
+        return PhaseStanding(job_id, UNKNOWN, reason=why)  # it may be running there: never act on it
+    if pruned(run) and not (job is not None and job.state in ACTIVE):  # not yet resumed (--resume-pruned)
+        return PhaseStanding(job_id, PRUNED)
     if submission is None:
         return PhaseStanding(None, NOT_SUBMITTED)
-    job = jobs.get(job_id)
-    if job is not None and job.state == UNKNOWN:
-        return PhaseStanding(job_id, UNKNOWN, reason=job.reason)
-    if (why := other_cluster(submission, cluster)) is not None:
-        return PhaseStanding(job_id, UNKNOWN, reason=why)  # it may be running there: never act on it
     if (why := not_ours(submission, job)) is not None:
         return PhaseStanding(job_id, NOT_OURS, reason=why)
     if job is not None:

@@ -14,9 +14,10 @@ from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
+from rich.table import Column
 
 from launch.spec import Run
-from launch.status import last_record
+from launch.status import last_record, rung
 from sogclr.state import read_state
 
 POLL_S = 1.0
@@ -32,6 +33,7 @@ class Snapshot:
     epochs: int
     total_steps: int | None
     seconds_left: float | None
+    rung: str | None = None  # where successive halving has the run (launch.status.rung), if it prunes
 
 
 def snapshot(run: Run, phase: str, first: dict[str, Any] | None) -> Snapshot | None:
@@ -47,11 +49,13 @@ def snapshot(run: Run, phase: str, first: dict[str, Any] | None) -> Snapshot | N
     if first is not None and total and record["step"] > first["step"] and record["time"] > first["time"]:
         rate = (record["step"] - first["step"]) / (record["time"] - first["time"])
         left = max(0, total - record["step"]) / rate
-    return Snapshot(phase, record, epochs, total, left)
+    judged = phase == "pretrain" and run.config.prune is not None
+    return Snapshot(phase, record, epochs, total, left, rung(run) if judged else None)
 
 
 def describe(shot: Snapshot) -> str:
-    """epoch 3/8, loss 0.41, objective -0.02, 95 img/s, 0:01:20 left (what the record has)."""
+    """epoch 3/8, loss 0.41, objective -0.02, 95 img/s, 0:01:20 left, rung: kept at 2 (what the record
+    has; the rung where the sweep prunes)."""
     record = shot.record
     parts = [f"epoch {record.get('epoch', 0) + 1}/{shot.epochs}"]
     parts += [f"{key} {record[key]:.4g}" for key in ("loss", "objective") if key in record]
@@ -59,12 +63,28 @@ def describe(shot: Snapshot) -> str:
         parts.append(f"{record['images_per_s']:.0f} img/s")
     if shot.seconds_left is not None:
         parts.append(f"{timedelta(seconds=round(shot.seconds_left))} left")
+    if shot.rung is not None:
+        parts.append(f"rung: {shot.rung}")
     return ", ".join(parts)
 
 
 def plain_line(run: Run, shot: Snapshot) -> str:
     total = shot.total_steps or "?"
     return f"{run.name} {shot.phase}: step {shot.record['step']}/{total}, {describe(shot)}"
+
+
+def progress_bar(console: Console, names: list[str]) -> Progress:
+    """One line per run. The run's name is never cut (two runs of a sweep differ only in it), nor its
+    phase; the bar is short; what is left of the width holds the details, wrapped onto more lines when
+    narrow (at 80 columns a long name would otherwise cut everything to `gamma…` and `pretr…`)."""
+    return Progress(
+        TextColumn("{task.description}", table_column=Column(no_wrap=True, min_width=max(map(len, names)))),
+        TextColumn("{task.fields[phase]}", table_column=Column(no_wrap=True, min_width=len("pretrain"))),
+        BarColumn(bar_width=10),
+        MofNCompleteColumn(table_column=Column(no_wrap=True)),
+        TextColumn("{task.fields[info]}", table_column=Column(overflow="fold", ratio=1)),
+        console=console,
+    )
 
 
 @dataclass
@@ -74,7 +94,7 @@ class Tracked:
     phase: str | None = None
     started: float = 0.0  # records older than the phase's start are an earlier invocation's
     first: dict[str, Any] | None = None
-    shown_step: int | None = None
+    shown: tuple[int, str | None] | None = None  # the step and rung of the last plain line
     shown_at: float = 0.0
     task: TaskID | None = None
 
@@ -92,14 +112,7 @@ class LiveProgress:
         self.thread = threading.Thread(target=self._poll_until_stopped, daemon=True)
         self.bar: Progress | None = None
         if console.is_terminal:
-            self.bar = Progress(
-                TextColumn("{task.description}"),
-                TextColumn("{task.fields[phase]}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[info]}"),
-                console=console,
-            )
+            self.bar = progress_bar(console, [run.name for run in runs])
 
     def __enter__(self) -> LiveProgress:
         if self.bar is not None:
@@ -116,7 +129,7 @@ class LiveProgress:
     def phase_started(self, run: Run, phase: str) -> None:
         with self.lock:
             tracked = self.tracked[run.name]
-            tracked.phase, tracked.started, tracked.first, tracked.shown_step = phase, time.time(), None, None
+            tracked.phase, tracked.started, tracked.first, tracked.shown = phase, time.time(), None, None
             if self.bar is not None and tracked.task is None:
                 tracked.task = self.bar.add_task(run.name, total=None, phase=phase, info="starting")
 
@@ -153,7 +166,8 @@ class LiveProgress:
                 )
                 return
             now = time.monotonic()
-            new = shot.record["step"] != tracked.shown_step
-            if new and (final or tracked.shown_step is None or now - tracked.shown_at >= PLAIN_EVERY_S):
+            # a rung decided after the epoch's last step record is news too (at the end: `pruned at 2`)
+            new = (shot.record["step"], shot.rung) != tracked.shown
+            if new and (final or tracked.shown is None or now - tracked.shown_at >= PLAIN_EVERY_S):
                 self.console.print(plain_line(run, shot), highlight=False, soft_wrap=True)
-                tracked.shown_step, tracked.shown_at = shot.record["step"], now
+                tracked.shown, tracked.shown_at = (shot.record["step"], shot.rung), now

@@ -14,7 +14,7 @@ from pathlib import Path
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from launch.spec import LinclsSpec, SlurmConfig, SweepConfig, SweepSpec
+from launch.spec import LinclsSpec, PruneSpec, SlurmConfig, SweepConfig, SweepSpec
 from sogclr.config import CheckpointConfig, PretrainConfig, WandbConfig
 
 START, END = "<!-- spec-reference:start -->", "<!-- spec-reference:end -->"
@@ -27,6 +27,7 @@ SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("lincls", LinclsSpec),
     ("wandb", WandbConfig),
     ("sweep", SweepConfig),
+    ("sweep.prune", PruneSpec),
 ]
 
 
@@ -36,6 +37,7 @@ def _type_name(annotation: object) -> str:
     text = getattr(annotation, "__name__", None) if not typing.get_args(annotation) else None
     text = text or re.sub(r"\b(?:\w+\.)+(\w+)", r"\1", str(annotation))  # launch.spec.X -> X
     text = re.sub(r"Annotated\[(.+?), \w+\(func=<[^>]*>\)\]", r"\1", text)  # validators are not types
+    text = re.sub(r"^Optional\[(.+)\]$", r"\1 | None", text)  # as the other optional fields read
     return text.replace("|", "\\|")
 
 

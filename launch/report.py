@@ -1,8 +1,8 @@
-"""`sogclr-submit report`: what a sweep found, one row per run, and the numbers behind its figures.
+"""`sogclr-submit report`: what a sweep found, one row per run, as a table (terminal, md, csv, json) and
+as figures.
 
-Collection reads only run directories (state.json, metrics.jsonl, lincls/result.json) and the standings
-`status` also shows, and returns plain rows and series; rendering (the table here, the PNGs in
-launch/figures.py) draws exactly those. A value a run has not produced yet is None (shown `-`), never 0.
+The rows come from launch/results.py, which the table (here) and the PNGs (launch/figures.py) draw
+exactly; neither renderer imports the other's module for data.
 """
 
 from __future__ import annotations
@@ -10,19 +10,15 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
-from dataclasses import asdict, dataclass, field
-from datetime import datetime
-from pathlib import Path
+from dataclasses import asdict
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-from launch.manifest import NOT_SUBMITTED, PhaseStanding, read_manifest, standings
+from launch.manifest import read_manifest, standings
+from launch.results import RunRow, collect, short
 from launch.spec import Run, SweepSpec
-from launch.submit import phase_resources
-from sogclr.state import read_state
 
 REPORT_DIR = "report"  # <sweep dir>/report/: the figures
 TABLE_NOTE = (
@@ -30,196 +26,26 @@ TABLE_NOTE = (
     "different scales); global objective: the exact one, the same for every loss, at the last epoch end that "
     "logged it. wall time: the recorded attempts of both phases (one in progress: up to its last update); "
     "hours: that x the job's nodes x GPUs per node (GPU-h), "
-    "or x CPUs per task for CPU jobs (CPU-h)"
+    "or x CPUs per task for CPU jobs (CPU-h); a pruned run's `saved`: about what its remaining epochs and "
+    "an evaluation would have cost, at the sweep's average per epoch and per evaluation"
 )
-
-
-@dataclass(frozen=True)
-class Series:
-    """One line of a figure: its label and its points."""
-
-    label: str
-    x: list[float]
-    y: list[float]
-
-
-@dataclass(frozen=True)
-class RunRow:
-    """What one run reached; None where it has not (yet) produced the value."""
-
-    run: str
-    point: dict[str, Any]
-    loss: str
-    standing: str
-    epochs_done: int
-    epochs: int
-    objective: float | None  # the training objective of the last logged step
-    global_objective: float | None  # the exact global objective of the last epoch-end record
-    knn_top1: float | None
-    knn_top5: float | None
-    linear_top1: float | None
-    linear_top5: float | None
-    wall_s: float
-    hours: float
-    hours_unit: str  # GPU-h or CPU-h
-    requeues: int
-    curves: dict[str, Series] = field(default_factory=dict)  # objective, global objective, kNN top-1
 
 
 def show_report(spec: SweepSpec, runs: list[Run], console: Console, fmt: str, figures: bool = True) -> int:
     """Print the report table in `fmt` (table, md, csv, json) and write the figures."""
     rows = collect(runs, standings(runs, read_manifest(spec.directory)))
     render(rows, f"{spec.name}: {len(runs)} run(s)", fmt, console)
+    console.file.flush()  # the table first, then the notes (on stderr for md, csv and json)
+    notes = console if fmt == "table" else Console(stderr=True)  # stdout stays machine-readable
+    if (saved := savings(rows)) is not None:
+        notes.print(saved, highlight=False, soft_wrap=True)
     if figures:
         from launch.figures import write_figures  # matplotlib: only when drawing
 
         directory = spec.directory / REPORT_DIR
         paths = write_figures(rows, directory)
-        notes = console if fmt == "table" else Console(stderr=True)  # stdout stays machine-readable
         notes.print(f"{len(paths)} figure(s) in {directory}/", highlight=False, soft_wrap=True)
     return 0
-
-
-# --- collection -------------------------------------------------------------------------------------
-
-
-def collect(runs: list[Run], where: dict[str, dict[str, PhaseStanding]]) -> list[RunRow]:
-    """One row per run, from its run directory and its standing (`launch.manifest.standings`)."""
-    return [collect_run(run, where[run.name]) for run in runs]
-
-
-def collect_run(run: Run, where: dict[str, PhaseStanding]) -> RunRow:
-    files = run.files
-    state = read_state(files.pretrain.state)
-    records = read_records(files.pretrain.metrics)
-    steps = [r for r in records if "objective" in r]
-    result = read_state(files.lincls.result)
-    wall_s, hours, unit = spent(run)
-    return RunRow(
-        run=run.name,
-        point=dict(run.point),
-        loss=run.config.pretrain.loss,
-        standing=standing(run, where),
-        epochs_done=state.get("epoch", 0),
-        epochs=run.config.pretrain.epochs,
-        objective=steps[-1]["objective"] if steps else None,
-        global_objective=last_value(records, "global_objective"),
-        knn_top1=last_value(records, "knn_top1"),
-        knn_top5=last_value(records, "knn_top5"),
-        linear_top1=result.get("top1"),
-        linear_top5=result.get("top5"),
-        wall_s=wall_s,
-        hours=hours,
-        hours_unit=unit,
-        requeues=state.get("requeues", 0) + read_state(files.lincls.state).get("requeues", 0),
-        curves=curves(records, state.get("total_steps"), run.config.pretrain.epochs),
-    )
-
-
-def standing(run: Run, where: dict[str, PhaseStanding]) -> str:
-    """`done`, or the first unfinished phase and its state (a `--local` run has no job: its run
-    directory's status)."""
-    for phase in run.phases:
-        state = where[phase].state
-        if state == "done":
-            continue
-        if state == NOT_SUBMITTED:
-            state = read_state(run.files.phase(phase).state).get("status", NOT_SUBMITTED)
-        return f"{phase} {state}"
-    return "done"
-
-
-def read_records(path: Path) -> list[dict[str, Any]]:
-    """Every complete record of a metrics.jsonl file (a line being written is skipped)."""
-    try:
-        lines = path.read_text().splitlines()
-    except FileNotFoundError:
-        return []
-    records = []
-    for line in lines:
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
-
-
-def last_value(records: list[dict[str, Any]], key: str) -> float | None:
-    return next((r[key] for r in reversed(records) if r.get(key) is not None), None)
-
-
-def curves(records: list[dict[str, Any]], total_steps: int | None, epochs: int) -> dict[str, Series]:
-    """Training curves against (fractional) epochs: the objective of each logged step, and the epoch-end
-    global objective and kNN top-1 where the run logs them. Epoch-end records count completed epochs."""
-    found = {}
-    if total_steps:
-        points = [(r["step"] * epochs / total_steps, r["objective"]) for r in records if "objective" in r]
-        found["objective"] = points
-    for key in ("global_objective", "knn_top1"):
-        found[key] = [(r["epoch"] + 1, r[key]) for r in records if r.get(key) is not None and "epoch" in r]
-    return {key: Series(key, [x for x, _ in p], [y for _, y in p]) for key, p in found.items() if p}
-
-
-def spent(run: Run) -> tuple[float, float, str]:
-    """Wall seconds of the recorded attempts of both phases, the resource-hours they used, and the unit."""
-    wall_s = hours = 0.0
-    units = set()
-    for phase in ("pretrain", "lincls"):
-        resources = phase_resources(run, phase)
-        if resources is None:
-            continue
-        state = read_state(run.files.phase(phase).state)
-        # the attempt in progress counts up to the trainer's last word in state.json
-        current = state.get("current_attempt")
-        current = [{**current, "ended": state.get("updated")}] if current else []
-        seconds = sum(attempt_seconds(attempt) for attempt in state.get("attempts", []) + current)
-        per_node = resources.gpus_per_node or resources.cpus_per_task
-        units.add("GPU-h" if resources.gpus_per_node else "CPU-h")
-        wall_s += seconds
-        hours += seconds / 3600 * resources.nodes * per_node
-    return wall_s, hours, "/".join(sorted(units))
-
-
-def attempt_seconds(attempt: dict[str, Any]) -> float:
-    """How long an attempt ran; 0 for one whose end was never recorded (a lost attempt)."""
-    if not attempt.get("started") or not attempt.get("ended"):
-        return 0.0
-    started, ended = (datetime.fromisoformat(attempt[key]) for key in ("started", "ended"))
-    return (ended - started).total_seconds()
-
-
-# --- the numbers behind the figures -----------------------------------------------------------------
-
-
-def numeric_fields(rows: list[RunRow]) -> list[str]:
-    """Swept fields whose values are all numbers and take at least two values."""
-    keys = [key for key in rows[0].point] if rows else []
-    return [
-        key
-        for key in keys
-        if all(_is_number(row.point[key]) for row in rows) and len({row.point[key] for row in rows}) > 1
-    ]
-
-
-def top1_series(rows: list[RunRow], key: str) -> list[Series]:
-    """Linear top-1 against swept field `key`: one line per loss (and per value of the other swept
-    fields), points sorted by `key`; runs without a linear result are left out."""
-    lines: dict[str, list[tuple[float, float]]] = {}
-    for row in rows:
-        if row.linear_top1 is None:
-            continue
-        others = [f"{short(k)}={v}" for k, v in row.point.items() if k not in (key, "pretrain.loss")]
-        lines.setdefault(", ".join([row.loss, *others]), []).append((row.point[key], row.linear_top1))
-    return [Series(label, [x for x, _ in sorted(p)], [y for _, y in sorted(p)]) for label, p in lines.items()]
-
-
-def short(key: str) -> str:
-    """`pretrain.batch_size` -> `batch_size`: a bare name is a pretraining field, as in a spec."""
-    return key.removeprefix("pretrain.")
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 # --- rendering --------------------------------------------------------------------------------------
@@ -260,7 +86,8 @@ def formatted(row: RunRow) -> dict[str, str]:
         "linear top-1": _number(row.linear_top1, ".2f"),
         "linear top-5": _number(row.linear_top5, ".2f"),
         "wall time": _duration(row.wall_s),
-        "hours": f"{row.hours:{'.3f' if row.hours < 10 else '.1f'}} {row.hours_unit}",
+        "hours": _hours(row.hours, row.hours_unit)
+        + ("" if row.hours_saved is None else f" (~{_hours(row.hours_saved)} saved)"),
         "requeues": str(row.requeues),
     }
 
@@ -299,6 +126,25 @@ def csv_text(names: list[str], cells: list[list[str]]) -> str:
     writer = csv.writer(out, lineterminator="\n")
     writer.writerows([names, *cells])
     return out.getvalue()
+
+
+def savings(rows: list[RunRow]) -> str | None:
+    """What pruning saved, summed over the sweep (None if no run was pruned): the hours spent, and about
+    what training the pruned runs to the end and evaluating them would have added."""
+    stopped = [row for row in rows if row.hours_saved is not None]
+    if not stopped:
+        return None
+    spent, saved = sum(row.hours for row in rows), sum(row.hours_saved for row in stopped)
+    unit = "/".join(sorted({row.hours_unit for row in rows}))
+    share = saved / (spent + saved) if saved else 0.0  # nothing recorded yet: nothing saved
+    return (
+        f"pruning: {len(stopped)} of {len(rows)} run(s) stopped early; the sweep used {_hours(spent, unit)}, "
+        f"about {_hours(saved)} ({share:.0%}) less than training every run to the end"
+    )
+
+
+def _hours(hours: float, unit: str = "") -> str:
+    return f"{hours:{'.3f' if hours < 10 else '.1f'}} {unit}".rstrip()
 
 
 def _number(value: float | None, spec: str = ".4g") -> str:

@@ -11,7 +11,7 @@ import copy
 import difflib
 import itertools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -29,16 +29,20 @@ from pydantic import (
 from sogclr.config import (
     LinclsConfig,
     PretrainConfig,
+    PruneMetric,
     RunConfig,
+    Rungs,
     Schema,
     WandbConfig,
     apply_overrides,
+    rung_problem,
     set_path,
     wandb_field,
 )
 from sogclr.layout import RunLayout
 
 SECTIONS = ("pretrain", "lincls", "slurm")
+PRUNE_DIR = "prune"  # <sweep dir>/prune: the records of successive halving
 BUILTIN_DATASETS = ("digits",)
 _TIME = re.compile(r"(?:(\d+)-)?(\d{1,2}):(\d{2}):(\d{2})")  # fullmatch: `$` would let a newline end it
 
@@ -195,6 +199,46 @@ class LinclsSpec(LinclsConfig):
     )
 
 
+class PruneSpec(Schema):
+    """Asynchronous successive halving over the sweep's runs (ASHA's stopping rule, sogclr/prune.py)."""
+
+    metric: PruneMetric = Field(
+        "knn_top1",
+        description="What runs are judged on at a rung: knn_top1 (maximised; pretrain.knn_every_epochs "
+        "must land on every rung) or global_objective (minimised; pretrain.objective_every_epochs must).",
+    )
+    eta: int = Field(
+        3,
+        ge=2,
+        description="Reduction factor: at a rung, a run continues if it is in the top 1/eta of the "
+        "runs recorded there (the first arrival always continues).",
+    )
+    first_rung: int | None = Field(
+        None,
+        ge=1,
+        description="Epochs to the first rung; the rungs are first_rung x eta^k below pretrain.epochs.",
+    )
+    rungs: Rungs | None = Field(
+        None, description="The rungs (epochs, increasing, each below pretrain.epochs), instead of first_rung."
+    )
+
+    @model_validator(mode="after")
+    def _one_way_to_rungs(self) -> PruneSpec:
+        if (self.first_rung is None) == (self.rungs is None):
+            raise ValueError("give either first_rung (with eta) or rungs, not both or neither")
+        return self
+
+    def rungs_for(self, epochs: int) -> list[int]:
+        """The rungs of a run of `epochs` epochs (explicit ones as given: each is checked against it)."""
+        if self.rungs is not None:
+            return list(self.rungs)
+        rungs, rung = [], self.first_rung
+        while rung < epochs:
+            rungs.append(rung)
+            rung *= self.eta
+        return rungs or [self.first_rung]  # a first rung at or past the end: reported as such
+
+
 class SweepConfig(Schema):
     product: dict[str, list[Any]] = Field(
         default_factory=dict, description="Field -> values; every combination becomes a run."
@@ -202,6 +246,9 @@ class SweepConfig(Schema):
     zip: dict[str, list[Any]] = Field(
         default_factory=dict,
         description="Field -> values of equal length, taken position by position (one product factor).",
+    )
+    prune: PruneSpec | None = Field(
+        None, description="Stop runs early by successive halving; omit to train every run to the end."
     )
 
     @model_validator(mode="after")
@@ -230,6 +277,11 @@ class SweepSpec(Schema):
         """`<output_root>/<name>`: the run directories, the manifest and the submission lock."""
         return self.output_root.expanduser().absolute() / self.name
 
+    @property
+    def prune_records(self) -> Path:
+        """Where the runs record their metric at each rung, and their decisions (sogclr/prune.py)."""
+        return self.directory / PRUNE_DIR
+
 
 @dataclass(frozen=True)
 class Run:
@@ -240,6 +292,7 @@ class Run:
     config: RunConfig
     slurm: SlurmConfig
     lincls_slurm: SlurmConfig | None
+    resume_pruned: bool = False  # continue this run past the rung that pruned it, to the end
 
     @property
     def run_dir(self) -> Path:
@@ -428,12 +481,43 @@ def _make_run(spec: SweepSpec, base: dict, point: dict[str, Any], name: str, run
     if lincls is not None:
         _check_divisible(where, "lincls.batch_size", lincls.batch_size, lincls_slurm)
     meta = {"sweep": spec.name, "run": name, "point": point}
+    prune = _prune_config(spec, pretrain, where)
     config = validate(
         RunConfig,
-        {"run_dir": run_dir, "pretrain": pretrain, "lincls": lincls, "wandb": data["wandb"], "meta": meta},
+        {
+            **{"run_dir": run_dir, "pretrain": pretrain, "lincls": lincls, "wandb": data["wandb"]},
+            **{"prune": prune, "meta": meta},
+        },
         where,
     )
     return Run(name=name, point=point, config=config, slurm=slurm, lincls_slurm=lincls_slurm)
+
+
+def _prune_config(spec: SweepSpec, pretrain: PretrainConfig, where: str) -> dict[str, Any] | None:
+    """The run config's `prune` section: this run's rungs and the sweep's records directory."""
+    prune = spec.sweep.prune
+    if prune is None:
+        return None
+    rungs = prune.rungs_for(pretrain.epochs)
+    if problem := rung_problem(pretrain, prune.metric, rungs):
+        field = "rungs" if prune.rungs is not None else "first_rung"
+        raise SpecError(f"{where}: sweep.prune.{field}: {problem}")
+    return {"metric": prune.metric, "eta": prune.eta, "rungs": rungs, "records": spec.prune_records}
+
+
+def resuming_pruned(runs: list[Run], names: list[str]) -> list[Run]:
+    """`runs`, with the named ones set to continue past the rung that pruned them: no pruning any more
+    (their config has no `prune` section), and the launcher submits them again. SpecError for a name
+    that is not a run of the sweep."""
+    known = {run.name for run in runs}
+    if unknown := [name for name in names if name not in known]:
+        raise SpecError(f"--resume-pruned {unknown[0]}: no such run in this sweep (runs: {', '.join(known)})")
+    return [
+        replace(run, config=run.config.model_copy(update={"prune": None}), resume_pruned=True)
+        if run.name in names
+        else run
+        for run in runs
+    ]
 
 
 def _check_divisible(where: str, field: str, batch: int, slurm: SlurmConfig) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from launch.manifest import (
 )
 from launch.spec import Run, SweepSpec
 from launch.table import print_table
+from sogclr.prune import RungRecords
 from sogclr.state import read_state
 
 
@@ -31,7 +33,8 @@ def show_status(spec: SweepSpec, runs: list[Run], console: Console) -> int:
     monitor during pretraining), linear top-1."""
     where = standings(runs, read_manifest(spec.directory))
     columns = (
-        *("run", "pretrain job", "lincls job", "pretraining", "linear eval", "epoch/step", "requeues"),
+        *("run", "pretrain job", "lincls job", "pretraining", "linear eval", "epochs", "steps", "rung"),
+        "requeues",
         *("last loss", "kNN top-1", "top-1"),
     )
     rows = []
@@ -41,6 +44,7 @@ def show_status(spec: SweepSpec, runs: list[Run], console: Console) -> int:
         # metrics run ahead of checkpoints; epoch-end evaluations log records without a loss
         latest = last_record(run.files.pretrain.metrics, having="loss") or state
         result = read_state(run.files.lincls.result)
+        where_now = position(run)
         rows.append(
             (
                 run.name,
@@ -48,7 +52,9 @@ def show_status(spec: SweepSpec, runs: list[Run], console: Console) -> int:
                 lincls.job_id or "-",
                 shown(pretrain),
                 shown(lincls) if run.config.lincls is not None else "-",
-                f"{latest['epoch']}/{latest['step']}" if "step" in latest else "-",
+                where_now.epochs_shown,
+                where_now.steps_shown,
+                rung(run),
                 str(state.get("requeues", 0)),
                 _format(latest.get("loss")),
                 _format((last_record(run.files.pretrain.metrics, having="knn_top1") or {}).get("knn_top1")),
@@ -59,6 +65,53 @@ def show_status(spec: SweepSpec, runs: list[Run], console: Console) -> int:
     for warning in save_time_warnings(runs, partition_grace_times()):
         console.print(f"[yellow]warning:[/] {warning}", highlight=False)
     return 0
+
+
+@dataclass(frozen=True)
+class Position:
+    """How far a run's pretraining got, as `status` and `report` both show it: epochs completed and steps
+    taken, each of its total (a finished 8-epoch run of 11 steps an epoch: 8/8 and 88/88)."""
+
+    epochs_done: int
+    epochs: int
+    steps: int
+    total_steps: int | None
+
+    @property
+    def epochs_shown(self) -> str:
+        return f"{self.epochs_done}/{self.epochs}"
+
+    @property
+    def steps_shown(self) -> str:
+        return f"{self.steps}/{self.total_steps or '?'}" if self.steps else "-"
+
+
+def position(run: Run) -> Position:
+    """The run's pretraining position: the later of its last checkpoint (state.json) and its last logged
+    step (metrics run ahead of checkpoints). A metrics record's `epoch` is the zero-based epoch in
+    progress, state.json's the epochs completed: both are turned into epochs completed here."""
+    state = read_state(run.files.pretrain.state)
+    latest = last_record(run.files.pretrain.metrics, having="loss") or {}
+    steps = max(state.get("step", 0), latest.get("step", 0))
+    total, epochs = state.get("total_steps"), run.config.pretrain.epochs
+    done = steps * epochs // total if total else state.get("epoch", 0)
+    return Position(done, epochs, steps, total)
+
+
+def rung(run: Run) -> str:
+    """Where successive halving has the run: `-` (no pruning), `before 1` (no rung reached yet),
+    `kept at 2` (the last rung it passed), `pruned at 2`, or `resumed after 2` (pruned, then continued
+    with --resume-pruned: never judged again), from state.json and the rungs' decision records."""
+    prune = run.config.prune
+    if prune is None:
+        return "-"
+    state = read_state(run.files.pretrain.state)
+    if (stopped := state.get("pruned")) is not None:
+        still = state.get("status") == "pruned"
+        return f"{'pruned at' if still else 'resumed after'} {stopped['epoch']}"
+    decisions = [RungRecords(prune.records, epoch).decision(run.run_dir.name) for epoch in prune.rungs]
+    kept = [epoch for epoch, d in zip(prune.rungs, decisions, strict=True) if d and d["continue"]]
+    return f"kept at {kept[-1]}" if kept else f"before {prune.rungs[0]}"
 
 
 def partition_grace_times() -> dict[str | None, int]:

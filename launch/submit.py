@@ -1,8 +1,9 @@
 """Submission to SLURM: each run's config, its pretraining job, and its linear evaluation chained after.
 
 `submit_sweep` holds the sweep's lock, reads where every run stands, and submits only what is missing:
-runs that are queued, running or done are left alone; failed or cancelled ones only with
-`--resubmit-failed` (and when pretraining is done, only its evaluation is resubmitted). Runs with
+runs that are queued, running, done or pruned are left alone; failed or cancelled ones only with
+`--resubmit-failed` (and when pretraining is done, only its evaluation is resubmitted); pruned ones only
+with `--resume-pruned` (both phases). Runs with
 identical resources go as job arrays (launch/arrays.py), one task per run; the others as single jobs.
 The evaluation waits with `afterok` on its pretraining job, or, in an array, with `aftercorr` on its
 own pretraining task: requeues keep the ids, so the dependency survives them. A pretraining that ends
@@ -31,6 +32,7 @@ from jobs.torchrun import AGENT_IGNORES, Rendezvous, ignoring_stop_signals, torc
 from launch.arrays import ARRAYS_DIR, array_range, link_tasks, max_array_size
 from launch.manifest import (
     NEVER_RUNS,
+    PRUNED,
     TOKEN_PREFIX,
     UNKNOWN,
     PhaseStanding,
@@ -255,6 +257,10 @@ def phases_to_submit(
     pretrain = standing["pretrain"]
     if unknown := [s for phase, s in standing.items() if phase in wanted and s.state == UNKNOWN]:
         return [], f"nothing: {UNKNOWN} ({unknown[0].reason})"
+    if pretrain.state == PRUNED:  # settled: neither a plain submit nor --resubmit-failed starts it again
+        if run.resume_pruned:
+            return wanted, "resubmitted to continue past the rung that pruned it"
+        return [], "nothing: pruned (--resume-pruned to continue it)"
     if pretrain.state != "done":
         if pretrain.active and "lincls" in wanted and standing["lincls"].job_id is None:
             # its evaluation's sbatch failed after the pretraining's went through: submit that alone

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import traceback
+from collections.abc import Callable
 
 from sogclr.config import RunConfig, load_run_config
 
@@ -16,6 +18,22 @@ def parse_run_config(argv: list[str] | None, description: str) -> RunConfig:
     add_override_argument(parser)
     args = parser.parse_args(argv)
     return load_run_config(args.config, args.overrides)
+
+
+def run_entry_point(train: Callable[[RunConfig], str], argv: list[str] | None, description: str) -> int:
+    """`train` the run config named on the command line; 0 unless it raises.
+
+    A failure's frames are let go before the exception ends the process: kept by the traceback, they
+    would keep a DataLoader, whose persistent workers ignore SIGTERM (sogclr/distributed.py), alive until
+    interpreter exit, where multiprocessing terminates and joins them and waits for ever (measured: a
+    worker's exception left the process waiting, state.json already `failed`, until killed 10 min later).
+    """
+    try:
+        train(parse_run_config(argv, description))
+    except Exception as error:
+        traceback.clear_frames(error.__traceback__)
+        raise
+    return 0
 
 
 def add_override_argument(parser: argparse.ArgumentParser) -> None:

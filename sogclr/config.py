@@ -6,12 +6,13 @@ default below is the authors' ImageNet recipe (NOTES-sogclr.md); specs override 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
 from sogclr.atomic import write_atomic
@@ -85,6 +86,13 @@ class PretrainConfig(Schema):
     data_dir: Path | None = Field(
         None,
         description="Root with train/ and val/ subfolders; for digits, the cache directory (optional).",
+        json_schema_extra=RESOURCE,
+    )
+    accept_data_change: bool = Field(
+        False,
+        description="Resume runs whose checkpoints were trained on other data (images added, removed or "
+        "replaced: another fingerprint of the training split): SogCLR's u is carried over by path for the "
+        "images that stayed, new images start unseen. False: such a resume fails, naming what differs.",
         json_schema_extra=RESOURCE,
     )
     image_size: int = Field(
@@ -310,6 +318,49 @@ class WandbConfig(Schema):
     tags: list[str] = Field(default_factory=list, description="W&B tags.")
 
 
+# The metrics a run can be pruned on -> whether higher is better; each logged by an epoch-end monitor.
+PRUNE_METRICS = {"knn_top1": True, "global_objective": False}
+PruneMetric = Literal["knn_top1", "global_objective"]
+_PRUNE_MONITORS = {"knn_top1": "knn_every_epochs", "global_objective": "objective_every_epochs"}
+
+
+def _increasing(rungs: list[int]) -> list[int]:
+    if not rungs or rungs[0] < 1 or any(a >= b for a, b in itertools.pairwise(rungs)):
+        raise ValueError(f"epochs must be one or more, positive and increasing, got {rungs}")
+    return rungs
+
+
+Rungs = Annotated[list[int], AfterValidator(_increasing)]
+
+
+class PruneConfig(Schema):
+    """Successive halving decided inside the run (sogclr/prune.py): at each rung the run records its
+    metric in `records`, shared with the runs it competes with, and stops unless it is in the top 1/eta
+    of the runs recorded there."""
+
+    metric: PruneMetric = Field(
+        "knn_top1", description="knn_top1 (maximised) or global_objective (minimised)."
+    )
+    eta: int = Field(3, ge=2, description="Reduction factor: the top 1/eta of a rung continue.")
+    rungs: Rungs = Field(description="Epochs after which the run is judged, increasing.")
+    records: Path = Field(description="Directory of the rungs' records, shared by the competing runs.")
+
+
+def rung_problem(pretrain: PretrainConfig, metric: str, rungs: list[int]) -> str | None:
+    """Why a run with this recipe cannot be judged at these rungs (None if it can): a rung must come
+    before the last epoch, and the metric must be logged after it."""
+    for rung in rungs:
+        if rung >= pretrain.epochs:
+            return f"rung {rung} is not below pretrain.epochs ({pretrain.epochs}): nothing left to save"
+        monitor = _PRUNE_MONITORS[metric]
+        every = getattr(pretrain, monitor)
+        if every is None:
+            return f"{metric} is never logged (pretrain.{monitor} is null), but a rung is at epoch {rung}"
+        if rung % every:
+            return f"{metric} is logged every {every} epochs (pretrain.{monitor}), not after epoch {rung}"
+    return None
+
+
 def wandb_field() -> Any:
     return Field(None, description="Weights & Biases logging (the `wandb` extra); omit for none.")
 
@@ -318,15 +369,29 @@ class RunConfig(Schema):
     """Everything one run needs; `meta` is provenance (git commit, sweep point, resources), opaque here."""
 
     run_dir: Path
+    dataset_index: Path | None = Field(
+        None,
+        description="The dataset index file every process reads (sogclr/dataindex.py), written by the "
+        "launcher at submission; None: built once into <run_dir>/datasets/ by the run's first start.",
+    )
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     lincls: LinclsConfig | None = None
     wandb: WandbConfig | None = wandb_field()
+    prune: PruneConfig | None = Field(None, description="Successive halving; omit to train to the end.")
     meta: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _digits_needs_no_data_dir(self) -> RunConfig:
         if self.pretrain.dataset not in ("digits",) and self.pretrain.data_dir is None:
             raise ValueError(f"pretrain.data_dir is required for dataset {self.pretrain.dataset!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _rungs_fit_the_recipe(self) -> RunConfig:
+        if self.prune is not None and (
+            problem := rung_problem(self.pretrain, self.prune.metric, self.prune.rungs)
+        ):
+            raise ValueError(f"prune.rungs: {problem}")
         return self
 
 

@@ -1,4 +1,5 @@
-"""Data pipeline: dataset roots, position-seeded augmentations, resumable samplers, loaders.
+"""Data pipeline: datasets read from the dataset index, position-seeded augmentations, resumable samplers,
+loaders.
 
 Every random draw is a function of *where* it happens, never of a stream with history:
 
@@ -14,36 +15,35 @@ from __future__ import annotations
 import copy
 import io
 import math
-import os
 import random
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import torch
 import torchvision.transforms.functional as F
 from PIL import Image, ImageFilter
-from torch.utils.data import DataLoader, Sampler
-from torchvision.datasets import ImageFolder
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from sogclr.augment import IMAGENET_MEAN, IMAGENET_STD, CropBatch, ViewParams, crop_box, draw_two_views
-from sogclr.config import PretrainConfig
-from sogclr.distributed import ignore_stop_signals
+from sogclr.config import PretrainConfig, RunConfig
+from sogclr.dataindex import (
+    DatasetIndex,
+    SplitIndex,
+    data_root,
+    ensure_index,
+    prepare_data_root,
+    read_index,
+)
+from sogclr.distributed import DistEnv, broadcast_from_main, ignore_stop_signals
+from sogclr.layout import RunLayout
 
 EVAL_CROP_SCALE = (0.08, 1.0)  # torchvision's RandomResizedCrop default, as the reference linear eval
 
 # Independent random streams derived from one seed.
 _SHUFFLE_STREAM = 0
 _AUGMENT_STREAM = 1
-
-DIGITS_VERSION = "digits-v1"
-DIGITS_IMAGE_SIZE = 32
-DIGITS_VAL_FRACTION = 0.2
-DIGITS_SPLIT_SEED = 0
 
 Augment = Callable[[Image.Image, random.Random], object]
 
@@ -69,86 +69,19 @@ def epoch_permutation(seed: int, epoch: int, size: int) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------------------
-# Dataset roots
+# The dataset index of a run
 
 
-def prepare_data_root(cfg: PretrainConfig) -> Path:
-    """The directory holding `train/` and `val/` class-subfolder trees for `cfg.dataset`.
-
-    For `digits` the tree is written once into the cache (safe when many ranks call this at once).
-    """
-    if cfg.dataset == "digits":
-        return _materialise_once(_digits_cache_dir(cfg) / DIGITS_VERSION, _write_digits)
-    if cfg.data_dir is None:
-        raise ValueError(f"pretrain.data_dir is required for dataset {cfg.dataset!r}")
-    root = Path(cfg.data_dir).expanduser()
-    for split in ("train", "val"):
-        _require_dir(root / split, f"the {split} split of dataset {cfg.dataset!r}")
-        if cfg.dataset == "imagenet100":
-            for wnid in imagenet100_classes():
-                _require_dir(root / split / wnid, "an ImageNet-100 class folder (data_dir is ImageNet-1K)")
-    return root
-
-
-def imagenet100_classes() -> list[str]:
-    """The ImageNet-100 class list: the first 100 ImageNet-1K WNIDs in sorted order, as the reference."""
-    return resources.files("sogclr").joinpath("imagenet100.txt").read_text().split()
-
-
-def _require_dir(path: Path, what: str) -> None:
-    if not path.is_dir():
-        raise ValueError(f"{path} does not exist or is not a directory ({what})")
-
-
-def _digits_cache_dir(cfg: PretrainConfig) -> Path:
-    if cfg.data_dir is not None:
-        return Path(cfg.data_dir).expanduser()
-    return Path(os.environ.get("SOGCLR_CACHE", "~/.cache/sogclr")).expanduser()
-
-
-def _materialise_once(root: Path, write: Callable[[Path], None]) -> Path:
-    """Create `root` with `write(staging_dir)` unless it exists; concurrent callers all get one result.
-
-    Each caller builds in its own temporary sibling and renames it into place. The rename is atomic and
-    fails when `root` already exists, so a reader never sees a half-written tree; a loser keeps the winner's.
-    """
-    if root.is_dir():
-        return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
-    try:
-        write(staging)
-        staging.rename(root)
-    except OSError:
-        if not root.is_dir():
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return root
-
-
-def _write_digits(root: Path) -> None:
-    """scikit-learn's digits (1,797 8x8 images, BSD-3) as PNG folders `{train,val}/<digit>/<index>.png`."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    indices = np.arange(len(digits.target))
-    train, val = train_test_split(
-        indices, test_size=DIGITS_VAL_FRACTION, stratify=digits.target, random_state=DIGITS_SPLIT_SEED
-    )
-    for split, split_indices in (("train", train), ("val", val)):
-        for index in split_indices:
-            folder = root / split / str(digits.target[index])
-            folder.mkdir(parents=True, exist_ok=True)
-            _digit_image(digits.images[index]).save(folder / f"{index:04d}.png")
-
-
-def _digit_image(counts: np.ndarray) -> Image.Image:
-    # Pixels are counts 0..16 of ink in 4x4 blocks. Bicubic upscaling gives smooth strokes; nearest
-    # would add a blocky 4-pixel grid that crops and blur would then have to learn around.
-    gray = Image.fromarray(np.round(counts * (255 / 16)).astype(np.uint8))
-    return gray.resize((DIGITS_IMAGE_SIZE, DIGITS_IMAGE_SIZE), Image.Resampling.BICUBIC).convert("RGB")
+def load_dataset_index(cfg: RunConfig, env: DistEnv) -> tuple[Path, DatasetIndex]:
+    """The index file every rank reads, and its content: the one the config names (the launcher's), else
+    the one rank 0 builds once into the run directory (sogclr/dataindex.py). No rank walks the tree again;
+    each checks that the root is there (and writes the digits where a node's cache lacks them)."""
+    prepare_data_root(cfg.pretrain)
+    path = cfg.dataset_index
+    if path is None:
+        built = ensure_index(cfg.pretrain, RunLayout(cfg.run_dir).datasets) if env.is_main else None
+        path = broadcast_from_main(env, built and str(built))
+    return Path(path), read_index(path)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -302,28 +235,28 @@ def crop_pixels(image: Image.Image, box: tuple[int, int, int, int], scale: float
 # Dataset
 
 
-class IndexedImageFolder(ImageFolder):
-    """An ImageFolder whose items are `(transform(image, rng), target, index)`.
+class IndexedImageFolder(Dataset):
+    """The samples of one split of a dataset index, whose items are `(transform(image, rng), target, index)`.
 
     `image` is opened but not decoded (`open_image`); `rng` is a `random.Random` seeded from
     `(seed, epoch, index)`. The epoch lives in a shared-memory tensor, so `set_epoch` in the main process
     reaches DataLoader workers too, persistent ones included (they hold a copy of the dataset made when
-    they started). Call it before iterating the epoch's loader.
-    `classes`, if given, restricts the dataset to those class folders (ImageNet-100).
+    they started). Call it before iterating the epoch's loader. `root`, `samples`, `targets` and
+    `classes` are ImageFolder's; nothing here lists a directory.
     """
 
-    def __init__(
-        self, root: str | Path, transform: Augment, seed: int = 0, classes: Sequence[str] | None = None
-    ) -> None:
-        self.class_subset = None if classes is None else sorted(classes)
-        super().__init__(root, transform=transform, loader=open_image)
+    def __init__(self, split_root: str | Path, index: SplitIndex, transform: Augment, seed: int = 0) -> None:
+        self.root = str(split_root)
+        self.classes = list(index.classes)
+        self.samples = index.samples(Path(split_root))
+        self.targets = [target for _, target in self.samples]
+        self.transform = transform
+        self.loader = open_image
         self.seed = seed
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
 
-    def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
-        if self.class_subset is None:
-            return super().find_classes(directory)
-        return self.class_subset, {name: i for i, name in enumerate(self.class_subset)}
+    def __len__(self) -> int:
+        return len(self.samples)
 
     @property
     def epoch(self) -> int:
@@ -340,7 +273,7 @@ class IndexedImageFolder(ImageFolder):
     def subset(self, indices: Sequence[int]) -> IndexedImageFolder:
         """The same dataset restricted to the samples at `indices`, re-indexed from 0 in that order."""
         subset = copy.copy(self)
-        subset.samples = subset.imgs = [self.samples[i] for i in indices]
+        subset.samples = [self.samples[i] for i in indices]
         subset.targets = [self.targets[i] for i in indices]
         return subset
 
@@ -348,33 +281,33 @@ class IndexedImageFolder(ImageFolder):
 PRETRAIN_TRANSFORMS = {"loader": PretrainAugment, "device": PretrainCrops}  # by `augment_on`
 
 
-def build_pretrain_dataset(cfg: PretrainConfig) -> IndexedImageFolder:
+def split_dataset(
+    cfg: PretrainConfig, index: DatasetIndex, split: str, transform: Augment, seed: int | None = None
+) -> IndexedImageFolder:
+    """The `split` of `cfg`'s dataset as `index` lists it, with `transform` (`seed` default `cfg.seed`)."""
+    seed = cfg.seed if seed is None else seed
+    return IndexedImageFolder(data_root(cfg) / split, index.splits[split], transform, seed)
+
+
+def build_pretrain_dataset(cfg: PretrainConfig, index: DatasetIndex) -> IndexedImageFolder:
     """The train split with the two-view pretraining augmentation: all of it (`augment_on: loader`), or
     the crops that the training device finishes (`augment_on: device`)."""
-    root = prepare_data_root(cfg)
     augment = PRETRAIN_TRANSFORMS[cfg.augment_on](cfg.image_size, cfg.crop_min)
-    return IndexedImageFolder(root / "train", augment, seed=cfg.seed, classes=_class_subset(cfg))
+    return split_dataset(cfg, index, "train", augment)
 
 
 def build_lincls_datasets(
-    cfg: PretrainConfig, seed: int | None = None
+    cfg: PretrainConfig, index: DatasetIndex, seed: int | None = None
 ) -> tuple[IndexedImageFolder, IndexedImageFolder]:
     """(train, val) for linear evaluation; `seed` (default `cfg.seed`) drives the train augmentation."""
-    seed = cfg.seed if seed is None else seed
-    augment = EvalAugment(cfg.image_size, train=True)
-    train = IndexedImageFolder(prepare_data_root(cfg) / "train", augment, seed, _class_subset(cfg))
-    return train, build_plain_dataset(cfg, "val")
+    train = split_dataset(cfg, index, "train", EvalAugment(cfg.image_size, train=True), seed)
+    return train, build_plain_dataset(cfg, index, "val")
 
 
-def build_plain_dataset(cfg: PretrainConfig, split: str) -> IndexedImageFolder:
+def build_plain_dataset(cfg: PretrainConfig, index: DatasetIndex, split: str) -> IndexedImageFolder:
     """The `split` ("train" or "val") with the validation transform, Resize + CenterCrop: each image's
     pixels are the same at every read (the linear features protocol, the kNN monitor)."""
-    plain = EvalAugment(cfg.image_size, train=False)
-    return IndexedImageFolder(prepare_data_root(cfg) / split, plain, cfg.seed, _class_subset(cfg))
-
-
-def _class_subset(cfg: PretrainConfig) -> list[str] | None:
-    return imagenet100_classes() if cfg.dataset == "imagenet100" else None
+    return split_dataset(cfg, index, split, EvalAugment(cfg.image_size, train=False))
 
 
 # --------------------------------------------------------------------------------------------------------

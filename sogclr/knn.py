@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from sogclr.config import PretrainConfig
 from sogclr.data import build_plain_dataset
+from sogclr.dataindex import DatasetIndex
 from sogclr.diagnostics import evenly_spaced
 from sogclr.distributed import DistEnv
 from sogclr.features import FrozenEncoder, extract_features
@@ -65,10 +66,17 @@ class KnnMonitor:
     features and computes the same numbers.
     """
 
-    def __init__(self, cfg: PretrainConfig, env: DistEnv, batch_size: int, dtype: torch.dtype | None) -> None:
-        train = build_plain_dataset(cfg, "train")
+    def __init__(
+        self,
+        cfg: PretrainConfig,
+        index: DatasetIndex,
+        env: DistEnv,
+        batch_size: int,
+        dtype: torch.dtype | None,
+    ) -> None:
+        train = build_plain_dataset(cfg, index, "train")
         self.bank = train.subset(evenly_spaced(len(train), cfg.knn_subset))
-        self.queries = build_plain_dataset(cfg, "val")
+        self.queries = build_plain_dataset(cfg, index, "val")
         self.num_classes = len(train.classes)
         self.cfg, self.env, self.batch_size, self.dtype = cfg, env, batch_size, dtype
 

@@ -9,6 +9,7 @@
                                result.json, and features/ (the cache of extracted features)
 <run_dir>/wandb/               optional W&B files (offline-run-* per attempt and phase)
 <run_dir>/wandb-id             the id of the run directory's one W&B run
+<run_dir>/datasets/            the dataset index, when the run was started without the launcher's
 <run_dir>/slurm/, local/       the launcher's logs (submitit's folder; torchrun's output in local mode)
 """
 
@@ -83,6 +84,11 @@ class RunLayout:
     @property
     def wandb_id(self) -> Path:
         return self.root / "wandb-id"
+
+    @property
+    def datasets(self) -> Path:
+        """Dataset indexes built by the run itself (the launcher's are in the sweep's `datasets/`)."""
+        return self.root / "datasets"
 
     @property
     def slurm_logs(self) -> Path:

@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from sogclr.checkpoint import FINAL, CheckpointManager, load_file, seed_everything
-from sogclr.cli import parse_run_config
+from sogclr.cli import run_entry_point
 from sogclr.config import RunConfig
 from sogclr.data import (
     IndexedImageFolder,
@@ -36,8 +36,10 @@ from sogclr.data import (
     build_lincls_datasets,
     build_loader,
     build_plain_dataset,
+    load_dataset_index,
     set_loader_epoch,
 )
+from sogclr.datacheck import TrainingData
 from sogclr.distributed import DistEnv, StopSignals
 from sogclr.features import (
     FeatureCache,
@@ -76,7 +78,9 @@ def _evaluate(cfg: RunConfig, env: DistEnv, signals: StopSignals) -> str:
     pcfg, lcfg = cfg.pretrain, cfg.lincls
     seed_everything(lcfg.seed)  # the classifier's initialisation
 
-    train_set, val_set = build_lincls_datasets(pcfg, seed=lcfg.seed)
+    index_path, index = load_dataset_index(cfg, env)
+    train_set, val_set = build_lincls_datasets(pcfg, index, seed=lcfg.seed)
+    data = TrainingData(index_path, index.splits["train"], pcfg.accept_data_change)
     classifier = build_linear_classifier(pcfg, num_classes=len(train_set.classes))
     load_backbone(classifier, backbone_weights(cfg))
     classifier.to(env.device)
@@ -114,13 +118,13 @@ def _evaluate(cfg: RunConfig, env: DistEnv, signals: StopSignals) -> str:
             batches = augmented_batches(encode, loader)
         else:
             # The training images with the validation transform: what the features protocol trains on.
-            if (train_features := features("train", build_plain_dataset(pcfg, "train"))) is None:
+            if (train_features := features("train", build_plain_dataset(pcfg, index, "train"))) is None:
                 return stopped(files.state, env, signals)
             batches = stored_batches(*train_features, sampler)
         # deepcopy: every mode starts from the same initial layer
         fc = copy.deepcopy(classifier.fc)
         result = fit_linear(
-            cfg, env, signals, mode, fc, batches, sampler.steps_per_epoch, val_features, backbone
+            cfg, env, signals, mode, fc, batches, sampler.steps_per_epoch, val_features, backbone, data
         )
         if result is None:
             return "preempted"
@@ -210,6 +214,7 @@ def fit_linear(
     steps_per_epoch: int,
     val_features: tuple[torch.Tensor, torch.Tensor],
     backbone: str,
+    data: TrainingData,
 ) -> dict[str, float] | None:
     """Train `fc` for `lincls.epochs` (resuming if checkpointed) on the frozen backbone whose weights'
     digest is `backbone`; final accuracy, or None if stopped."""
@@ -229,6 +234,7 @@ def fit_linear(
         config=cfg.model_dump(mode="json"),
         phase="lincls",
         identity={"backbone": backbone},  # another backbone is another trajectory, whatever the config
+        data=data,
     )
     progress = session.resume()
     session.record(mode=mode)
@@ -278,8 +284,7 @@ def accuracy(
 
 
 def main(argv: list[str] | None = None) -> int:
-    train(parse_run_config(argv, "SogCLR linear evaluation"))
-    return 0
+    return run_entry_point(train, argv, "SogCLR linear evaluation")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from typing import Any
 
 from sogclr.checkpoint import CheckpointManager, load_file, rng_state, set_rng_state
 from sogclr.config import recipe_differences
+from sogclr.datacheck import TrainingData
 from sogclr.distributed import (
     DistEnv,
     StopSignals,
@@ -56,7 +57,8 @@ class Session:
     `stateful` maps checkpoint keys to objects with `state_dict`/`load_state_dict` (the bare model, not
     its DDP wrapper; the optimizer; the loss with its u buffer; the grad scaler). `phase` names whose
     recipe (sogclr/config.py) a resume must find unchanged; `identity` holds what else a checkpoint must
-    match, name -> digest (linear evaluation's backbone).
+    match, name -> digest (linear evaluation's backbone). `data`, the training split, is recorded in
+    every checkpoint and checked at resume (sogclr/datacheck.py).
     """
 
     def __init__(
@@ -71,6 +73,7 @@ class Session:
         config: dict[str, Any],
         phase: str,
         identity: dict[str, str] | None = None,
+        data: TrainingData | None = None,
     ) -> None:
         self.env = env
         self.signals = signals
@@ -82,6 +85,7 @@ class Session:
         self.config = config
         self.phase = phase
         self.identity = identity or {}
+        self.data = data
         self.saved_step: int | None = None
 
     def resume(self) -> Progress:
@@ -92,6 +96,8 @@ class Session:
         """
         payload = self._load_resume_point()
         if payload is not None:
+            if self.data is not None:
+                payload = self.data.reconcile(payload, self.stateful, self.progress.steps_per_epoch)
             if payload["steps_per_epoch"] != self.progress.steps_per_epoch:
                 raise ValueError(
                     f"checkpoint has {payload['steps_per_epoch']} steps per epoch, this run "
@@ -153,6 +159,7 @@ class Session:
             rng=rng_state(),
             config=self.config,
             identity=self.identity,
+            data=self.data and self.data.record(),
         )
         self.checkpoints.save(payload, progress.global_step)
         self.saved_step = progress.global_step
@@ -206,13 +213,15 @@ def run_epochs(
     epochs: int,
     batches: Callable[[int, int], Iterable[Any]],
     step: Callable[[Any], None],
-    end_of_epoch: Callable[[int], None] | None = None,
+    end_of_epoch: Callable[[int], bool | None] | None = None,
 ) -> bool:
-    """Train from the session's position to the end of `epochs`; False if stopped by a signal.
+    """Train from the session's position to the end of `epochs`, or to an epoch after which
+    `end_of_epoch` says to end (True: a pruned run); False if stopped by a signal.
 
     `batches(epoch, start_step)` yields the epoch's batches from `start_step` on; `step(batch)` takes one
     optimizer step at `session.progress` (before it advances); `end_of_epoch(epoch)` runs after an
-    epoch's last step, before the checkpoint that closes the epoch.
+    epoch's last step, before the checkpoint that closes the epoch. An end it asks for wins over a stop
+    signal at the same boundary: the checkpoint is saved either way, and the run is over.
     """
     progress = session.progress
     for epoch in range(progress.epoch, epochs):
@@ -220,10 +229,11 @@ def run_epochs(
             step(batch)
             progress.advance()
             epoch_end = progress.step_in_epoch == 0
-            if epoch_end and end_of_epoch is not None:
-                end_of_epoch(epoch)
-            if session.boundary(epoch_end):
+            ends_here = epoch_end and end_of_epoch is not None and bool(end_of_epoch(epoch))
+            if session.boundary(epoch_end) and not ends_here:
                 return False
+            if ends_here:
+                return True
     return True
 
 

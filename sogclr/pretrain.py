@@ -3,7 +3,8 @@
 `train` reads top to bottom: set up the process group, build data, model, loss and optimizer, resume from
 the run directory, then loop over epochs and steps. A stop signal (SIGUSR2 or SIGTERM, on any rank) ends
 the run at the next step boundary with one checkpoint and `preempted` in state.json; a completed run ends
-with `checkpoints/final.pt` and `done`.
+with `checkpoints/final.pt` and `done`. With a `prune` section, a run that its sweep's successive halving
+stops at a rung (sogclr/prune.py) ends there with its epoch-end checkpoint and `pruned`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from sogclr.augment import CropBatch, finish_views
 from sogclr.checkpoint import CheckpointManager, rng_state, seed_everything, set_rng_state
-from sogclr.cli import parse_run_config
+from sogclr.cli import run_entry_point
 from sogclr.config import PretrainConfig, RunConfig
 from sogclr.data import (
     IndexedImageFolder,
@@ -28,8 +29,11 @@ from sogclr.data import (
     ResumableDistributedSampler,
     build_loader,
     build_pretrain_dataset,
+    load_dataset_index,
     set_loader_epoch,
 )
+from sogclr.datacheck import TrainingData
+from sogclr.dataindex import DatasetIndex
 from sogclr.diagnostics import GlobalObjective
 from sogclr.distributed import DistEnv, StopSignals
 from sogclr.knn import KnnMonitor
@@ -39,6 +43,7 @@ from sogclr.losses import GlobalContrastiveLoss, SimCLRLoss
 from sogclr.metrics import DeviceMean, MetricsLogger, Throughput, cut_metrics, estimator_stats
 from sogclr.model import build_pretrain_model, maybe_sync_batchnorm
 from sogclr.optim import build_optimizer, scaled_lr
+from sogclr.prune import Pruner
 from sogclr.schedules import gamma_at, set_lr, warmup_cosine
 
 
@@ -58,7 +63,8 @@ def _pretrain(cfg: RunConfig, env: DistEnv, signals: StopSignals) -> str:
     if env.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
-    dataset = build_pretrain_dataset(pcfg)
+    index_path, index = load_dataset_index(cfg, env)
+    dataset = build_pretrain_dataset(pcfg, index)
     sampler = ResumableDistributedSampler(len(dataset), pcfg.batch_size, env.rank, env.world_size, pcfg.seed)
     loader = build_loader(dataset, sampler, sampler.local_batch, pcfg.workers, env.device.type == "cuda")
     total_steps = pcfg.epochs * sampler.steps_per_epoch
@@ -85,10 +91,14 @@ def _pretrain(cfg: RunConfig, env: DistEnv, signals: StopSignals) -> str:
         total_steps=total_steps,
         config=cfg.model_dump(mode="json"),
         phase="pretrain",
+        data=TrainingData(index_path, index.splits["train"], pcfg.accept_data_change, ("criterion", "log_u")),
     )
     progress = session.resume()
     if env.is_main:
         cut_metrics(files.metrics, progress.global_step)
+    pruner = Pruner(cfg.prune, cfg.run_dir, env) if cfg.prune is not None else None
+    if pruner is not None and pruner.decided_before(progress.epoch):
+        return stop_pruned(session, pruner)
 
     step = PretrainStep(
         wrap_model(model, pcfg, env), criterion, optimizer, scaler, pcfg, total_steps, sampler.steps_per_epoch
@@ -96,8 +106,12 @@ def _pretrain(cfg: RunConfig, env: DistEnv, signals: StopSignals) -> str:
     tensorboard = files.tensorboard if pcfg.tensorboard else None
     with MetricsLogger(files.metrics, total_steps, env.is_main, tensorboard, "pretrain", cfg) as logger:
         monitor = PretrainMonitor(logger, criterion, pcfg, step)
-        metrics = epoch_end_metrics(pcfg, dataset, sampler.local_batch, env)
+        metrics = epoch_end_metrics(pcfg, index, dataset, sampler.local_batch, env)
         evaluation = EpochEndEvaluation(model, metrics, logger, progress)
+
+        def end_of_epoch(epoch: int) -> bool:
+            values = evaluation(epoch)
+            return pruner is not None and pruner.at_epoch_end(epoch + 1, values, progress.global_step)
 
         def one_step(batch: tuple) -> None:
             views, _, index = batch
@@ -108,11 +122,21 @@ def _pretrain(cfg: RunConfig, env: DistEnv, signals: StopSignals) -> str:
             set_loader_epoch(loader, epoch, start_step)
             return loader
 
-        if not run_epochs(session, pcfg.epochs, epoch_batches, one_step, evaluation):
+        if not run_epochs(session, pcfg.epochs, epoch_batches, one_step, end_of_epoch):
             return "preempted"
+    if pruner is not None and pruner.stopped is not None:
+        return stop_pruned(session, pruner)
     session.finish()
     session.record(status="done")
     return "done"
+
+
+def stop_pruned(session: Session, pruner: Pruner) -> str:
+    """End a run that its sweep pruned at a rung: the checkpoint of that epoch end is saved (it is the
+    one a later continuation resumes from); state.json says `pruned`, and where and why."""
+    session.save()
+    session.record(status="pruned", pruned=pruner.stopped)
+    return "pruned"
 
 
 def build_criterion(cfg: PretrainConfig, num_samples: int) -> nn.Module:
@@ -252,7 +276,7 @@ class ScheduledMetric:
 
 
 def epoch_end_metrics(
-    cfg: PretrainConfig, dataset: IndexedImageFolder, local_batch: int, env: DistEnv
+    cfg: PretrainConfig, index: DatasetIndex, dataset: IndexedImageFolder, local_batch: int, env: DistEnv
 ) -> list[ScheduledMetric]:
     """The metrics the config asks for after epochs (by default the kNN monitor)."""
     metrics = []
@@ -264,7 +288,7 @@ def epoch_end_metrics(
         )
         metrics.append(ScheduledMetric(cfg.objective_every_epochs, objective))
     if cfg.knn_every_epochs is not None:
-        metrics.append(ScheduledMetric(cfg.knn_every_epochs, KnnMonitor(cfg, env, local_batch, dtype)))
+        metrics.append(ScheduledMetric(cfg.knn_every_epochs, KnnMonitor(cfg, index, env, local_batch, dtype)))
     return metrics
 
 
@@ -280,13 +304,15 @@ class EpochEndEvaluation:
         self.logger = logger
         self.progress = progress
 
-    def __call__(self, epoch: int) -> None:
+    def __call__(self, epoch: int) -> dict[str, float]:
+        """The metrics due after `epoch` (zero-based), logged and returned (every rank has them)."""
         due = [metric for metric in self.metrics if (epoch + 1) % metric.every_epochs == 0]
         if not due:
-            return
+            return {}
         with evaluating(self.model):
             values = {name: value for metric in due for name, value in metric.compute(self.model).items()}
         self.logger.log(self.progress.global_step, epoch=epoch, **values)
+        return values
 
 
 @contextmanager
@@ -305,8 +331,7 @@ def evaluating(model: nn.Module) -> Iterator[None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    train(parse_run_config(argv, "SogCLR pretraining"))
-    return 0
+    return run_entry_point(train, argv, "SogCLR pretraining")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The outcome record of a training process, `state.json`, shared with the job layer.
 
 Exit codes do not survive torchrun reliably, so this file is the truth about a run: `status` is one of
-running | preempted | done | failed (the trainer's) or cancelled (the job layer's, when SLURM ends the job),
+running | preempted | done | failed | pruned (the trainer's; pruned: stopped at a rung of the sweep's
+successive halving, sogclr/prune.py) or cancelled (the job layer's, when SLURM ends the job),
 `step` is the global step of the last saved checkpoint. The job layer appends to `attempts`, counts
 `requeues` and marks the attempt in progress (`current_attempt`); the trainer only updates its own fields
 and keeps the rest. Rank 0 writes, and any rank that fails records its error.
@@ -17,7 +18,7 @@ from typing import Any
 
 from sogclr.atomic import write_atomic
 
-STATUSES = ("running", "preempted", "done", "failed", "cancelled")
+STATUSES = ("running", "preempted", "done", "failed", "pruned", "cancelled")
 CORRUPT = "corrupt"  # what `read_state` says of a file it cannot read as a record
 
 

@@ -18,20 +18,24 @@ from torchvision.transforms import RandomResizedCrop
 from sogclr.augment import CropBatch, crop_box, finish_views
 from sogclr.config import PretrainConfig
 from sogclr.data import (
-    DIGITS_VERSION,
     EvalAugment,
     IndexedImageFolder,
     PretrainAugment,
     ResumableDistributedSampler,
     ShardSampler,
-    _materialise_once,
     build_lincls_datasets,
     build_loader,
     build_pretrain_dataset,
-    imagenet100_classes,
-    prepare_data_root,
     sample_rng,
     set_loader_epoch,
+)
+from sogclr.dataindex import (
+    DIGITS_VERSION,
+    _materialise_once,
+    build_index,
+    imagenet100_classes,
+    index_split,
+    prepare_data_root,
 )
 
 DIGITS = load_digits()
@@ -171,8 +175,9 @@ def test_imagenet100_uses_exactly_the_listed_classes(tmp_path: Path) -> None:
     wnids = imagenet100_classes()
     fake_imagenet(tmp_path, wnids + ["n09999999"])  # a 101st ImageNet-1K class, not in the subset
     cfg = PretrainConfig(dataset="imagenet100", data_dir=tmp_path, image_size=8)
-    train, val = build_lincls_datasets(cfg)
-    assert build_pretrain_dataset(cfg).classes == train.classes == val.classes == wnids
+    index = build_index(cfg)
+    train, val = build_lincls_datasets(cfg, index)
+    assert build_pretrain_dataset(cfg, index).classes == train.classes == val.classes == wnids
     assert sorted(train.targets) == list(range(100))
 
 
@@ -181,7 +186,7 @@ def test_imagenet100_missing_class_is_a_clear_error(tmp_path: Path) -> None:
     fake_imagenet(tmp_path, wnids[:50] + wnids[51:])
     cfg = PretrainConfig(dataset="imagenet100", data_dir=tmp_path)
     with pytest.raises(ValueError, match=re.escape(str(tmp_path / "train" / wnids[50]))):
-        prepare_data_root(cfg)
+        build_index(cfg)
 
 
 # ------------------------------------------------------------------------------------------------ samplers
@@ -300,7 +305,8 @@ def finished(views: torch.Tensor | CropBatch) -> torch.Tensor:
 
 @pytest.mark.parametrize("augment_on", ["loader", "device"])
 def test_pretrain_dataset_returns_two_views_target_and_index(digits_cache: Path, augment_on: str) -> None:
-    dataset = build_pretrain_dataset(digits_config(digits_cache, augment_on=augment_on))
+    cfg = digits_config(digits_cache, augment_on=augment_on)
+    dataset = build_pretrain_dataset(cfg, build_index(cfg))
     assert dataset.classes == [str(d) for d in range(10)] and len(dataset) == 1797 - 360
     (view1, view2), target, index = dataset[123]
     if augment_on == "device":
@@ -313,7 +319,7 @@ def test_pretrain_dataset_returns_two_views_target_and_index(digits_cache: Path,
 
 def test_class_subset_restricts_and_renumbers(digits_cache: Path) -> None:
     root = digits_cache / DIGITS_VERSION / "val"
-    dataset = IndexedImageFolder(root, EvalAugment(32, train=False), classes=["7", "3"])
+    dataset = IndexedImageFolder(root, index_split(root, ["3", "7"]), EvalAugment(32, train=False))
     assert dataset.classes == ["3", "7"]
     assert {Path(path).parent.name for path, _ in dataset.samples} == {"3", "7"}
     assert all(target == dataset.classes.index(Path(path).parent.name) for path, target in dataset.samples)
@@ -338,7 +344,8 @@ def load_epochs(dataset: IndexedImageFolder, workers: int, epochs: int) -> list[
 
 @pytest.mark.parametrize("augment_on", ["loader", "device"])
 def test_augmentations_do_not_depend_on_loader_workers(digits_cache: Path, augment_on: str) -> None:
-    dataset = build_pretrain_dataset(digits_config(digits_cache, seed=1, augment_on=augment_on))
+    cfg = digits_config(digits_cache, seed=1, augment_on=augment_on)
+    dataset = build_pretrain_dataset(cfg, build_index(cfg))
     in_process = load_epochs(dataset, workers=0, epochs=2)
     persistent_workers = load_epochs(dataset, workers=2, epochs=2)
     for epoch in range(2):
@@ -349,7 +356,8 @@ def test_augmentations_do_not_depend_on_loader_workers(digits_cache: Path, augme
 
 
 def test_loader_batch_must_match_the_sampler(digits_cache: Path) -> None:
-    dataset = build_pretrain_dataset(digits_config(digits_cache))
+    cfg = digits_config(digits_cache)
+    dataset = build_pretrain_dataset(cfg, build_index(cfg))
     sampler = ResumableDistributedSampler(len(dataset), 32, rank=0, world_size=2, seed=0)
     with pytest.raises(ValueError, match="per-rank batch 16"):
         build_loader(dataset, sampler, batch_size=32, workers=0, pin_memory=False)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from sogclr.checkpoint import load_file
 from sogclr.config import PretrainConfig
 from sogclr.data import PretrainAugment, build_pretrain_dataset, sample_rng
+from sogclr.dataindex import build_index
 from sogclr.diagnostics import (
     StatsAccumulator,
     anchor_terms,
@@ -181,13 +182,14 @@ def tiny_config(data_dir: Path, **overrides: object) -> PretrainConfig:
 
 def test_epoch_end_objective_leaves_model_mode_and_rng_as_they_were(tmp_path: Path, data_dir: Path) -> None:
     cfg = tiny_config(data_dir, objective_every_epochs=2, objective_subset=40, knn_every_epochs=None)
-    dataset = build_pretrain_dataset(cfg)
+    index = build_index(cfg)
+    dataset = build_pretrain_dataset(cfg, index)
     torch.manual_seed(0)
     model = build_pretrain_model(cfg).train()
     before = {name: value.clone() for name, value in model.state_dict().items()}
     rng_before = torch.get_rng_state()
     with MetricsLogger(tmp_path / "metrics.jsonl", total_steps=4) as logger:
-        metrics = epoch_end_metrics(cfg, dataset, local_batch=16, env=SINGLE_PROCESS)
+        metrics = epoch_end_metrics(cfg, index, dataset, local_batch=16, env=SINGLE_PROCESS)
         evaluate = EpochEndEvaluation(model, metrics, logger, Progress(steps_per_epoch=15, epoch=2))
         evaluate(epoch=0)  # not due
         evaluate(epoch=1)

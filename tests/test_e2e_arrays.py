@@ -29,7 +29,7 @@ from tests.e2e import (
     wait_until,
 )
 from tests.slurm_cluster import SLURM_MODULE
-from tests.tiny import write_tiny_spec
+from tests.tiny import write_tiny_spec, write_undecodable_dataset
 
 pytestmark = SLURM_MODULE
 
@@ -70,12 +70,10 @@ def preempted(workdir: Path, slurm_cluster: Any) -> dict[str, dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def crashed(workdir: Path, slurm_cluster: Any, preempted: Any) -> dict[str, dict[str, str]]:
-    """A 2-run array sweep whose task 1 crashes (an empty image folder); its runs' job ids."""
-    empty = workdir / "empty"
-    (empty / "train").mkdir(parents=True)
-    (empty / "val").mkdir()
+    """A 2-run array sweep whose task 1 crashes (files that are no images); its runs' job ids."""
+    junk = write_undecodable_dataset(workdir / "junk")
     sweep = {"product": {"dataset": ["digits", "folder"]}}
-    spec = write_tiny_spec(workdir, "crash", pretrain={"data_dir": str(empty)}, slurm=HELD, sweep=sweep)
+    spec = write_tiny_spec(workdir, "crash", pretrain={"data_dir": str(junk)}, slurm=HELD, sweep=sweep)
     assert submit(spec) == 0
     release(slurm_cluster, workdir, "crash")
     return {run: job_ids(workdir, "crash", run) for run in ("datasetdigits", "datasetfolder")}

@@ -29,7 +29,7 @@ from tests.e2e import (
     wait_until,
 )
 from tests.slurm_cluster import SLURM_MODULE
-from tests.tiny import STEPS_PER_EPOCH, write_tiny_spec
+from tests.tiny import STEPS_PER_EPOCH, write_tiny_spec, write_undecodable_dataset
 
 pytestmark = SLURM_MODULE
 
@@ -66,11 +66,9 @@ def two_node_spec(workdir: Path, sweep_spec: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def crash_spec(workdir: Path, two_node_spec: Path) -> Path:
-    """Dataset `folder` on an empty directory: training crashes on every attempt."""
-    empty = workdir / "empty"
-    (empty / "train").mkdir(parents=True)
-    (empty / "val").mkdir()
-    spec = write_tiny_spec(workdir, "crash", pretrain={"dataset": "folder", "data_dir": str(empty)})
+    """Dataset `folder` of files that are no images: training crashes on every attempt."""
+    junk = write_undecodable_dataset(workdir / "junk")
+    spec = write_tiny_spec(workdir, "crash", pretrain={"dataset": "folder", "data_dir": str(junk)})
     assert submit(spec) == 0
     return spec
 

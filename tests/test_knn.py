@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from sogclr import knn
 from sogclr.config import PretrainConfig
 from sogclr.data import build_plain_dataset, build_pretrain_dataset
+from sogclr.dataindex import build_index
 from sogclr.diagnostics import evenly_spaced
 from sogclr.distributed import DistEnv
 from sogclr.knn import KnnMonitor, knn_accuracy, knn_votes
@@ -91,13 +92,14 @@ def test_monitor_logs_the_knn_accuracy_of_the_backbone(tmp_path: Path, data_dir:
     torch.manual_seed(0)
     model = build_pretrain_model(cfg)
     with MetricsLogger(tmp_path / "metrics.jsonl", total_steps=4) as logger:
-        metrics = epoch_end_metrics(cfg, build_pretrain_dataset(cfg), local_batch=64, env=SINGLE_PROCESS)
+        index = build_index(cfg)
+        metrics = epoch_end_metrics(cfg, index, build_pretrain_dataset(cfg, index), 64, SINGLE_PROCESS)
         EpochEndEvaluation(model, metrics, logger, Progress(steps_per_epoch=22, epoch=1))(epoch=0)
     [record] = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert record["step"] == 22 and record["epoch"] == 0
 
     # The same here: un-augmented images through the eval-mode backbone, the bank evenly spaced.
-    train, val = build_plain_dataset(cfg, "train"), build_plain_dataset(cfg, "val")
+    train, val = build_plain_dataset(cfg, index, "train"), build_plain_dataset(cfg, index, "val")
     bank_index = evenly_spaced(len(train), BANK_SUBSET)
 
     def features(dataset, indices):
@@ -120,7 +122,9 @@ def monitor_on_rank(rank: int, world: int, init_file: str, out_dir: str, data_di
         torch.manual_seed(0)
         cfg = knn_config(Path(data_dir))
         env = DistEnv(rank, rank, world, torch.device("cpu"))
-        result = KnnMonitor(cfg, env, batch_size=32, dtype=None)(build_pretrain_model(cfg).eval())
+        result = KnnMonitor(cfg, build_index(cfg), env, batch_size=32, dtype=None)(
+            build_pretrain_model(cfg).eval()
+        )
         (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(result))
     finally:
         dist.destroy_process_group()
@@ -129,7 +133,8 @@ def monitor_on_rank(rank: int, world: int, init_file: str, out_dir: str, data_di
 def test_two_ranks_give_the_numbers_of_one_process(tmp_path: Path, data_dir: Path) -> None:
     torch.manual_seed(0)
     cfg = knn_config(data_dir)
-    single = KnnMonitor(cfg, SINGLE_PROCESS, batch_size=64, dtype=None)(build_pretrain_model(cfg).eval())
+    monitor = KnnMonitor(cfg, build_index(cfg), SINGLE_PROCESS, batch_size=64, dtype=None)
+    single = monitor(build_pretrain_model(cfg).eval())
     mp.spawn(monitor_on_rank, args=(2, str(tmp_path / "init"), str(tmp_path), str(data_dir)), nprocs=2)
     for rank in range(2):
         assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == pytest.approx(single)

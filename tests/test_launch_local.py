@@ -12,7 +12,7 @@ from launch import cli
 from launch.status import last_record
 from sogclr.layout import RunLayout
 from sogclr.state import read_state
-from tests.tiny import STEPS_PER_EPOCH, write_tiny_spec
+from tests.tiny import STEPS_PER_EPOCH, write_tiny_spec, write_undecodable_dataset
 
 
 def write_spec(tmp_path: Path, **pretrain: object) -> Path:
@@ -38,10 +38,8 @@ def test_local_run_is_preempted_resumes_and_is_evaluated(tmp_path: Path):
 
 
 def test_debug_mode_prints_the_traceback_without_a_terminal(tmp_path: Path, capsys: pytest.CaptureFixture):
-    empty = tmp_path / "empty"
-    (empty / "train").mkdir(parents=True)
-    (empty / "val").mkdir()
-    spec = write_spec(tmp_path, dataset="folder", data_dir=str(empty))
+    junk = write_undecodable_dataset(tmp_path / "junk")
+    spec = write_spec(tmp_path, dataset="folder", data_dir=str(junk))
     assert cli.main([str(spec), "--debug"]) == 1  # pytest's stdin is not a TTY: no debugger
     assert "Traceback" in capsys.readouterr().err
 

@@ -29,7 +29,7 @@ from tests.runs import (
     wait_ok,
     write_config,
 )
-from tests.tiny import STEPS_PER_EPOCH
+from tests.tiny import STEPS_PER_EPOCH, write_undecodable_dataset
 
 
 def test_sigusr2_mid_epoch_then_resume_is_bit_identical(tmp_path: Path, data_dir: Path) -> None:
@@ -157,3 +157,18 @@ def test_a_stop_killed_during_its_save_reads_as_a_stop(tmp_path: Path, data_dir:
     state = read_state(tmp_path / "state.json")
     assert classify(state, process.returncode) == ("preempted", "signal SIGUSR2")
     assert not (tmp_path / "checkpoints" / "last.pt").exists()  # the save was indeed cut short
+
+
+def test_a_crash_inside_a_loader_worker_fails_the_run_and_the_process_exits(tmp_path: Path, data_dir: Path):
+    """Files that are no images: the loader worker's exception fails the run, and the process ends (its
+    persistent worker ignores SIGTERM; kept alive by the traceback, it held the process at exit for ever)."""
+    junk = write_undecodable_dataset(tmp_path / "junk")
+    pretrain = tiny_pretrain(data_dir, dataset="folder") | {"data_dir": str(junk)}
+    assert pretrain["workers"] > 0
+    config = write_config(tmp_path / "run", pretrain)
+    result = subprocess.run(
+        command("sogclr.pretrain", config, nproc=1), env=child_env(), capture_output=True, timeout=600
+    )
+    assert result.returncode != 0
+    state = read_state(tmp_path / "run" / "state.json")
+    assert state["status"] == "failed" and state["error"].startswith("UnidentifiedImageError")

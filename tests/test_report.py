@@ -18,10 +18,10 @@ from PIL import Image
 from launch import cli
 from launch.figures import write_figures
 from launch.manifest import read_manifest, standings
-from launch.report import RunRow, attempt_seconds, collect, numeric_fields, read_records, top1_series
+from launch.results import RunRow, attempt_seconds, collect, numeric_fields, read_records, top1_series
 from launch.spec import Run, expand, load_spec
 from sogclr.state import read_state
-from tests.tiny import write_tiny_spec
+from tests.tiny import STEPS_PER_EPOCH, write_tiny_spec
 
 TRAINED = ("bs64-sogclr", "bs64-simclr", "bs128-sogclr")
 UNSTARTED = "bs128-simclr"
@@ -75,7 +75,7 @@ def test_rows_hold_what_each_run_reached_and_nothing_for_an_unstarted_run(sweep:
         assert row.requeues == 0
         # hours: each phase's attempts x its CPUs (pretraining 2, evaluation 1)
         pretrain_s, lincls_s = (
-            sum(map(attempt_seconds, read_state(files.state)["attempts"]))
+            sum(attempt_seconds(read_state(files.state)["attempts"]))
             for files in (run.files.pretrain, run.files.lincls)
         )
         assert row.wall_s == pretrain_s + lincls_s > 0
@@ -151,3 +151,30 @@ def test_report_prints_md_csv_and_json_and_writes_figures(
     assert "linear top-1" in out and "CPU-h" in out
     report_dir = load_spec(spec).directory / "report"
     assert (report_dir / "top1-batch_size.png").is_file() and f"figure(s) in {report_dir}" in out
+
+
+def test_status_and_report_count_epochs_alike(sweep: tuple[Path, list[Run]], capsys: pytest.CaptureFixture):
+    """Epochs completed of all, and steps taken of all: a finished run is 1/1 epochs (and 22/22 steps) in
+    both (not the zero-based epoch of its last step record beside a step count)."""
+    spec, runs = sweep
+    assert cli.main(["status", str(spec)]) == 0
+    status = aligned_table(capsys.readouterr().out.splitlines()[1:])
+    assert cli.main(["report", str(spec), "--format", "csv", "--no-figures"]) == 0
+    report = {line["run"]: line for line in csv.DictReader(io.StringIO(capsys.readouterr().out))}
+    for run in runs:
+        if run.name in TRAINED:
+            steps = STEPS_PER_EPOCH * 64 // run.config.pretrain.batch_size  # 22 at batch 64, 11 at 128
+            assert status[run.name]["epochs"] == report[run.name]["epochs"] == "1/1"
+            assert status[run.name]["steps"] == f"{steps}/{steps}"
+    assert status[UNSTARTED]["epochs"] == report[UNSTARTED]["epochs"] == "0/1"
+    assert status[UNSTARTED]["steps"] == "-"
+
+
+def aligned_table(lines: list[str]) -> dict[str, dict[str, str]]:
+    """Rows of launch/table.py's aligned columns by run: a column starts where its header does."""
+    header, *rows = lines
+    names = [name for name in header.split("  ") if name]
+    starts = [header.index(name) for name in names]
+    ends = [*starts[1:], None]
+    cells = [{name: row[a:b].strip() for name, a, b in zip(names, starts, ends)} for row in rows if row]
+    return {cell["run"]: cell for cell in cells}

@@ -30,3 +30,14 @@ def write_tiny_spec(directory: Path, name: str, **sections: Any) -> Path:
     path = directory / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
+
+
+def write_undecodable_dataset(root: Path) -> Path:
+    """A `folder` dataset of 64 files named like images that are none: it passes submission (the index
+    reads names, not pixels), and training fails on its first batch, at every attempt."""
+    for split, count in (("train", 64), ("val", 1)):
+        folder = root / split / "junk"
+        folder.mkdir(parents=True)
+        for number in range(count):
+            (folder / f"{number:02d}.png").write_bytes(b"not a png")
+    return root
