@@ -22,6 +22,7 @@ import pytest
 from jobs.attempt import classify
 from sogclr.config import PretrainConfig
 from sogclr.data import build_pretrain_dataset, epoch_permutation, prepare_data_root
+from sogclr.dataindex import build_index
 from sogclr.state import read_state
 from tests.runs import child_env, command, logged_steps, tiny_pretrain, write_config
 from tests.tiny import write_tiny_spec
@@ -37,7 +38,7 @@ def image_tree_with_a_pipe(data_dir: Path, tree: Path, position: int) -> Path:
     digits = prepare_data_root(PretrainConfig(dataset="digits", data_dir=data_dir))
     shutil.copytree(digits, tree, copy_function=os.link)
     config = PretrainConfig(dataset="folder", data_dir=tree, image_size=16, augment_on="loader")
-    dataset = build_pretrain_dataset(config)
+    dataset = build_pretrain_dataset(config, build_index(config))
     path = Path(dataset.samples[epoch_permutation(config.seed, 0, len(dataset))[position]][0])
     path.unlink()
     os.mkfifo(path)
