@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import os
-import shutil
 import sys
 import tempfile
 import time
@@ -26,24 +24,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.slurm_calls import install_shims, logged_calls  # noqa: E402
 from launch import cli, status, submit  # noqa: E402, F401  (imported before anything is timed)
 from launch.manifest import add_pending, new_token, read_manifest, write_manifest  # noqa: E402
 from tests.tiny import write_tiny_spec  # noqa: E402
 
 COUNTED = ("sbatch", "squeue", "sacct", "scontrol", "scancel")
-
-
-def install_shims(directory: Path, log: Path) -> None:
-    """A `COMMAND` first on PATH for each counted command: it notes its name in `log`, then runs."""
-    directory.mkdir()
-    for command in COUNTED:
-        real = shutil.which(command)
-        if real is None:
-            sys.exit(f"{command} not found: start the local cluster (scripts/local-slurm up) and its env")
-        shim = directory / command
-        shim.write_text(f'#!/bin/sh\necho {command} >> "{log}"\nexec "{real}" "$@"\n')
-        shim.chmod(0o755)
-    os.environ["PATH"] = f"{directory}:{os.environ['PATH']}"
 
 
 def measured(log: Path, *argv: str) -> tuple[float, Counter]:
@@ -55,7 +41,7 @@ def measured(log: Path, *argv: str) -> tuple[float, Counter]:
     took = time.perf_counter() - start
     if status != 0:
         sys.exit(f"sogclr-submit {' '.join(argv)} exited {status}")
-    return took, Counter(log.read_text().split())
+    return took, logged_calls(log)[0]
 
 
 def sweep_spec(directory: Path, name: str, per_axis: int, arrays: bool) -> Path:
@@ -78,7 +64,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-arrays-") as tmp:
         directory = Path(tmp)
         log = directory / "calls.log"
-        install_shims(directory / "shims", log)
+        install_shims(directory / "shims", log, COUNTED)
         print(f"runs: {runs}, submitted held, then cancelled")
         print(
             f"{'mode':<12} {'submit s':>9} {'status s':>9} {'cancel s':>9}  "

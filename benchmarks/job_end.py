@@ -19,39 +19,21 @@ import argparse
 import contextlib
 import importlib.util
 import io
-import os
-import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 from types import ModuleType
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.slurm_calls import install_shims, logged_calls  # noqa: E402
 from jobs import slurm as after  # noqa: E402
 
 BEFORE_COMMIT = "17156b2"
 COUNTED = ("squeue", "sacct", "scontrol", "scancel")
-
-
-def install_shims(directory: Path, log: Path) -> None:
-    """`COMMAND` first on PATH: logs `COMMAND <bytes of its answer>` to `log`, answers as the real one."""
-    directory.mkdir()
-    for command in COUNTED:
-        real = shutil.which(command)
-        if real is None:
-            sys.exit(f"{command} not found: start the local cluster (scripts/local-slurm up) and its env")
-        shim = directory / command
-        shim.write_text(
-            f'#!/bin/bash\nout=$("{real}" "$@")\nstatus=$?\necho "{command} ${{#out}}" >> "{log}"\n'
-            '[ -n "$out" ] && printf "%s\\n" "$out"\nexit $status\n'
-        )
-        shim.chmod(0o755)
-    os.environ["PATH"] = f"{directory}:{os.environ['PATH']}"
 
 
 def load_before(directory: Path) -> ModuleType:
@@ -131,7 +113,7 @@ def main() -> None:
         log = directory / "calls.log"
         before = load_before(directory)
         theirs = sbatch("--uid", "nobody", "--hold", f"--array=0-{others - 1}", "--wrap", "true")
-        install_shims(directory / "shims", log)
+        install_shims(directory / "shims", log, COUNTED)
         print(f"queue: {others} pending tasks of another user, then our job and its evaluation")
         print(f"{'stop':<12}{'code':<8}{'outcome':<11}{'evaluation':<12}SLURM calls (bytes read)")
         try:
@@ -141,9 +123,7 @@ def main() -> None:
                     log.write_text("")
                     with contextlib.redirect_stdout(io.StringIO()):
                         outcome = end(job)
-                    calls = [line.split() for line in log.read_text().splitlines()]
-                    counted = Counter(command for command, _ in calls)
-                    read = sum(int(size) for _, size in calls)
+                    counted, read = logged_calls(log)
                     shown = subprocess.run(
                         ["squeue", "-h", "-j", evaluation, "-o", "%T"], capture_output=True, text=True
                     )
