@@ -1,9 +1,10 @@
-"""The submitit job function: one task per node starts torchrun, then node 0 decides for the job.
+"""The job function (jobs/single.py, jobs/array.py): one task per node starts torchrun, then node 0
+decides for the job.
 
 SLURM signals every process of the job step (USR2 before the time limit; TERM on preemption or cancel),
-so the trainers receive the signal themselves. torchrun runs with both ignored, and this process replaces
-submitit's handlers (whose `checkpoint()` would requeue from a process that cannot see the model) with
-ones that note the signal and keep telling the trainers until they have stopped (see `wait_for`).
+so the trainers receive the signal themselves. torchrun runs with both ignored, and this process installs
+handlers that note the signal and keep telling the trainers until they have stopped (see `wait_for`);
+until then it ignores both (launch/submit.py starts it so), since an unhandled USR2 would kill it.
 
 After torchrun exits, node 0 reads the phase's state.json. Why the trainers stopped, and what to do
 about it, is decided by jobs/stop.py from SLURM's own view of the job (asked from inside it, never
@@ -157,7 +158,7 @@ class TrainingJob:
 
 
 class StopNote:
-    """Replaces submitit's USR2/TERM handlers: note the signal; the trainers act on it."""
+    """The job task's USR2/TERM handlers: note the signal; the trainers act on it."""
 
     def __init__(self) -> None:
         self.received: signal.Signals | None = None

@@ -3,8 +3,8 @@ wait in the queue (or between requeues) changes nothing they run.
 
 `freeze` copies the project's packages as they are importable now (uncommitted changes included) into
 `<sweep dir>/code/<digest>/`, content-addressed: unchanged code is stored once, however often a sweep is
-submitted. Jobs put that directory first on PYTHONPATH (the sbatch script exports it), so every attempt,
-including the unpickling of the submitit job function, imports the frozen code. The snapshot's
+submitted. Jobs put that directory first on PYTHONPATH (the sbatch script exports it, after the user's
+setup lines), so every attempt imports the frozen code, and the job task checks that it does. The snapshot's
 `snapshot.json` says what it is: its digest and the git commit and dirty flag of the checkout it came
 from (asked of the code's own location, not of the current directory).
 """
