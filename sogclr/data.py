@@ -242,13 +242,14 @@ class IndexedImageFolder(Dataset):
     `(seed, epoch, index)`. The epoch lives in a shared-memory tensor, so `set_epoch` in the main process
     reaches DataLoader workers too, persistent ones included (they hold a copy of the dataset made when
     they started). Call it before iterating the epoch's loader. `root`, `samples`, `targets` and
-    `classes` are ImageFolder's; nothing here lists a directory.
+    `classes` are ImageFolder's; nothing here lists a directory. `identity` is the split's fingerprint.
     """
 
     def __init__(self, split_root: str | Path, index: SplitIndex, transform: Augment, seed: int = 0) -> None:
         self.root = str(split_root)
         self.classes = list(index.classes)
         self.samples = index.samples(Path(split_root))
+        self.identity = index.identity  # which images, in which order: the index's own fingerprint
         self.targets = [target for _, target in self.samples]
         self.transform = transform
         self.loader = open_image

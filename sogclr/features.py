@@ -91,13 +91,6 @@ def state_digest(state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def samples_digest(dataset: IndexedImageFolder) -> str:
-    """A hash of a dataset's samples in order (paths relative to its root, and classes)."""
-    root = Path(dataset.root)
-    listing = "\n".join(f"{Path(path).relative_to(root)}\t{target}" for path, target in dataset.samples)
-    return hashlib.sha256(listing.encode()).hexdigest()
-
-
 class FeatureCache:
     """Extracted features kept in `directory`, one file per split, keyed by everything they depend on
     (`key`: the backbone's weights, the samples, the transform, the precision): a file whose key differs

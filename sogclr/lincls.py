@@ -46,7 +46,6 @@ from sogclr.features import (
     Features,
     FrozenEncoder,
     extract_features,
-    samples_digest,
     state_digest,
 )
 from sogclr.layout import RunLayout
@@ -98,7 +97,7 @@ def _evaluate(cfg: RunConfig, env: DistEnv, signals: StopSignals) -> str:
         key = {
             "split": split,
             "backbone": backbone,
-            "samples": samples_digest(dataset),
+            "samples": dataset.identity["sha256"],
             "transform": repr(dataset.transform),
             "dtype": str(encode.dtype),
         }
