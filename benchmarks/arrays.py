@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.slurm_calls import install_shims, logged_calls  # noqa: E402
 from launch import cli, status, submit  # noqa: E402, F401  (imported before anything is timed)
 from launch.manifest import add_pending, new_token, read_manifest, write_manifest  # noqa: E402
-from tests.tiny import write_tiny_spec  # noqa: E402
+from testkit.tiny import write_tiny_spec  # noqa: E402
 
 COUNTED = ("sbatch", "squeue", "sacct", "scontrol", "scancel")
 

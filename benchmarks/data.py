@@ -1,8 +1,8 @@
 """Two-view pretraining augmentation throughput of one loader worker, against torchvision v1 Compose.
 
-The baseline is the reference pipeline as torchvision transforms (tensor GaussianBlur, kernel 10% of the
-size, global RNG); ours is `sogclr.data.PretrainAugment` (PIL blur, generator-driven). Both make two views
-per image and run single-threaded, as inside a DataLoader worker. Inputs: real digits upscaled to 32 px
+The baseline is the reference pipeline as torchvision transforms (tensor GaussianBlur, kernel 10% of the size,
+global RNG); ours is `sogclr.data.transforms.PretrainAugment` (PIL blur, generator-driven). Both make two
+views per image and run single-threaded, as inside a DataLoader worker. Inputs: real digits upscaled to 32 px
 for the 32 px pipeline, and 500x375 images with natural-image (1/f) spectra for 224 px.
 
     python benchmarks/data.py [--repeats 3] [--images-224 100] [--images-32 1000]
@@ -20,7 +20,9 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from torchvision import transforms
 
-from sogclr.data import IMAGENET_MEAN, IMAGENET_STD, PretrainAugment, sample_rng
+from sogclr.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from sogclr.data.datasets import sample_rng
+from sogclr.data.transforms import PretrainAugment
 
 
 def reference_augment(image_size: int, crop_min: float) -> transforms.Compose:

@@ -23,16 +23,10 @@ import torch
 from data import natural_images  # benchmarks/data.py
 from torch.utils.data import default_collate
 
-from sogclr.augment import draw_two_views, finish_views
-from sogclr.data import (
-    IndexedImageFolder,
-    PretrainAugment,
-    PretrainCrops,
-    decode_for_crops,
-    open_image,
-    sample_rng,
-)
-from sogclr.dataindex import index_split
+from sogclr.contract.dataindex import index_split
+from sogclr.data.augment import draw_two_views, finish_views
+from sogclr.data.datasets import IndexedImageFolder, sample_rng
+from sogclr.data.transforms import PretrainAugment, PretrainCrops, decode_for_crops, open_image
 
 IMAGE_SIZE = 224
 CROP_MIN = 0.08

@@ -41,9 +41,9 @@ def startup(mode: str, root: Path, index: Path) -> float:
     import torch
     from torchvision.datasets import ImageFolder
 
-    from sogclr.config import PretrainConfig
-    from sogclr.data import build_plain_dataset, build_pretrain_dataset, open_image
-    from sogclr.dataindex import read_index
+    from sogclr.contract.config import PretrainConfig
+    from sogclr.contract.dataindex import read_index
+    from sogclr.data.datasets import build_plain_dataset, build_pretrain_dataset, open_image
 
     cfg = PretrainConfig(dataset="folder", data_dir=root)
     started = time.perf_counter()
@@ -97,8 +97,8 @@ def main() -> None:
         print(json.dumps({"seconds": startup(args.startup, args.root, args.index)}))
         return
 
-    from sogclr.config import PretrainConfig
-    from sogclr.dataindex import build_index, write_index
+    from sogclr.contract.config import PretrainConfig
+    from sogclr.contract.dataindex import build_index, write_index
 
     work = Path(tempfile.mkdtemp(prefix="sogclr-startup-", dir="/tmp"))
     try:

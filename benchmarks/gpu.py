@@ -27,8 +27,8 @@ from collections.abc import Callable
 import torch
 from torch.utils.data import default_collate
 
-from sogclr.augment import CropBatch, draw_view_params, finish_views
-from sogclr.config import PretrainConfig
+from sogclr.contract.config import PretrainConfig
+from sogclr.data.augment import CropBatch, draw_view_params, finish_views
 from sogclr.distributed import DistEnv
 from sogclr.losses import GlobalContrastiveLoss
 from sogclr.model import build_pretrain_model

@@ -12,9 +12,10 @@ with respect to a linear head on the embeddings (identity at the start) are exac
   which is what its one u per image (the mean of both views') estimates as gamma -> 0;
 - SimCLR: `SimCLRLoss`, against SimCLR's own global objective (NT-Xent, positive in the denominator).
 
-Bias |mean estimate - gradient| / |gradient| is measured through control variates (sogclr.diagnostics),
-so a few passes suffice; ± is its standard error. Every estimator sees the same batches. Two encoders:
-randomly initialised, and pretrained with the run config (SogCLR on digits, 8 epochs, about a minute),
+Bias |mean estimate - gradient| / |gradient| is measured through control variates
+(sogclr.evaluation.diagnostics), so a few passes suffice; ± is its standard error. Every estimator sees the
+same batches. Two encoders: randomly initialised, and pretrained with the run config (SogCLR on digits, 8
+epochs, about a minute),
 logging the global objectives at every epoch end (`objective_every_epochs`).
 
     python benchmarks/gradient_bias.py [--epochs 8] [--batch-sizes 8 16 32 64 128 256 512 1024]
@@ -39,11 +40,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sogclr.checkpoint import load_file, seed_everything
-from sogclr.config import PretrainConfig, load_run_config
-from sogclr.data import PretrainAugment, build_pretrain_dataset
-from sogclr.dataindex import build_index
-from sogclr.diagnostics import (
+from sogclr.contract.config import PretrainConfig, load_run_config
+from sogclr.contract.dataindex import build_index
+from sogclr.data.datasets import build_pretrain_dataset
+from sogclr.data.transforms import PretrainAugment
+from sogclr.evaluation.diagnostics import (
     EstimateStats,
     FixedViews,
     anchor_terms,
@@ -57,6 +58,7 @@ from sogclr.diagnostics import (
 from sogclr.losses import GlobalContrastiveLoss, SimCLRLoss
 from sogclr.model import build_pretrain_model
 from sogclr.pretrain import train
+from sogclr.training.checkpoint import load_file, seed_everything
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "run" / "digits.yaml"
 OBJECTIVES = {

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import yaml
 
-from sogclr.config import PretrainConfig, RunConfig
-from sogclr.layout import RunLayout
+from sogclr.contract.config import PretrainConfig, RunConfig
+from sogclr.contract.layout import RunLayout
 from sogclr.pretrain import train
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"

@@ -36,7 +36,7 @@ from scipy.stats import spearmanr  # noqa: E402
 from launch.manifest import read_manifest, standings  # noqa: E402
 from launch.results import RunRow, collect, short  # noqa: E402
 from launch.spec import Run, expand, load_spec  # noqa: E402
-from sogclr.state import read_state  # noqa: E402
+from sogclr.contract.state import read_state  # noqa: E402
 
 SPEC = ROOT / "configs" / "digits_prune_study.yaml"
 

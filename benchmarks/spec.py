@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from launch.spec import expand, load_spec
-from sogclr.config import RunConfig
+from sogclr.contract.config import RunConfig
 
 
 def main() -> None:

@@ -21,13 +21,13 @@ from pathlib import Path
 
 import torch
 
-from sogclr.config import PretrainConfig
-from sogclr.loop import Progress
+from sogclr.contract.config import PretrainConfig
 from sogclr.losses import GlobalContrastiveLoss
-from sogclr.metrics import MetricsLogger
 from sogclr.model import build_pretrain_model
 from sogclr.optim import build_optimizer
 from sogclr.pretrain import PretrainMonitor, PretrainStep, TwoViews
+from sogclr.training.loop import Progress
+from sogclr.training.metrics import MetricsLogger
 
 
 def parse_args() -> argparse.Namespace:

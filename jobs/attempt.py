@@ -11,9 +11,9 @@ torchrun reliably; the trainer's record does). Its outcome is one of
                 read, a hung decoder), a node failure, or an attempt that ended without a word (found and
                 recorded as such by the next attempt)
     failed      training code raised: a bug, retried never
-    pruned      the sweep's successive halving stopped the run at a rung (sogclr/prune.py): a finished
-                outcome, never requeued; the job ends, COMPLETED, which satisfies its evaluation's
-                afterok or aftercorr (exit status 0): so its evaluation is cancelled
+    pruned      the sweep's successive halving stopped the run at a rung (sogclr/contract/rungs.py): a
+                finished outcome, never requeued; the job ends, COMPLETED, which satisfies its
+                evaluation's afterok or aftercorr (exit status 0): so its evaluation is cancelled
 
 The attempt is appended to `attempts`, and `next_action` decides: `done`, `requeue` (resume from the saved
 step), `fail`, or `end` (SLURM is ending the job, as after a cancel: neither requeue nor fail it).
@@ -31,14 +31,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 from jobs.torchrun import signal_tree, start_ignoring_stop_signals
-from sogclr.layout import RunLayout
-from sogclr.state import now, read_state, update_state
+from sogclr.contract.layout import RunLayout
+from sogclr.contract.state import now, read_state, update_state
 
 Action = Literal["done", "requeue", "fail", "end"]
 # Outcomes after which the job comes back (a requeue) and resumes from its last checkpoint.
 STOPPED = ("preempted", "timeout")
 RELAY_EVERY_S = 2.0
-# Failures the trainers record that are the machine's, not the code's (sogclr/loop.py, sogclr/watchdog.py):
+# Failures the trainers record that are the machine's, not the code's (sogclr/training/loop.py,
+# sogclr/training/watchdog.py):
 # retried as transient.
 TRANSIENT_FAILURES = {"peer": "a rank lost its peer", "stalled": "a training process stalled"}
 

@@ -46,8 +46,8 @@ from jobs.torchrun import (
     threads_per_rank,
     torchrun_command,
 )
-from sogclr.layout import RunLayout
-from sogclr.state import read_state, update_state
+from sogclr.contract.layout import RunLayout
+from sogclr.contract.state import read_state, update_state
 
 SLURM_QUERY_TIMEOUT_S = 30
 # How long node 0 keeps retrying `scontrol requeue` (doubling pauses from 1 s). Within a grace time or

@@ -19,7 +19,7 @@ from rich.console import Console
 from launch.datasets import index_datasets
 from launch.spec import Run, SpecError, SweepSpec, check_data_dirs, expand, load_spec, resuming_pruned
 from launch.table import print_table
-from sogclr.cli import add_override_argument
+from sogclr.contract.cli import add_override_argument
 
 COMMANDS = ("submit", "status", "report", "cancel", "schema")
 

@@ -1,11 +1,11 @@
 """The sweep's dataset indexes, built at submission: one walk of each dataset's tree, on the login node.
 
-Every run of the sweep on the same data (dataset and root) shares one index file in
-`<sweep dir>/datasets/` (sogclr/dataindex.py), which its config names (`dataset_index`): no rank of any
-attempt walks the tree again. An index is built the first time a sweep is submitted (or run `--local`)
-and reused by later submissions; `--reindex` walks the trees again, for data that really changed. Data
-that cannot be a dataset (empty, a class folder without images, splits with different classes) is
-refused here, before anything is queued.
+Every run of the sweep on the same data (dataset and root) shares one index file in `<sweep dir>/datasets/`
+(sogclr/contract/dataindex.py), which its config names (`dataset_index`): no rank of any attempt walks the
+tree again. An index is built the first time a sweep is submitted (or run `--local`) and reused by later
+submissions; `--reindex` walks the trees again, for data that really changed. Data that cannot be a dataset
+(empty, a class folder without images, splits with different classes) is refused here, before anything is
+queued.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from launch.manifest import private_directory, private_umask
 from launch.spec import Run, SpecError, SweepSpec
-from sogclr.dataindex import DatasetError, build_index, current_index, record_index, source_key
+from sogclr.contract.dataindex import DatasetError, build_index, current_index, record_index, source_key
 
 DATASETS_DIR = "datasets"
 

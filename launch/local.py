@@ -39,7 +39,7 @@ from launch.progress import LiveProgress
 from launch.snapshot import live_code
 from launch.spec import Run, SpecError, SweepSpec
 from launch.submit import check_recipes, phase_resources, write_run_config
-from sogclr.state import now, read_state
+from sogclr.contract.state import now, read_state
 
 
 @contextmanager

@@ -33,7 +33,7 @@ from typing import Any
 
 from jobs.attempt import PHASES, close_unrecorded_attempt
 from launch.spec import Run, SpecError
-from sogclr.state import now, read_state, write_json_atomic
+from sogclr.contract.state import now, read_state, write_json_atomic
 
 MANIFEST_FILE = "manifest.json"
 LOCK_FILE = ".submit.lock"

@@ -18,7 +18,7 @@ from rich.table import Column
 
 from launch.spec import Run
 from launch.status import last_record, rung
-from sogclr.state import read_state
+from sogclr.contract.state import read_state
 
 POLL_S = 1.0
 PLAIN_EVERY_S = 10.0

@@ -15,7 +15,7 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from launch.spec import LinclsSpec, PruneSpec, SlurmConfig, SweepConfig, SweepSpec
-from sogclr.config import CheckpointConfig, PretrainConfig, WandbConfig
+from sogclr.contract.config import CheckpointConfig, PretrainConfig, WandbConfig
 
 START, END = "<!-- spec-reference:start -->", "<!-- spec-reference:end -->"
 README = Path(__file__).resolve().parents[1] / "README.md"

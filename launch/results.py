@@ -21,7 +21,7 @@ from launch.manifest import NOT_SUBMITTED, PRUNED, PhaseStanding, phase_done
 from launch.spec import Run
 from launch.status import position
 from launch.submit import phase_resources
-from sogclr.state import read_state
+from sogclr.contract.state import read_state
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from pydantic import (
     model_validator,
 )
 
-from sogclr.config import (
+from sogclr.contract.config import (
     LinclsConfig,
     PretrainConfig,
     PruneMetric,
@@ -39,7 +39,7 @@ from sogclr.config import (
     set_path,
     wandb_field,
 )
-from sogclr.layout import RunLayout
+from sogclr.contract.layout import RunLayout
 
 SECTIONS = ("pretrain", "lincls", "slurm")
 PRUNE_DIR = "prune"  # <sweep dir>/prune: the records of successive halving
@@ -200,7 +200,7 @@ class LinclsSpec(LinclsConfig):
 
 
 class PruneSpec(Schema):
-    """Asynchronous successive halving over the sweep's runs (ASHA's stopping rule, sogclr/prune.py)."""
+    """Asynchronous successive halving over the sweep's runs (ASHA's rule: sogclr/contract/rungs.py)."""
 
     metric: PruneMetric = Field(
         "knn_top1",
@@ -279,7 +279,7 @@ class SweepSpec(Schema):
 
     @property
     def prune_records(self) -> Path:
-        """Where the runs record their metric at each rung, and their decisions (sogclr/prune.py)."""
+        """Where the runs record their metric at each rung, and their decisions (sogclr/contract/rungs.py)."""
         return self.directory / PRUNE_DIR
 
 

@@ -24,8 +24,8 @@ from launch.manifest import (
 )
 from launch.spec import Run, SweepSpec
 from launch.table import print_table
-from sogclr.prune import RungRecords
-from sogclr.state import read_state
+from sogclr.contract.rungs import RungRecords
+from sogclr.contract.state import read_state
 
 
 def show_status(spec: SweepSpec, runs: list[Run], console: Console) -> int:

@@ -51,8 +51,8 @@ from launch.manifest import (
 from launch.snapshot import CODE_DIR, Snapshot, freeze, live_code
 from launch.spec import Run, SlurmConfig, SpecError, SweepSpec
 from launch.table import print_table
-from sogclr.config import RunConfig, dump_run_config, load_run_config, recipe_differences
-from sogclr.state import now
+from sogclr.contract.config import RunConfig, dump_run_config, load_run_config, recipe_differences
+from sogclr.contract.state import now
 
 CONFIG_WRITERS = 16  # threads writing an array's run configs
 
@@ -367,7 +367,7 @@ def sbatch_script(path: Path, what: str, token: str) -> str:
 
 def check_recipes(runs: list[Run], reconfigure: bool) -> None:
     """SpecError naming the fields, for the first run whose recipe (the fields of pretrain and lincls
-    that define a training trajectory, sogclr/config.py) differs from the one in its config.yaml: a
+    that define a training trajectory, sogclr/contract/config.py) differs from the one in its config.yaml: a
     resumed run would continue under another schedule. Resources may change."""
     for run in runs:
         path = run.files.config

@@ -23,10 +23,10 @@ import torch
 import torchvision
 from torch import nn
 
-from sogclr.checkpoint import save_atomic
-from sogclr.config import PretrainConfig, load_run_config
+from sogclr.contract.config import PretrainConfig, load_run_config
 from sogclr.lincls import load_pretrained_weights
 from sogclr.model import build_backbone, load_backbone
+from sogclr.training.checkpoint import save_atomic
 
 FORMATS = ("torchvision", "timm")
 SMALL_STEM_HINT = (

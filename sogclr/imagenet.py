@@ -35,7 +35,7 @@ from torchvision.datasets.imagenet import (
 )
 from torchvision.datasets.utils import extract_archive
 
-from sogclr.dataindex import SPLITS, imagenet100_classes
+from sogclr.contract.dataindex import SPLITS, imagenet100_classes
 
 
 class PreparationError(Exception):

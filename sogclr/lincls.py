@@ -27,10 +27,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from sogclr.checkpoint import FINAL, CheckpointManager, load_file, seed_everything
-from sogclr.cli import run_entry_point
-from sogclr.config import RunConfig
-from sogclr.data import (
+from sogclr.contract.cli import run_entry_point
+from sogclr.contract.config import RunConfig
+from sogclr.contract.layout import RunLayout
+from sogclr.contract.state import read_state, update_state, write_json_atomic
+from sogclr.data.datasets import (
     IndexedImageFolder,
     ResumableDistributedSampler,
     build_lincls_datasets,
@@ -39,23 +40,21 @@ from sogclr.data import (
     load_dataset_index,
     set_loader_epoch,
 )
-from sogclr.datacheck import TrainingData
 from sogclr.distributed import DistEnv, StopSignals
-from sogclr.features import (
+from sogclr.evaluation.features import (
     FeatureCache,
     Features,
     FrozenEncoder,
     extract_features,
     state_digest,
 )
-from sogclr.layout import RunLayout
-from sogclr.loop import Progress, Session, run_epochs, run_process, stop_agreed, stop_signal
-from sogclr.metrics import DeviceMean, MetricsLogger, cut_metrics
-from sogclr.model import build_linear_classifier, load_backbone, released_backbone_state_dict
+from sogclr.model import autocast_dtype, build_linear_classifier, load_backbone, released_backbone_state_dict
 from sogclr.optim import build_optimizer, scaled_lr
-from sogclr.pretrain import autocast_dtype
 from sogclr.schedules import set_lr, warmup_cosine
-from sogclr.state import read_state, update_state, write_json_atomic
+from sogclr.training.checkpoint import FINAL, CheckpointManager, load_file, seed_everything
+from sogclr.training.datacheck import TrainingData
+from sogclr.training.loop import Progress, Session, run_epochs, run_process, stop_agreed, stop_signal
+from sogclr.training.metrics import DeviceMean, MetricsLogger, cut_metrics
 
 Batches = Callable[[int, int], Iterator[tuple[torch.Tensor, torch.Tensor]]]
 

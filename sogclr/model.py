@@ -12,7 +12,7 @@ import torch
 import torchvision
 from torch import nn
 
-from sogclr.config import PretrainConfig
+from sogclr.contract.config import PretrainConfig
 
 _RESNETS = {
     "resnet18": torchvision.models.resnet18,
@@ -170,3 +170,10 @@ def maybe_sync_batchnorm(model: nn.Module, distributed: bool, device: torch.devi
 def num_params(model: nn.Module, trainable_only: bool = False) -> int:
     """Number of parameter elements, optionally only those with requires_grad."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def autocast_dtype(cfg: PretrainConfig, device: torch.device) -> torch.dtype | None:
+    """bf16/fp16 autocast on GPU; None (full fp32) on CPU or when fp32 is asked for."""
+    if device.type != "cuda" or cfg.precision == "fp32":
+        return None
+    return torch.bfloat16 if cfg.precision == "bf16" else torch.float16

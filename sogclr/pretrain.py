@@ -4,7 +4,7 @@
 the run directory, then loop over epochs and steps. A stop signal (SIGUSR2 or SIGTERM, on any rank) ends
 the run at the next step boundary with one checkpoint and `preempted` in state.json; a completed run ends
 with `checkpoints/final.pt` and `done`. With a `prune` section, a run that its sweep's successive halving
-stops at a rung (sogclr/prune.py) ends there with its epoch-end checkpoint and `pruned`.
+stops at a rung (sogclr/training/prune.py) ends there with its epoch-end checkpoint and `pruned`.
 """
 
 from __future__ import annotations
@@ -19,32 +19,32 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from sogclr.augment import CropBatch, finish_views
-from sogclr.checkpoint import CheckpointManager, rng_state, seed_everything, set_rng_state
-from sogclr.cli import run_entry_point
-from sogclr.config import PretrainConfig, RunConfig
-from sogclr.data import (
+from sogclr.contract.cli import run_entry_point
+from sogclr.contract.config import PretrainConfig, RunConfig
+from sogclr.contract.dataindex import DatasetIndex
+from sogclr.contract.layout import RunLayout
+from sogclr.data.augment import CropBatch, finish_views
+from sogclr.data.datasets import (
     IndexedImageFolder,
-    PretrainAugment,
     ResumableDistributedSampler,
     build_loader,
     build_pretrain_dataset,
     load_dataset_index,
     set_loader_epoch,
 )
-from sogclr.datacheck import TrainingData
-from sogclr.dataindex import DatasetIndex
-from sogclr.diagnostics import GlobalObjective
+from sogclr.data.transforms import PretrainAugment
 from sogclr.distributed import DistEnv, StopSignals
-from sogclr.knn import KnnMonitor
-from sogclr.layout import RunLayout
-from sogclr.loop import Progress, Session, run_epochs, run_process
+from sogclr.evaluation.diagnostics import GlobalObjective
+from sogclr.evaluation.knn import KnnMonitor
 from sogclr.losses import GlobalContrastiveLoss, SimCLRLoss
-from sogclr.metrics import DeviceMean, MetricsLogger, Throughput, cut_metrics, estimator_stats
-from sogclr.model import build_pretrain_model, maybe_sync_batchnorm
+from sogclr.model import autocast_dtype, build_pretrain_model, maybe_sync_batchnorm
 from sogclr.optim import build_optimizer, scaled_lr
-from sogclr.prune import Pruner
 from sogclr.schedules import gamma_at, set_lr, warmup_cosine
+from sogclr.training.checkpoint import CheckpointManager, rng_state, seed_everything, set_rng_state
+from sogclr.training.datacheck import TrainingData
+from sogclr.training.loop import Progress, Session, run_epochs, run_process
+from sogclr.training.metrics import DeviceMean, MetricsLogger, Throughput, cut_metrics, estimator_stats
+from sogclr.training.prune import Pruner
 
 
 def train(cfg: RunConfig) -> str:
@@ -143,13 +143,6 @@ def build_criterion(cfg: PretrainConfig, num_samples: int) -> nn.Module:
     if cfg.loss == "sogclr":
         return GlobalContrastiveLoss(num_samples, cfg.temperature, cfg.gamma)
     return SimCLRLoss(cfg.temperature)
-
-
-def autocast_dtype(cfg: PretrainConfig, device: torch.device) -> torch.dtype | None:
-    """bf16/fp16 autocast on GPU; None (full fp32) on CPU or when fp32 is asked for."""
-    if device.type != "cuda" or cfg.precision == "fp32":
-        return None
-    return torch.bfloat16 if cfg.precision == "bf16" else torch.float16
 
 
 class TwoViews(nn.Module):

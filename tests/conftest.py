@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["tests.slurm_cluster"]
+pytest_plugins = ["testkit.slurm_cluster"]
 
 
 @pytest.fixture(scope="session")

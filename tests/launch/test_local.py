@@ -1,0 +1,67 @@
+"""Local mode: real runs on this machine (one, or several at once), preempted by `--preempt-after`, requeued,
+resumed, evaluated."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from launch import cli
+from launch.status import last_record
+from sogclr.contract.layout import RunLayout
+from sogclr.contract.state import read_state
+from testkit.tiny import STEPS_PER_EPOCH, write_tiny_spec, write_undecodable_dataset
+
+
+def write_spec(tmp_path: Path, **pretrain: object) -> Path:
+    return write_tiny_spec(tmp_path, "local", pretrain={"epochs": 3, **pretrain})
+
+
+def test_local_run_is_preempted_resumes_and_is_evaluated(tmp_path: Path):
+    # Early, so that it lands during training however fast the machine (an idle one trains these 66 steps in
+    # about 15 s): the warning is repeated until the trainer has its handlers, and it stops after a step.
+    assert cli.main([str(write_spec(tmp_path)), "--local", "--preempt-after", "3"]) == 0
+
+    run_dir = tmp_path / "runs" / "local" / "local"
+    state = read_state(run_dir / "state.json")
+    first, second = state["attempts"]
+    assert (first["outcome"], first["reason"]) == ("preempted", "signal SIGUSR2")
+    assert 0 < first["end_step"] == second["start_step"] < second["end_step"] == state["total_steps"]
+    assert state["status"] == "done" and state["requeues"] == 1
+    assert 0 <= read_state(run_dir / "lincls" / "result.json")["top1"] <= 100
+
+    # run again: everything is done, nothing is trained twice
+    assert cli.main([str(write_spec(tmp_path)), "--local"]) == 0
+    assert read_state(run_dir / "state.json")["attempts"] == state["attempts"]
+
+
+def test_debug_mode_prints_the_traceback_without_a_terminal(tmp_path: Path, capsys: pytest.CaptureFixture):
+    junk = write_undecodable_dataset(tmp_path / "junk")
+    spec = write_spec(tmp_path, dataset="folder", data_dir=str(junk))
+    assert cli.main([str(spec), "--debug"]) == 1  # pytest's stdin is not a TTY: no debugger
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_parallel_runs_of_a_sweep_all_finish_with_their_evaluation(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+):
+    spec = write_tiny_spec(tmp_path, "pair", sweep={"product": {"gamma": [0.5, 0.9]}})
+    assert cli.main([str(spec), "--local", "--parallel", "2"]) == 0
+
+    out = capsys.readouterr().out  # not a terminal: plain progress lines, then the closing table
+    for run in ("gamma0.5", "gamma0.9"):
+        run_dir = tmp_path / "runs" / "pair" / run
+        state = read_state(run_dir / "state.json")
+        assert state["status"] == "done" and [a["outcome"] for a in state["attempts"]] == ["done"]
+        top1 = read_state(run_dir / "lincls" / "result.json")["top1"]
+        assert 0 <= top1 <= 100
+        steps = rf"step \d+/{STEPS_PER_EPOCH}, epoch 1/1, loss "
+        assert re.search(rf"^{run} pretrain: {steps}[-.\de]+, objective .* img/s", out, re.MULTILINE)
+        assert re.search(rf"^{run} lincls: {steps}", out, re.MULTILINE)
+        for phase in ("pretrain", "lincls"):  # each phase's last step record is shown at its end
+            last = last_record(RunLayout(run_dir).phase(phase).metrics, having="loss")
+            assert f"{run} {phase}: step {last['step']}/{STEPS_PER_EPOCH}," in out
+        (row,) = [line for line in out.splitlines() if line.startswith(f"│ {run} ")]  # the closing table
+        assert "done" in row and f" {top1:.2f} " in row

@@ -1,0 +1,234 @@
+"""Successive halving inside the runs (sogclr/training/prune.py): the rule, the spec's validation, the records
+under concurrency (real processes reaching a rung at once), and real pretraining runs pruned at a rung,
+requeued across it, and resumed after it. Tiny runs: digits at 16 px, batch 128 (11 steps per epoch),
+kNN after every epoch on a 300-image bank, one rung after epoch 1 of 2.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from launch.cli import main
+from launch.spec import SpecError, expand, load_spec
+from sogclr.contract.config import PruneConfig
+from sogclr.contract.rungs import RungRecords, decide, keep_count
+from sogclr.contract.state import read_state
+from sogclr.training.checkpoint import load_file
+from testkit.runs import assert_same_training_state, run_module, tiny_pretrain
+
+STEPS = 11  # 1437 training digits // 128
+
+
+# --- the rule ---------------------------------------------------------------------------------------
+
+
+def test_the_top_one_over_eta_continue_and_the_first_arrivals_face_fewer_rivals() -> None:
+    assert [keep_count(n, 3) for n in (1, 2, 3, 5, 6, 9, 10)] == [1, 1, 1, 1, 2, 3, 3]
+    assert decide("a", {"a": 50.0}, maximize=True, eta=3)["continue"]  # the first arrival always
+    second = decide("b", {"a": 50.0, "b": 40.0}, maximize=True, eta=3)
+    assert not second["continue"] and second["threshold"] == 50.0 and second["keep"] == 1
+    assert decide("b", {"a": 50.0, "b": 60.0}, maximize=True, eta=3)["continue"]
+    assert decide("b", {"a": 50.0, "b": 50.0}, maximize=True, eta=3)["continue"]  # a tie continues
+    values = {"a": 10.0, "b": 20.0, "c": 30.0, "d": 40.0, "e": 50.0, "f": 60.0}
+    kept = [run for run in values if decide(run, values, maximize=True, eta=3)["continue"]]
+    assert kept == ["e", "f"]  # 6 recorded, eta 3: the top 2
+    kept = [run for run in values if decide(run, values, maximize=False, eta=2)["continue"]]
+    assert kept == ["a", "b", "c"]  # global_objective: lower is better
+    table = decide("c", values, maximize=True, eta=3)["table"]
+    assert [row["run"] for row in table] == ["f", "e", "d", "c", "b", "a"]  # best first
+
+
+def test_a_diverged_run_never_continues_and_ranks_last() -> None:
+    values = {"a": math.nan, "b": 10.0}
+    assert not decide("a", {"a": math.nan}, maximize=True, eta=2)["continue"]
+    assert decide("b", values, maximize=True, eta=2)["continue"]
+    assert decide("b", values, maximize=False, eta=2)["table"][-1]["run"] == "a"
+
+
+# --- the spec ---------------------------------------------------------------------------------------
+
+
+def write_spec(tmp_path: Path, prune: dict, **pretrain: object) -> Path:
+    spec = {
+        "name": "halving",
+        "output_root": str(tmp_path / "runs"),
+        "slurm": {"gpus_per_node": 0, "cpus_per_task": 1},
+        "pretrain": {"dataset": "digits", "epochs": 16, "knn_every_epochs": 2, **pretrain},
+        "sweep": {"product": {"gamma": [0.5, 0.9]}, "prune": prune},
+    }
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_rungs_come_from_the_first_rung_and_eta_or_a_list_and_reach_the_run_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    spec = write_spec(tmp_path, {"first_rung": 2, "eta": 2})
+    (run, _) = expand(load_spec(spec))
+    records = tmp_path / "runs" / "halving" / "prune"
+    assert run.config.prune == PruneConfig(metric="knn_top1", eta=2, rungs=[2, 4, 8], records=records)
+    assert main([str(spec), "--dry-run"]) == 0
+    line = f"pruning: knn_top1 after epochs 2, 4, 8; the top 1/2 of each rung continue, records in {records}"
+    assert line in capsys.readouterr().out
+    spec = write_spec(tmp_path, {"rungs": [6], "metric": "global_objective"}, objective_every_epochs=3)
+    assert expand(load_spec(spec))[0].config.prune.rungs == [6]
+
+
+@pytest.mark.parametrize(
+    ("prune", "pretrain", "error"),
+    [
+        ({"first_rung": 16}, {}, "gamma0.5: sweep.prune.first_rung: rung 16 is not below pretrain.epochs"),
+        ({"rungs": [4, 20]}, {}, "run gamma0.5: sweep.prune.rungs: rung 20 is not below pretrain.epochs"),
+        ({"first_rung": 3}, {}, "sweep.prune.first_rung: knn_top1 is logged every 2 epochs "
+         "(pretrain.knn_every_epochs), not after epoch 3"),
+        ({"first_rung": 2, "metric": "global_objective"}, {}, "global_objective is never logged "
+         "(pretrain.objective_every_epochs is null), but a rung is at epoch 2"),
+        ({"first_rung": 2}, {"knn_every_epochs": None}, "knn_top1 is never logged"),
+        ({"first_rung": 2, "eta": 1}, {}, "sweep.prune.eta: Input should be greater than or equal to 2"),
+        ({"first_rung": 2, "eta": 1.5}, {}, "sweep.prune.eta: Input should be a valid integer"),
+        ({"first_rung": 2, "rungs": [2]}, {}, "sweep.prune: give either first_rung (with eta) or rungs"),
+        ({"rungs": [4, 2]}, {}, "sweep.prune.rungs: epochs must be one or more, positive and increasing"),
+        ({"first_rung": 2, "metric": "loss"}, {}, "sweep.prune.metric: Input should be 'knn_top1' or"),
+    ],
+)  # fmt: skip
+def test_a_bad_prune_section_is_one_line_naming_the_field(
+    tmp_path: Path, prune: dict, pretrain: dict, error: str
+) -> None:
+    with pytest.raises(SpecError) as raised:
+        expand(load_spec(write_spec(tmp_path, prune, **pretrain)))
+    assert error in str(raised.value) and "\n" not in str(raised.value)
+
+
+# --- the records under concurrency ------------------------------------------------------------------
+
+CONCURRENT_RUNS = 8
+
+
+def _reach_rung(records: Path, run: str, value: float, barrier: multiprocessing.synchronize.Barrier) -> None:
+    cfg = PruneConfig(metric="knn_top1", eta=3, rungs=[2], records=records)
+    barrier.wait()  # every process records and reads at the same moment
+    RungRecords(records, 2).decide(run, cfg, value, step=22)
+
+
+def test_runs_reaching_a_rung_at_once_each_record_and_decide_on_what_they_saw(tmp_path: Path) -> None:
+    values = {f"run{i}": float(10 * ((i * 3) % CONCURRENT_RUNS)) for i in range(CONCURRENT_RUNS)}
+    context = multiprocessing.get_context("fork")  # real processes (forked: no second torch import)
+    barrier = context.Barrier(CONCURRENT_RUNS)
+    processes = [
+        context.Process(target=_reach_rung, args=(tmp_path, run, v, barrier)) for run, v in values.items()
+    ]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=120)
+        assert process.exitcode == 0
+
+    rung = RungRecords(tmp_path, 2)
+    assert rung.values("knn_top1") == values  # every record whole
+    assert not list(tmp_path.rglob(".*.tmp"))  # no writer left a temporary file
+    decisions = {run: rung.decision(run) for run in values}
+    tables = []
+    for run, decision in decisions.items():
+        seen = {row["run"]: row["value"] for row in decision["table"]}
+        assert seen[run] == values[run] and seen.items() <= values.items()  # its own, and real records
+        # the recorded decision is the rule applied to the recorded table
+        assert decide(run, seen, maximize=True, eta=3) | {"table": decision["table"]} == {
+            k: decision[k] for k in ("value", "keep", "threshold", "continue", "table")
+        }
+        tables.append(len(seen))
+    assert max(tables) == CONCURRENT_RUNS  # the last to write saw everyone: records before reading
+    best = max(values, key=values.get)
+    assert decisions[best]["continue"]
+
+    # A requeued attempt at the same rung keeps its decision, whatever has been recorded since.
+    before = rung.decision_path("run1").read_bytes()
+    cfg = PruneConfig(metric="knn_top1", eta=3, rungs=[2], records=tmp_path)
+    assert rung.decide("run1", cfg, value=-1.0, step=22) == decisions["run1"]
+    assert rung.decision_path("run1").read_bytes() == before
+
+
+# --- real pretraining runs --------------------------------------------------------------------------
+
+
+def prune_config(run_dir: Path, data_dir: Path, records: Path, **pretrain: object) -> Path:
+    """A run config: 2 epochs, kNN after each, one rung after epoch 1 (eta 2), records in `records`."""
+    recipe = tiny_pretrain(
+        data_dir, batch_size=128, knn_every_epochs=1, knn_subset=300, workers=0, **pretrain
+    )
+    config = {
+        "run_dir": str(run_dir),
+        "pretrain": recipe,
+        "prune": {"metric": "knn_top1", "eta": 2, "rungs": [1], "records": str(records)},
+    }
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def record_rival(records: Path, value: float) -> None:
+    """What a better run of the sweep recorded at rung 1 before ours got there."""
+    RungRecords(records, 1).record("rival", "knn_top1", value, step=STEPS)
+
+
+def test_a_pruned_run_of_two_ranks_saves_at_the_rung_records_why_and_stays_pruned_when_started_again(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    records, run_dir = tmp_path / "prune", tmp_path / "run"
+    record_rival(records, 100.0)  # no kNN accuracy beats it: ours is pruned
+    config = prune_config(run_dir, data_dir, records)
+    run_module("sogclr.pretrain", config, nproc=2)  # rank 0 decides; both ranks stop (or it would hang)
+
+    state = read_state(run_dir / "state.json")
+    assert state["status"] == "pruned" and state["step"] == STEPS and state["epoch"] == 1
+    pruned = state["pruned"]
+    decision = json.loads(Path(pruned["decision"]).read_text())
+    assert pruned == {
+        "epoch": 1, "metric": "knn_top1", "value": decision["value"], "threshold": 100.0,
+        "decision": str(records / "rung-1" / "decisions" / "run.json"),
+    }  # fmt: skip
+    assert [row["run"] for row in decision["table"]] == ["rival", "run"] and not decision["continue"]
+    knn = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["knn_top1"] for r in knn if "knn_top1" in r] == [decision["value"]]  # the logged value
+    assert load_file(run_dir / "checkpoints" / "last.pt")["global_step"] == STEPS
+    assert not (run_dir / "checkpoints" / "final.pt").exists()
+
+    # Started again (a requeue whose job task never read the outcome): it finds its decision at once.
+    metrics = (run_dir / "metrics.jsonl").read_text()
+    run_module("sogclr.pretrain", config, nproc=2)
+    assert read_state(run_dir / "state.json")["status"] == "pruned"
+    assert (run_dir / "metrics.jsonl").read_text() == metrics  # not a step trained
+
+
+def test_a_requeue_across_a_rung_keeps_the_earlier_decision_and_resumes_exactly(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    records, run_dir = tmp_path / "prune", tmp_path / "run"
+    config = prune_config(run_dir, data_dir, records, checkpoint={"every_steps": 4, "keep": 10})
+    run_module("sogclr.pretrain", config)  # alone at the rung: it continues, to the end
+    decision = RungRecords(records, 1).decision_path("run")
+    assert json.loads(decision.read_text())["continue"]
+    assert read_state(run_dir / "state.json")["status"] == "done"
+    shutil.copy(run_dir / "checkpoints" / "final.pt", tmp_path / "straight.pt")
+
+    # The node died after the decision and before the rung's checkpoint reached disk: what is left is
+    # the save at step 8, before the rung. Meanwhile a better run recorded at the rung.
+    checkpoints = run_dir / "checkpoints"
+    for path in checkpoints.iterdir():
+        if path.name in ("last.pt", "final.pt") or int(path.stem.split("-")[1]) > 8:
+            path.unlink()
+    record_rival(records, 100.0)
+    decided = decision.read_bytes()
+    run_module("sogclr.pretrain", config)  # the requeued attempt passes the rung again
+
+    assert decision.read_bytes() == decided  # decided once: continue
+    assert read_state(run_dir / "state.json")["status"] == "done"
+    assert_same_training_state(checkpoints / "final.pt", tmp_path / "straight.pt")
