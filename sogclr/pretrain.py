@@ -9,6 +9,7 @@ stops at a rung (sogclr/training/prune.py) ends there with its epoch-end checkpo
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -60,8 +61,7 @@ def _pretrain(cfg: RunConfig, env: DistEnv, signals: StopSignals) -> str:
     pcfg = cfg.pretrain
     # The same seed on every rank: identical initial weights (augmentations are seeded per sample).
     seed_everything(pcfg.seed)
-    if env.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    set_determinism(pcfg.deterministic, env.device)
 
     index_path, index = load_dataset_index(cfg, env)
     dataset = build_pretrain_dataset(pcfg, index)
@@ -137,6 +137,20 @@ def stop_pruned(session: Session, pruner: Pruner) -> str:
     session.save()
     session.record(status="pruned", pruned=pruner.stopped)
     return "pruned"
+
+
+def set_determinism(deterministic: bool, device: torch.device) -> None:
+    """`pretrain.deterministic`: deterministic algorithms only, or cuDNN's autotuned convolutions on GPU
+    (the fastest each start, but not always the same one: another summation order after a resume).
+
+    Of the operations PyTorch 2.14 lists as failing under deterministic algorithms, a ResNet would meet
+    AdaptiveAvgPool2d's CUDA backward; at output size 1 the pool is computed as a mean, whose backward
+    is deterministic (tests/sogclr/test_model.py checks the graph)."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what deterministic cuBLAS needs
+        torch.use_deterministic_algorithms(True)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not deterministic
 
 
 def build_criterion(cfg: PretrainConfig, num_samples: int) -> nn.Module:

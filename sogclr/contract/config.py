@@ -207,6 +207,15 @@ class PretrainConfig(Schema):
         "bf16", description="Autocast dtype on GPU (CPU always runs fp32).", json_schema_extra=SHARED_RECIPE
     )
     compile: bool = Field(False, description="torch.compile the model.", json_schema_extra=RESOURCE)
+    deterministic: bool = Field(
+        False,
+        description="On GPU, cuDNN autotuning off and deterministic algorithms only (an operation without "
+        "one fails the run, naming it), so that a run stopped and resumed ends with exactly the weights of "
+        "one that never stopped, as on CPU, given the same GPUs, rank count and library versions; slower. "
+        "False: cuDNN picks the fastest convolutions at each start, which may sum in another order, so a "
+        "resumed GPU run matches an uninterrupted one up to float rounding.",
+        json_schema_extra=RESOURCE,
+    )
     seed: int = Field(
         0,
         ge=0,

@@ -5,7 +5,8 @@ on whether a stop signal arrived anywhere and whether a checkpoint is due, saves
 current. `run_epochs` walks (epoch, step) from the resume position; callers supply batches and the step.
 
 Everything numeric in a checkpoint is a function of the step counter or saved state, so when and how often
-checkpoints are written never changes the result: a resumed run continues bit for bit.
+checkpoints are written never changes the result: a resumed run continues bit for bit (on GPU with
+`pretrain.deterministic`, else up to the float rounding of the convolutions cuDNN picks at each start).
 """
 
 from __future__ import annotations

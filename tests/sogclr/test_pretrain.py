@@ -13,8 +13,14 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+import torch
+
 from jobs.attempt import classify
+from sogclr.contract.config import PretrainConfig
 from sogclr.contract.state import read_state, update_state
+from sogclr.model import build_pretrain_model
+from sogclr.pretrain import build_criterion, set_determinism
 from sogclr.training.checkpoint import load_file
 from testkit.runs import (
     assert_same_training_state,
@@ -40,8 +46,9 @@ def test_sigusr2_mid_epoch_then_resume_is_bit_identical(tmp_path: Path, data_dir
     uninterrupted = start_module("sogclr.pretrain", write_config(straight, pretrain))
 
     resumed = tmp_path / "resumed"
-    # Extra step-based saves on this run only: when checkpoints are written must not change numerics.
-    config = write_config(resumed, pretrain | {"checkpoint": {"every_steps": 4}})
+    # Extra step-based saves on this run only: when checkpoints are written must not change numerics;
+    # deterministic algorithms neither (every operation of a step has one on CPU, or this run fails).
+    config = write_config(resumed, pretrain | {"checkpoint": {"every_steps": 4}, "deterministic": True})
     update_state(resumed / "state.json", attempts=[{"job_id": "1"}])  # as the job layer would
     interrupt_at(config, resumed, step=5)
 
@@ -65,6 +72,42 @@ def test_sigusr2_mid_epoch_then_resume_is_bit_identical(tmp_path: Path, data_dir
     ].keys()
     assert sorted({r["step"] for r in records}) == list(range(1, 2 * STEPS_PER_EPOCH + 1))
     assert len(sorted((resumed / "checkpoints").glob("ckpt-*.pt"))) == 2  # keep=2 by default
+
+
+def test_deterministic_turns_on_deterministic_algorithms(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        set_determinism(True, torch.device("cpu"))
+        assert torch.are_deterministic_algorithms_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"  # read when CUDA's cuBLAS starts
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+# Backward functions of the operations that PyTorch 2.14 lists as failing under deterministic algorithms
+# on CUDA (torch.use_deterministic_algorithms' docstring) and that a vision model could meet.
+NO_DETERMINISTIC_CUDA_BACKWARD = {
+    "AdaptiveAvgPool2DBackward0", "AdaptiveMaxPool2DBackward0", "AvgPool3DBackward0",
+    "FractionalMaxPool2DBackward0", "UpsampleBilinear2DBackward0", "UpsampleBicubic2DBackward0",
+    "ReflectionPad2DBackward0", "NllLoss2DBackward0", "GridSampler2DBackward0",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("loss", ["sogclr", "simclr"])
+def test_a_pretraining_step_has_a_deterministic_cuda_backward(loss: str) -> None:
+    """What `pretrain.deterministic` relies on, checked on CPU: a ResNet's global pool at output size 1
+    is computed as a mean (not adaptive_avg_pool2d, whose CUDA backward would fail)."""
+    config = PretrainConfig(arch="resnet18", loss=loss, projector_hidden_dim=32, projector_out_dim=16)
+    model, criterion = build_pretrain_model(config), build_criterion(config, num_samples=4)
+    views = torch.randn(2, 4, 3, 32, 32)
+    loss_value = criterion(model(views[0]), model(views[1]), torch.arange(4))
+    names, pending = set(), [loss_value.grad_fn]
+    while pending:
+        node = pending.pop()
+        names.add(type(node).__name__)
+        pending.extend(next_node for next_node, _ in node.next_functions if next_node is not None)
+    assert {"ConvolutionBackward0", "MeanBackward1"} <= names
+    assert not names & NO_DETERMINISTIC_CUDA_BACKWARD
 
 
 def test_device_augmentation_stopped_and_resumed_is_bit_identical(tmp_path: Path, data_dir: Path) -> None:
