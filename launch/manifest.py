@@ -115,17 +115,47 @@ def lock_if_free(directory: Path) -> Iterator[bool]:
 
 
 def private_directory(directory: Path) -> None:
-    """Make the sweep directory (0750), or refuse it if group or others may write into it: they could
-    replace the code, scripts and configs that its jobs run under the owner's account."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
+    """Make the sweep directory (0750), or refuse it unless only its owner can change what its jobs run:
+    it must be this user's and not writable by group or others, and no directory above it may let anyone
+    else rename it away and put another in its place (which queued jobs would then run as this user)."""
+    with private_umask():
+        directory.parent.mkdir(parents=True, exist_ok=True)
+    if (unsafe := unsafe_parent(directory)) is not None:
+        parent, why = unsafe
+        raise SpecError(
+            f"output_root: {parent}, above the sweep directory, {why}: another user could rename the sweep "
+            "directory away and put one of theirs in its place, whose code your queued jobs would run; "
+            f"chmod +t {parent} (as shared /tmp is), or choose an output_root whose parents only root and "
+            "you can change"
+        )
     with contextlib.suppress(FileExistsError):
         directory.mkdir(mode=0o750)
-    mode = directory.stat().st_mode
-    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+    status = directory.stat()
+    if status.st_uid != os.getuid():
+        raise SpecError(
+            f"output_root: the sweep directory {directory} belongs to uid {status.st_uid}, not to you "
+            f"({os.getuid()}): its code, scripts and configs are not yours to run"
+        )
+    if status.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         raise SpecError(
             f"output_root: the sweep directory {directory} is writable by group or others "
-            f"(mode {stat.S_IMODE(mode):o}): they could change what its jobs run; chmod go-w it"
+            f"(mode {stat.S_IMODE(status.st_mode):o}): they could change what its jobs run; chmod go-w it"
         )
+
+
+def unsafe_parent(directory: Path) -> tuple[Path, str] | None:
+    """The first directory above `directory` (resolved) through which someone other than root or this
+    user could replace it, and why; None if there is none. As OpenSSH's safe_path (misc.c) checks the path
+    of a key file: each parent up to / owned by root or the user and not writable by group or others,
+    but here a sticky one may be writable (only an entry's owner may rename it: /tmp, shared scratch)."""
+    for parent in Path(os.path.realpath(directory)).parents:
+        status = parent.stat()
+        if status.st_uid not in (0, os.getuid()):
+            return parent, f"belongs to uid {status.st_uid}"
+        if status.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not status.st_mode & stat.S_ISVTX:
+            mode = stat.S_IMODE(status.st_mode)
+            return parent, f"is writable by group or others without the sticky bit (mode {mode:o})"
+    return None
 
 
 @contextmanager
