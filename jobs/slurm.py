@@ -209,7 +209,7 @@ def carry_out(task: SlurmTask, state_path: Path, action: str, decided: Stop | No
     that was ours to make failed (then recorded as such in state.json)."""
     if action == "requeue" and decided is not None and decided.requeue != "slurm":
         if error := requeue(task.slurm_id):
-            update_state(state_path, status="failed", error=f"scontrol requeue failed: {error}")
+            update_state(state_path, status="failed", error=error)  # the client names the command
             action = "fail"
     if action in ("fail", "end"):
         cancel_dependents(task.slurm_id)
@@ -237,7 +237,7 @@ def requeue(job_id: int | str, attempts: int | None = None) -> str | None:
     try:
         slurm_client.requeue(str(job_id), REQUEUE_ATTEMPTS if attempts is None else attempts)
     except slurm_client.SlurmError as error:
-        print(f"job task: scontrol requeue {job_id} failed, giving up: {error}", flush=True)
+        print(f"job task: giving up the requeue of {job_id}: {error}", flush=True)
         return str(error)
     return None
 
