@@ -49,7 +49,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--spec", type=Path, default=SPEC)
     parser.add_argument("--full", type=Path, required=True, help="output_root of the full sweep")
     parser.add_argument("--pruned", type=Path, required=True, help="output_root of the pruned sweep")
-    parser.add_argument("--figure", type=Path, default=ROOT / "docs" / "digits_prune_study.png")
+    parser.add_argument("--figure", type=Path, default=ROOT / "docs" / "figures" / "digits_prune_study.png")
     return parser.parse_args()
 
 
