@@ -123,6 +123,13 @@ class PretrainConfig(Schema):
         description="3x3 stride-1 stem without max-pool (CIFAR-sized images).",
         json_schema_extra=SHARED_RECIPE,
     )
+    width: int = Field(
+        64,
+        ge=1,
+        description="Channels of the ResNet's first stage, doubled at each later stage (64: torchvision's); "
+        "narrower for small images on CPUs. Export needs 64.",
+        json_schema_extra=SHARED_RECIPE,
+    )
     projector_hidden_dim: int = Field(
         2048, gt=0, description="Hidden width of the projector MLP.", json_schema_extra=PRETRAIN_RECIPE
     )
