@@ -299,6 +299,10 @@ BAD_SPECS = {
         _edit("slurm.signal_lead_s", 0),
         "slurm.signal_lead_s: Input should be greater than or equal to 1",
     ),
+    "a watchdog that kills healthy runs": (
+        _edit("lincls.progress_timeout_minutes", 0.25),
+        "lincls.progress_timeout_minutes: Input should be greater than or equal to 1 (got 0.25)",
+    ),
     "additional key is no option": (
         _edit("slurm.additional", {"x --nodes": 2}),
         "slurm.additional.x --nodes: not an sbatch option name",
