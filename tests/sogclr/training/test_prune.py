@@ -232,3 +232,28 @@ def test_a_requeue_across_a_rung_keeps_the_earlier_decision_and_resumes_exactly(
     assert decision.read_bytes() == decided  # decided once: continue
     assert read_state(run_dir / "state.json")["status"] == "done"
     assert_same_training_state(checkpoints / "final.pt", tmp_path / "straight.pt")
+
+
+def test_a_run_trained_again_from_scratch_is_judged_anew_on_its_new_value(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    records, run_dir = tmp_path / "prune", tmp_path / "run"
+    record_rival(records, 100.0)
+    config = prune_config(run_dir, data_dir, records)
+    run_module("sogclr.pretrain", config)
+    assert read_state(run_dir / "state.json")["status"] == "pruned"
+
+    # The user deletes the run directory and trains it again; the rival's old record is gone too (it
+    # is being trained again as well): alone at the rung, the new training continues to the end.
+    shutil.rmtree(run_dir)
+    (records / "rung-1" / "rival.json").unlink()
+    config = prune_config(run_dir, data_dir, records)
+    run_module("sogclr.pretrain", config)
+
+    assert read_state(run_dir / "state.json")["status"] == "done"
+    knn = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    first = next(r["knn_top1"] for r in knn if "knn_top1" in r)
+    record = json.loads((records / "rung-1" / "run.json").read_text())
+    assert record["value"] == first  # its new value is the one on record, for every rival to face
+    decision = json.loads((records / "rung-1" / "decisions" / "run.json").read_text())
+    assert decision["continue"] and [row["run"] for row in decision["table"]] == ["run"]
