@@ -30,11 +30,14 @@ read `pruned`. Measured on the local SLURM cluster (scripts/local-slurm, SLURM 2
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-from jobs.slurm import _slurm, cancel_dependents, requeue, scontrol_fields
+from jobs import slurm_client
+from jobs.slurm import cancel_dependents, requeue
 from sogclr.contract.config import PruneConfig, load_run_config, yardstick
 from sogclr.contract.layout import RunLayout
 from sogclr.contract.rungs import CLOSED, PROMOTED, RungRecords
@@ -42,7 +45,6 @@ from sogclr.contract.state import read_state
 
 # How long a verdict waits for the paused run's job to read held (its job task holds it last thing).
 SETTLE_WINDOW_S = 60
-HELD = "job_requeued_in_held_state"
 ENDED_FOR_GOOD = ("failed", "cancelled", "done")
 
 
@@ -128,10 +130,10 @@ def after_pretraining(slurm_id: str, run_dir: Path, action: str) -> str:
     given = give_verdicts(run_dir)
     for other in given[PROMOTED]:
         if other != run_dir:
-            settle(job_of(other), ["scontrol", "release"])
+            settle(job_of(other), slurm_client.release)
     for other in given[CLOSED]:
         if other != run_dir:
-            settle(job_of(other), ["scancel"], cancel_evaluation=True)
+            settle(job_of(other), close)
     if action != "end" or read_state(RunLayout(run_dir).pretrain.state).get("status") != "pruned":
         return action
     verdict = own_verdict(run_dir, config.prune)
@@ -144,8 +146,18 @@ def after_pretraining(slurm_id: str, run_dir: Path, action: str) -> str:
     print(
         f"job task: paused at a rung; holding job {slurm_id} until a promotion or its rung's end", flush=True
     )
-    _slurm(["scontrol", "requeuehold", slurm_id])  # SLURM signals this job at once: the last act
+    try:
+        slurm_client.requeue_held(slurm_id)  # SLURM signals this job at once: the last act
+    except slurm_client.SlurmError as error:
+        print(f"job task: {error}; the run ends pruned", flush=True)
+        return "end"
     return "paused"
+
+
+def close(slurm_id: str) -> None:
+    """End a paused run's held job for good, and its evaluation (which can never run now)."""
+    cancel_dependents(slurm_id)
+    slurm_client.scancel([slurm_id])
 
 
 def job_of(run_dir: Path) -> tuple[str, int]:
@@ -155,24 +167,26 @@ def job_of(run_dir: Path) -> tuple[str, int]:
     return str(last.get("array_task") or last.get("job_id")), int(last.get("restart_count") or 0)
 
 
-def settle(job: tuple[str, int], command: list[str], cancel_evaluation: bool = False) -> bool:
-    """Run `command` on the paused run's job once it reads held; wait while its job task is still ending
-    the attempt that paused it (RUNNING or COMPLETING, same restart count). True if it was done."""
+def settle(job: tuple[str, int], act: Callable[[str], Any]) -> bool:
+    """`act` on the paused run's job once it reads held; wait while its job task is still ending the
+    attempt that paused it (RUNNING or COMPLETING at the same restart count). True if it was done."""
     slurm_id, restarts = job
     deadline = time.monotonic() + SETTLE_WINDOW_S
     while True:
-        fields = scontrol_fields(_slurm(["scontrol", "show", "job", "-o", slurm_id]).stdout)
-        if fields.get("JobState") == "PENDING" and fields.get("Reason") == HELD:
-            if cancel_evaluation:
-                cancel_dependents(slurm_id)
-            _slurm([*command, slurm_id])
+        fields = slurm_client.job_fields(slurm_id, attempts=3)
+        if fields.get("JobState") == "PENDING" and fields.get("Reason") == slurm_client.HELD_REASON:
+            try:
+                act(slurm_id)
+            except slurm_client.SlurmError as error:
+                print(f"job task: {error}", flush=True)
+                return False
             return True
         ending = fields.get("JobState") in ("RUNNING", "COMPLETING") and fields.get("Restarts") == str(
             restarts
         )
         if not ending or time.monotonic() > deadline:
             print(
-                f"job task: {' '.join(command)} {slurm_id} not done: the job is {fields.get('JobState')}",
+                f"job task: job {slurm_id} of a paused run is {fields.get('JobState')}: left alone",
                 flush=True,
             )
             return False
