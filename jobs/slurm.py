@@ -141,6 +141,10 @@ class TrainingJob:
         )
         decided = judge(task, stop.reason(), attempt)
         action = finish_attempt(state_path, attempt, Budget(self.max_requeues, self.max_failures))
+        if self.phase == "pretrain":
+            from jobs.promote import after_pretraining  # (it imports this module)
+
+            action = after_pretraining(task.slurm_id, self.run_dir, action)
         action = carry_out(task, state_path, action, decided)
         if action == "fail":
             raise JobFailed(f"{self.phase} of {self.run_dir} failed: {read_state(state_path).get('error')}")

@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from sogclr.contract.config import (
+    PRUNE_YARDSTICKS,
     LinclsConfig,
     PretrainConfig,
     PruneMetric,
@@ -36,11 +37,17 @@ from sogclr.contract.config import (
     apply_overrides,
     rung_problem,
     wandb_field,
+    yardstick,
 )
 from sogclr.contract.layout import RunLayout
+from sogclr.contract.state import read_state
 
 SECTIONS = ("pretrain", "lincls", "slurm")
 PRUNE_DIR = "prune"  # <sweep dir>/prune: the records of successive halving
+# Fields a pruned sweep must not vary, by why (review 2026-12-05, N2, N11): runs at one epoch but different
+# points of their schedules, or a metric that is not the same yardstick in every run.
+SCHEDULE_LENGTH = ("epochs", "warmup_epochs")
+OBJECTIVE_GEOMETRY = ("projector_hidden_dim", "projector_out_dim")
 BUILTIN_DATASETS = ("digits",)
 _TIME = re.compile(r"(?:(\d+)-)?(\d{1,2}):(\d{2}):(\d{2})")  # fullmatch: `$` would let a newline end it
 
@@ -208,8 +215,8 @@ class PruneSpec(Schema):
     eta: int = Field(
         3,
         ge=2,
-        description="Reduction factor: at a rung, a run continues if it is in the top 1/eta of the "
-        "runs recorded there (the first arrival always continues).",
+        description="Reduction factor: at a rung, a run continues if it is among the best "
+        "max(1, floor(n / eta)) of the n runs recorded there so far (the first arrival always continues).",
     )
     first_rung: int | None = Field(
         None,
@@ -218,6 +225,12 @@ class PruneSpec(Schema):
     )
     rungs: Rungs | None = Field(
         None, description="The rungs (epochs, increasing, each below pretrain.epochs), instead of first_rung."
+    )
+    promote: bool = Field(
+        True,
+        description="A run stopped at a rung is paused, and continued from its checkpoint once later "
+        "arrivals make it one of the rung's top 1/eta (ASHA's promotion; on SLURM its job waits, held). "
+        "False: a stopped run is stopped for good.",
     )
 
     @model_validator(mode="after")
@@ -449,7 +462,35 @@ def expand(spec: SweepSpec) -> list[Run]:
         name = "-".join(run_label(k, v) for k, v in point.items()) or spec.name
         runs.append(_make_run(spec, base, point, name, spec.directory / name))
     _check_unique_names(runs)
+    _check_comparable(spec, runs)
     return runs
+
+
+def _check_comparable(spec: SweepSpec, runs: list[Run]) -> None:
+    """A pruned sweep compares its runs at a rung: refuse one that varies what would make the comparison
+    unfair (the schedule's length) or the metric a different yardstick per run (its own settings, and for
+    the global objective the temperature, loss and projector it is computed with)."""
+    prune = spec.sweep.prune
+    if prune is None:
+        return
+    yardstick = [
+        *PRUNE_YARDSTICKS[prune.metric],
+        *(OBJECTIVE_GEOMETRY if prune.metric == "global_objective" else ()),
+    ]
+    for name in (*SCHEDULE_LENGTH, *yardstick):
+        values = sorted({getattr(run.config.pretrain, name) for run in runs}, key=str)
+        if len(values) < 2:
+            continue
+        shown = ", ".join(map(str, values))
+        if name in SCHEDULE_LENGTH:
+            raise SpecError(
+                f"sweep.prune: the runs have different pretrain.{name} ({shown}): at a rung's epoch they are "
+                "at different points of their schedules; prune a sweep of one schedule length"
+            )
+        raise SpecError(
+            f"sweep.prune.metric: {prune.metric} is not comparable across pretrain.{name}, which the sweep "
+            f"varies ({shown})" + ("; prune on knn_top1" if prune.metric == "global_objective" else "")
+        )
 
 
 def _check_sweep_keys(spec: SweepSpec) -> None:
@@ -551,7 +592,32 @@ def _prune_config(spec: SweepSpec, pretrain: PretrainConfig, where: str) -> dict
     if problem := rung_problem(pretrain, prune.metric, rungs):
         field = "rungs" if prune.rungs is not None else "first_rung"
         raise SpecError(f"{where}: sweep.prune.{field}: {problem}")
-    return {"metric": prune.metric, "eta": prune.eta, "rungs": rungs, "records": spec.prune_records}
+    return {
+        **{"metric": prune.metric, "eta": prune.eta, "rungs": rungs},
+        **{"records": spec.prune_records, "promote": prune.promote},
+    }
+
+
+def check_prune_records(spec: SweepSpec, runs: list[Run]) -> None:
+    """SpecError if the sweep's rungs hold values measured with other settings of the metric than its runs
+    now have (a `--set pretrain.knn_k=...` between submissions): the rule would leave them out of every
+    table, so the runs would not be compared with those already judged."""
+    prune = spec.sweep.prune
+    if prune is None or not runs:
+        return
+    now = yardstick(runs[0].config.pretrain, prune.metric)
+    for path in sorted(spec.prune_records.glob("rung-*/*.json")):
+        record = read_state(path)
+        if record.get("metric") == prune.metric and record.get("settings", now) != now:
+            differ = ", ".join(
+                f"pretrain.{k}={record['settings'].get(k)!r} (now {v!r})"
+                for k, v in now.items()
+                if record["settings"].get(k) != v
+            )
+            raise SpecError(
+                f"sweep.prune: {path} was measured with {differ}; the runs would not be compared with it: "
+                f"keep the settings, or start the halving afresh (remove {spec.prune_records})"
+            )
 
 
 def resuming_pruned(runs: list[Run], names: list[str]) -> list[Run]:
