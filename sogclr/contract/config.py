@@ -130,6 +130,13 @@ class PretrainConfig(Schema):
         description="3x3 stride-1 stem without max-pool (CIFAR-sized images).",
         json_schema_extra=SHARED_RECIPE,
     )
+    width: int = Field(
+        64,
+        ge=1,
+        description="Channels of the ResNet's first stage, doubled at each later stage (64: torchvision's); "
+        "narrower for small images on CPUs. Export needs 64.",
+        json_schema_extra=SHARED_RECIPE,
+    )
     projector_hidden_dim: int = Field(
         2048, gt=0, description="Hidden width of the projector MLP.", json_schema_extra=PRETRAIN_RECIPE
     )
@@ -338,6 +345,18 @@ class WandbConfig(Schema):
 PRUNE_METRICS = {"knn_top1": True, "global_objective": False}
 PruneMetric = Literal["knn_top1", "global_objective"]
 _PRUNE_MONITORS = {"knn_top1": "knn_every_epochs", "global_objective": "objective_every_epochs"}
+# The pretraining fields that define each metric's yardstick: two values are compared only if measured
+# with the same ones. The global objective is T·log-mean-exp(s/T) - s_pos at the run's own temperature
+# and loss: the same encoder scores lower at a higher T (review 2026-12-05, N2).
+PRUNE_YARDSTICKS = {
+    "knn_top1": ("knn_k", "knn_subset", "knn_temperature"),
+    "global_objective": ("objective_subset", "temperature", "loss"),
+}
+
+
+def yardstick(pretrain: PretrainConfig, metric: str) -> dict[str, Any]:
+    """The settings `metric` is measured with in a run of this recipe: recorded with each value."""
+    return {name: getattr(pretrain, name) for name in PRUNE_YARDSTICKS[metric]}
 
 
 def _increasing(rungs: list[int]) -> list[int]:
@@ -360,6 +379,11 @@ class PruneConfig(Schema):
     eta: int = Field(3, ge=2, description="Reduction factor: the top 1/eta of a rung continue.")
     rungs: Rungs = Field(description="Epochs after which the run is judged, increasing.")
     records: Path = Field(description="Directory of the rungs' records, shared by the competing runs.")
+    promote: bool = Field(
+        True,
+        description="A run stopped at a rung is paused: continued (from its checkpoint) once later arrivals "
+        "make it one of the rung's top 1/eta (ASHA's promotion). False: stopped for good.",
+    )
 
 
 def rung_problem(pretrain: PretrainConfig, metric: str, rungs: list[int]) -> str | None:

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from launch import snapshot
+from launch.scripts import job_script
 from launch.snapshot import PACKAGES, freeze
 from launch.spec import expand, load_spec
-from launch.submit import job_script
 from testkit.tiny import write_tiny_spec
 
 

@@ -1,37 +1,27 @@
-"""`sogclr-submit status` and `cancel`: this sweep's runs as SLURM and their run directories see them."""
+"""`sogclr-submit status`: this sweep's runs as SLURM and their run directories see them."""
 
 from __future__ import annotations
 
 import json
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
-from jobs.slurm import scontrol_fields
-from launch.manifest import (
-    NEVER_RUNS,
-    NOT_OURS,
-    QUERY_TIMEOUT_S,
-    UNKNOWN,
-    PhaseStanding,
-    SlurmUnavailable,
-    read_manifest,
-    slurm_output,
-    standings,
-)
+from jobs import slurm_client
+from launch.manifest import read_manifest
 from launch.spec import Run, SweepSpec
+from launch.standing import PhaseStanding, reconcile
 from launch.table import print_table
-from sogclr.contract.rungs import RungRecords
+from sogclr.contract.rungs import PROMOTED, RungRecords
 from sogclr.contract.state import read_state
 
 
 def show_status(spec: SweepSpec, runs: list[Run], console: Console) -> int:
     """One row per run: job ids, state of each phase, progress, requeues, last loss, last kNN top-1 (the
     monitor during pretraining), linear top-1."""
-    where = standings(runs, read_manifest(spec.directory))
+    where = reconcile(runs, read_manifest(spec.directory))
     columns = (
         *("run", "pretrain job", "lincls job", "pretraining", "linear eval", "epochs", "steps", "rung"),
         "requeues",
@@ -62,7 +52,7 @@ def show_status(spec: SweepSpec, runs: list[Run], console: Console) -> int:
             )
         )
     print_table(console, f"{spec.name}: {len(runs)} run(s)", columns, rows)
-    for warning in save_time_warnings(runs, partition_grace_times()):
+    for warning in save_time_warnings(runs, slurm_client.partition_grace_times()):
         console.print(f"[yellow]warning:[/] {warning}", highlight=False)
     return 0
 
@@ -100,35 +90,29 @@ def position(run: Run) -> Position:
 
 def rung(run: Run) -> str:
     """Where successive halving has the run: `-` (no pruning), `before 1` (no rung reached yet),
-    `kept at 2` (the last rung it passed), `pruned at 2`, or `resumed after 2` (pruned, then continued
-    with --resume-pruned: never judged again), from state.json and the rungs' decision records."""
+    `kept at 2` (the last rung it passed, on arrival or promoted), `paused at 2` (stopped there, and may
+    still be promoted), `pruned at 2` (stopped for good), or `resumed after 2` (pruned, then continued
+    with --resume-pruned: never judged again), from state.json and the rungs' records."""
     prune = run.config.prune
     if prune is None:
         return "-"
     state = read_state(run.files.pretrain.state)
+    name, training = run.run_dir.name, state.get("training")
     if (stopped := state.get("pruned")) is not None:
-        still = state.get("status") == "pruned"
-        return f"{'pruned at' if still else 'resumed after'} {stopped['epoch']}"
-    decisions = [RungRecords(prune.records, epoch).decision(run.run_dir.name) for epoch in prune.rungs]
-    kept = [epoch for epoch, d in zip(prune.rungs, decisions, strict=True) if d and d["continue"]]
+        verdict = (RungRecords(prune.records, stopped["epoch"]).verdict(name, training) or {}).get("verdict")
+        if state.get("status") == "pruned" and verdict != PROMOTED:
+            paused = prune.promote and verdict is None
+            return f"{'paused at' if paused else 'pruned at'} {stopped['epoch']}"
+        if verdict != PROMOTED:
+            return f"resumed after {stopped['epoch']}"
+    records = [RungRecords(prune.records, epoch) for epoch in prune.rungs]
+    kept = [
+        rung.rung
+        for rung in records
+        if (d := rung.decision(name))
+        and (d["continue"] or (rung.verdict(name, training) or {}).get("verdict") == PROMOTED)
+    ]
     return f"kept at {kept[-1]}" if kept else f"before {prune.rungs[0]}"
-
-
-def partition_grace_times() -> dict[str | None, int]:
-    """Partition -> GraceTime in seconds, for partitions that preempt (key None: the default one)."""
-    try:
-        partitions = slurm_output(["scontrol", "show", "partition", "-o"])
-    except SlurmUnavailable:  # then no warning about grace times: status still shows the runs
-        return {}
-    grace: dict[str | None, int] = {}
-    for line in partitions.splitlines():
-        fields = scontrol_fields(line)
-        if fields.get("PreemptMode", "OFF").upper() == "OFF" or not fields.get("GraceTime", "").isdigit():
-            continue
-        grace[fields["PartitionName"]] = int(fields["GraceTime"])
-        if fields.get("Default") == "YES":
-            grace[None] = int(fields["GraceTime"])
-    return grace
 
 
 def save_time_warnings(runs: list[Run], grace_times: dict[str | None, int]) -> list[str]:
@@ -155,56 +139,6 @@ def save_time_warnings(runs: list[Run], grace_times: dict[str | None, int]) -> l
 def shown(standing: PhaseStanding) -> str:
     """A phase's state for the table, with the reason when it is `unknown` or `not ours`."""
     return f"{standing.state}: {standing.reason}" if standing.reason else standing.state
-
-
-def cancel(spec: SweepSpec, runs: list[Run], console: Console) -> int:
-    """scancel the recorded, still queued or running jobs of `runs` (and nothing else), evaluations that
-    can never run included. Jobs SLURM cannot say anything about, and ids that now name other jobs, are
-    left alone and listed; 1 if any is unknown or scancel failed."""
-    where = standings(runs, read_manifest(spec.directory))
-    targets, untouched = {}, []
-    for run in runs:
-        for phase, standing in where[run.name].items():
-            # also a job that waits on a dependency that can never be met (no kill_invalid_depend): it
-            # would stay in the queue for ever
-            if standing.active or (standing.from_slurm and standing.state == NEVER_RUNS):
-                targets[standing.job_id] = f"{run.name} {phase}"
-            elif standing.state in (UNKNOWN, NOT_OURS):
-                untouched.append(
-                    f"job {standing.job_id} ({run.name} {phase}) not cancelled: {shown(standing)}"
-                )
-    for line in untouched:
-        console.print(f"[yellow]warning:[/] {line}", highlight=False)
-    failed = scancel(list(targets), console)
-    if not targets and not untouched:
-        console.print(f"{spec.name}: no queued or running jobs to cancel")
-    for job_id, what in targets.items():
-        if job_id not in failed:
-            console.print(f"cancelled job {job_id} ({what})", highlight=False)
-    unknown = any(standing.state == UNKNOWN for phases in where.values() for standing in phases.values())
-    return int(unknown or bool(failed))
-
-
-def scancel(job_ids: list[str], console: Console) -> set[str]:
-    """scancel `job_ids`; the ids it could not cancel, with its errors printed. Measured on 22.05: a job
-    that ended meanwhile is no failure (exit status 0; `already completing or completed`, with -v);
-    a controller that does not answer fails each job (`Socket timed out`, exit status 140)."""
-    if not job_ids:
-        return set()
-    try:
-        result = subprocess.run(
-            ["scancel", *job_ids], capture_output=True, text=True, timeout=QUERY_TIMEOUT_S
-        )
-    except (OSError, subprocess.TimeoutExpired) as err:
-        console.print(f"[bold red]error:[/] scancel: {err}: nothing cancelled", highlight=False)
-        return set(job_ids)
-    failed: set[str] = set()
-    for line in result.stderr.splitlines():
-        if "already completing or completed" in line:
-            continue  # it ended meanwhile (its node 0, or kill_invalid_depend, got there first)
-        failed |= {job_id for job_id in job_ids if f"job id {job_id}:" in line} or set(job_ids)
-        console.print(f"[yellow]warning:[/] {line.strip()}", highlight=False)
-    return failed
 
 
 def last_record(path: Path, having: str, block: int = 65536) -> dict[str, Any] | None:
