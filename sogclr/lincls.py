@@ -7,11 +7,14 @@ per-step cosine learning rate. Two ways to feed it:
 
 - standard: augmented training images (RandomResizedCrop + flip) through the frozen backbone every step;
 - features: the un-augmented training images through the backbone once, then the layer trains on the
-  stored features (much faster; a common cheaper protocol, not the reference's).
+  stored features (much faster; a common cheaper protocol, not the reference's). They stay sharded: each
+  rank holds and caches the rows it encoded and, at each step, takes the rows of the global batch that its
+  shard holds; the gradients summed over ranks are the global batch's, as if every rank held them all.
 
-Validation features do not change while the backbone is frozen, so they are computed once and scored
-after every epoch. Outputs go under `<run_dir>/lincls/`: checkpoints (one directory per mode), state.json,
-metrics.jsonl and result.json. Resuming, stop signals and checkpoint policy are those of pretraining.
+Validation features do not change while the backbone is frozen, so they are computed once (sharded too)
+and scored after every epoch. Outputs go under `<run_dir>/lincls/`: checkpoints (one directory per mode),
+state.json, metrics.jsonl and result.json. Resuming, stop signals and checkpoint policy are those of
+pretraining.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -45,7 +49,7 @@ from sogclr.evaluation.features import (
     FeatureCache,
     Features,
     FrozenEncoder,
-    extract_features,
+    extract_shard,
     state_digest,
 )
 from sogclr.model import autocast_dtype, build_linear_classifier, load_backbone, released_backbone_state_dict
@@ -92,7 +96,8 @@ def _evaluate(cfg: RunConfig, env: DistEnv, signals: StopSignals) -> str:
     cache = FeatureCache(files.features, env)
 
     def features(split: str, dataset: IndexedImageFolder) -> Features | None:
-        """The split's plain features: from the cache, or extracted (acting on a stop at every batch)."""
+        """This rank's shard of the split's plain features: from the cache, or extracted (acting on a stop
+        at every batch)."""
         key = {
             "split": split,
             "backbone": backbone,
@@ -101,7 +106,7 @@ def _evaluate(cfg: RunConfig, env: DistEnv, signals: StopSignals) -> str:
             "dtype": str(encode.dtype),
         }
         stop = partial(stop_agreed, env, signals)
-        return cache.get(key, lambda: extract_features(encode, dataset, env, local_batch, lcfg.workers, stop))
+        return cache.get(key, lambda: extract_shard(encode, dataset, env, local_batch, lcfg.workers, stop))
 
     if (val_features := features("val", val_set)) is None:
         return stopped(files.state, env, signals)
@@ -118,7 +123,7 @@ def _evaluate(cfg: RunConfig, env: DistEnv, signals: StopSignals) -> str:
             # The training images with the validation transform: what the features protocol trains on.
             if (train_features := features("train", build_plain_dataset(pcfg, index, "train"))) is None:
                 return stopped(files.state, env, signals)
-            batches = stored_batches(*train_features, sampler)
+            batches = stored_batches(*train_features, sampler, env)
         # deepcopy: every mode starts from the same initial layer
         fc = copy.deepcopy(classifier.fc)
         result = fit_linear(
@@ -189,15 +194,17 @@ def augmented_batches(encode: FrozenEncoder, loader: torch.utils.data.DataLoader
 
 
 def stored_batches(
-    features: torch.Tensor, targets: torch.Tensor, sampler: ResumableDistributedSampler
+    features: torch.Tensor, targets: torch.Tensor, sampler: ResumableDistributedSampler, env: DistEnv
 ) -> Batches:
-    """Features protocol: the same per-step index sets as the standard protocol, read from stored features."""
+    """Features protocol: the standard protocol's global batches, each rank taking the rows of its shard
+    (dataset rows rank, rank + world, ...): a share that varies from step to step."""
 
     def batches(epoch: int, start_step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         sampler.set_epoch(epoch, start_step)
-        steps = torch.tensor(list(sampler), device=features.device).view(-1, sampler.local_batch)
-        for index in steps:
-            yield features[index], targets[index]
+        for step in sampler.global_batches():  # picked on the host: no device sync per step
+            rows = torch.from_numpy(step[step % env.world_size == env.rank] // env.world_size)
+            rows = rows.to(features.device, non_blocking=True)
+            yield features[rows], targets[rows]
 
     return batches
 
@@ -239,6 +246,7 @@ def fit_linear(
     if env.is_main:
         cut_metrics(files.metrics, progress.global_step, mode=mode)
     model = DistributedDataParallel(fc) if env.distributed else fc
+    local_batch = lcfg.batch_size // env.world_size
     loss_mean = DeviceMean()
 
     description = f"lincls {mode}"
@@ -248,7 +256,9 @@ def fit_linear(
             features, targets = batch
             lr = warmup_cosine(progress.global_step, total_steps, 0, peak_lr)
             set_lr(optimizer, lr)
-            loss = F.cross_entropy(model(features), targets)
+            # A sum over the rank's share over the mean share: as DDP averages over ranks, the gradient is
+            # the global batch's mean however the batch is shared (unevenly in features mode).
+            loss = F.cross_entropy(model(features), targets, reduction="sum") / local_batch
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -258,26 +268,28 @@ def fit_linear(
                 logger.log(taken, mode=mode, epoch=progress.epoch, loss=loss_mean.pop(), lr=lr)
 
         def end_of_epoch(epoch: int) -> None:
-            logger.log(progress.global_step, mode=mode, epoch=epoch, **accuracy(fc, *val_features))
+            logger.log(progress.global_step, mode=mode, epoch=epoch, **accuracy(fc, *val_features, env))
 
         if not run_epochs(session, lcfg.epochs, batches, step, end_of_epoch):
             return None
     session.finish()
-    return accuracy(fc, *val_features)
+    return accuracy(fc, *val_features, env)
 
 
 @torch.no_grad()
 def accuracy(
-    fc: nn.Module, features: torch.Tensor, targets: torch.Tensor, chunk: int = 8192
+    fc: nn.Module, features: torch.Tensor, targets: torch.Tensor, env: DistEnv, chunk: int = 8192
 ) -> dict[str, float]:
-    """Top-1 and top-5 accuracy (percent) of `fc` on stored features."""
+    """Top-1 and top-5 accuracy (percent) of `fc` on stored features, summed over every rank's shard."""
     k = min(5, fc.out_features)
-    hits = torch.zeros(2, device=features.device)
+    counts = torch.tensor([0.0, 0.0, len(features)], device=features.device)  # top-1, top-5, rows
     for start in range(0, len(features), chunk):
         top = fc(features[start : start + chunk]).topk(k, dim=1).indices
         match = top == targets[start : start + chunk, None]
-        hits += torch.stack([match[:, 0].sum(), match.any(dim=1).sum()])
-    top1, top5 = (100.0 * hits / len(features)).tolist()
+        counts[:2] += torch.stack([match[:, 0].sum(), match.any(dim=1).sum()])
+    if env.distributed:
+        dist.all_reduce(counts)
+    top1, top5 = (100.0 * counts[:2] / counts[2]).tolist()
     return {"top1": top1, "top5": top5}
 
 

@@ -194,12 +194,16 @@ class ResumableDistributedSampler(Sampler[int]):
         self.epoch = epoch
         self.start_step = start_step
 
-    def __iter__(self) -> Iterator[int]:
+    def global_batches(self) -> np.ndarray:
+        """[steps left, global batch]: every rank's indices of each step left in the epoch, rank-major."""
         perm = epoch_permutation(self.seed, self.epoch, self.dataset_size)
-        steps = perm[: self.steps_per_epoch * self.global_batch].reshape(
-            self.steps_per_epoch, self.world_size, self.local_batch
-        )
-        return iter(steps[self.start_step :, self.rank].ravel().tolist())
+        return perm[: self.steps_per_epoch * self.global_batch].reshape(self.steps_per_epoch, -1)[
+            self.start_step :
+        ]
+
+    def __iter__(self) -> Iterator[int]:
+        steps = self.global_batches().reshape(-1, self.world_size, self.local_batch)
+        return iter(steps[:, self.rank].ravel().tolist())
 
     def __len__(self) -> int:
         return (self.steps_per_epoch - self.start_step) * self.local_batch

@@ -6,7 +6,7 @@ diagnostics  exact global objectives on fixed views, and the bias of mini-batch 
 """
 
 from sogclr.evaluation.diagnostics import GlobalObjective, gradient_bias
-from sogclr.evaluation.features import FeatureCache, FrozenEncoder, extract_features
+from sogclr.evaluation.features import FeatureCache, FrozenEncoder, extract_features, extract_shard
 from sogclr.evaluation.knn import KnnMonitor, knn_accuracy
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "GlobalObjective",
     "KnnMonitor",
     "extract_features",
+    "extract_shard",
     "gradient_bias",
     "knn_accuracy",
 ]

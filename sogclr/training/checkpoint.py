@@ -182,8 +182,12 @@ class CheckpointManager:
         return None
 
     def remove_temporary_files(self) -> list[Path]:
-        """Delete what a save that was killed half-way left behind (write_atomic's `.NAME.PID.tmp`)."""
-        leftovers = sorted(self.directory.glob(".*.tmp")) if self.directory.is_dir() else []
-        for path in leftovers:
-            path.unlink(missing_ok=True)
-        return leftovers
+        return remove_temporary_files(self.directory)
+
+
+def remove_temporary_files(directory: Path) -> list[Path]:
+    """Delete what saves that were killed half-way left in `directory` (write_atomic's `.NAME.*.tmp`)."""
+    leftovers = sorted(directory.glob(".*.tmp")) if directory.is_dir() else []
+    for path in leftovers:
+        path.unlink(missing_ok=True)
+    return leftovers

@@ -140,6 +140,43 @@ def test_sigusr2_mid_epoch_then_resume_is_bit_identical(
     assert sorted(set(logged_steps(out))) == list(range(1, 2 * STEPS_PER_EPOCH + 1))
 
 
+def test_two_ranks_train_on_their_feature_shards_as_one_process_on_all(
+    pretrained_run: Path, tmp_path: Path
+) -> None:
+    """Each rank keeps and caches only the features it encoded (rows rank, rank + 2, ...); the layer trained
+    on the shards is the one a single process trains on all of them, up to float rounding (the batch's
+    gradient is summed in another order). What an earlier attempt's killed write left is removed."""
+    whole_run, sharded_run = tmp_path / "one", tmp_path / "two"
+    single = start_module(
+        "sogclr.lincls", evaluation_run(pretrained_run, whole_run, **RESUME, mode="features")
+    )
+    config = evaluation_run(pretrained_run, sharded_run, **RESUME, mode="features")
+    leftover = sharded_run / "lincls" / "features" / ".train-0123456789abcdef-1of2.pt.node7.4242.0badf00d.tmp"
+    leftover.parent.mkdir(parents=True)
+    leftover.write_bytes(b"the first gigabytes of a shard")
+    run_module("sogclr.lincls", config, nproc=2)
+    wait_ok(single)
+
+    assert not leftover.exists()
+    for split in ("train", "val"):
+        (whole,) = (whole_run / "lincls" / "features").glob(f"{split}-*-0of1.pt")
+        whole = load_file(whole)
+        for rank in (0, 1):
+            (shard,) = (sharded_run / "lincls" / "features").glob(f"{split}-*-{rank}of2.pt")
+            shard = load_file(shard)
+            assert torch.equal(shard["targets"], whole["targets"][rank::2])
+            torch.testing.assert_close(shard["features"], whole["features"][rank::2])
+
+    final = Path("lincls", "checkpoints", "features", "final.pt")
+    whole_fc, sharded_fc = load_file(whole_run / final)["fc"], load_file(sharded_run / final)["fc"]
+    for name in whole_fc:
+        torch.testing.assert_close(sharded_fc[name], whole_fc[name], rtol=1e-4, atol=1e-5)
+    expected, result = read_result(whole_run), read_result(sharded_run)
+    one_digit = 100 / 360  # of the validation set: a prediction at a tie may flip with the rounding
+    assert abs(result["top1"] - expected["top1"]) <= one_digit
+    assert abs(result["top5"] - expected["top5"]) <= one_digit
+
+
 def test_missing_backbone_weight_is_a_clear_error(pretrained_run: Path, tmp_path: Path) -> None:
     config = random_init_run(pretrained_run, tmp_path, drop_key="backbone.layer2.0.conv1.weight")
     with pytest.raises(ValueError, match=r"lacks 1 backbone keys.*layer2\.0\.conv1\.weight"):
