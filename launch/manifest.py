@@ -13,11 +13,12 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import secrets
 import socket
 import stat
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ LOCK_FILE = ".submit.lock"
 
 # A job's comment carries the token of the submission that made it (see `find_submissions`).
 TOKEN_PREFIX = "sogclr:"
+_TOKEN = re.compile(rf"{TOKEN_PREFIX}([0-9a-f]+)")
 
 
 # The sweep directories whose lock this process holds (flock is per open file: opening it again here
@@ -160,30 +162,36 @@ def settle_pending(manifest: dict[str, Any], token: str, job_id: str | None) -> 
 
 def find_submissions(pending: list[dict[str, Any]]) -> dict[str, str]:
     """token -> job id (an array's id) of the pending submissions SLURM has a job for: one squeue of our
-    own jobs with those names, any state, matched by the token in their comment. SlurmError when squeue
-    fails."""
+    own jobs with those names, any state, matched by the token in their comment (anywhere in it: a site's
+    job_submit plugin may add its own words). SlurmError when squeue fails."""
     jobs = jobs_with_names([entry["job_name"] for entry in pending])
-    return {
-        comment.removeprefix(TOKEN_PREFIX): job_id
-        for job_id, comment in jobs
-        if comment.startswith(TOKEN_PREFIX)
-    }
+    return {match[1]: job_id for job_id, comment in jobs if (match := _TOKEN.search(comment))}
 
 
-def resolve_pending(manifest: dict[str, Any]) -> dict[str, str]:
-    """Settle the sbatch calls whose reply was lost (see `settle_pending`): a job SLURM has is recorded,
-    one it has not was never made (or has ended and been forgotten: it runs no more either way). Returns
-    {token: why} for those SLURM could not be asked about; they stay pending, and their runs `unknown`."""
+def resolve_pending(
+    manifest: dict[str, Any], cluster: str | None, ran: Callable[[dict[str, Any]], str | None]
+) -> dict[str, str]:
+    """Settle the sbatch calls whose reply was lost (see `settle_pending`): a job SLURM has is recorded;
+    for one it has not, `ran(entry)` says which job the runs' directories show it made (a job that ran
+    and that SLURM has since forgotten, after MinJobAge), else it was never made. Returns {token: why}
+    for the entries that stay pending, their runs `unknown`: SLURM could not be asked, or the sbatch was
+    made on another cluster than this one (`cluster`), whose jobs this cluster's squeue cannot see."""
     pending = manifest.get("pending", [])
-    if not pending:
-        return {}
+    elsewhere = {
+        entry["token"]: f"submitted on cluster {entry['cluster']}, this is {cluster}: ask there"
+        for entry in pending
+        if entry.get("cluster") and cluster and entry["cluster"] != cluster
+    }
+    ours = [entry for entry in pending if entry["token"] not in elsewhere]
+    if not ours:
+        return elsewhere
     try:
-        found = find_submissions(pending)
+        found = find_submissions(ours)
     except SlurmError as err:
-        return {entry["token"]: str(err) for entry in pending}
-    for entry in list(pending):
-        settle_pending(manifest, entry["token"], found.get(entry["token"]))
-    return {}
+        return elsewhere | {entry["token"]: str(err) for entry in ours}
+    for entry in ours:
+        settle_pending(manifest, entry["token"], found.get(entry["token"]) or ran(entry))
+    return elsewhere
 
 
 def current_submission(manifest: dict[str, Any], run: str, phase: str) -> dict[str, Any] | None:

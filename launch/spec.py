@@ -7,7 +7,6 @@ a problem becomes one `SpecError` line that names the field and what is allowed.
 
 from __future__ import annotations
 
-import copy
 import difflib
 import itertools
 import re
@@ -37,7 +36,6 @@ from sogclr.contract.config import (
     WandbConfig,
     apply_overrides,
     rung_problem,
-    set_path,
     wandb_field,
     yardstick,
 )
@@ -260,6 +258,12 @@ class SweepConfig(Schema):
         default_factory=dict,
         description="Field -> values of equal length, taken position by position (one product factor).",
     )
+    runs: list[dict[str, Any]] | None = Field(
+        None,
+        description="An explicit list of points, each a mapping field -> value (one product factor): "
+        "`[{loss: simclr}, {loss: sogclr, gamma: 0.1}]` runs SimCLR once, not once per gamma. Entries may "
+        "set different fields; a field an entry leaves out keeps the recipe's value.",
+    )
     prune: PruneSpec | None = Field(
         None, description="Stop runs early by successive halving; omit to train every run to the end."
     )
@@ -273,7 +277,19 @@ class SweepConfig(Schema):
         lengths = {key: len(values) for key, values in self.zip.items()}
         if len(set(lengths.values())) > 1:
             raise ValueError(f"sweep.zip: lists must have equal lengths, got {lengths}")
+        if self.runs is not None and not self.runs:
+            raise ValueError("sweep.runs: empty list; give at least one run, or leave runs out")
+        for position, entry in enumerate(self.runs or []):
+            if not entry:
+                raise ValueError(f"sweep.runs[{position}]: empty entry; give at least one field -> value")
         return self
+
+    def swept_keys(self) -> list[tuple[str, str]]:
+        """(group, key as written) of every swept field; the group is `product`, `zip` or `runs[i]`."""
+        keys = [(group, key) for group in ("product", "zip") for key in getattr(self, group)]
+        for position, entry in enumerate(self.runs or []):
+            keys += [(f"runs[{position}]", key) for key in entry]
+        return keys
 
 
 class SweepSpec(Schema):
@@ -355,8 +371,9 @@ def validate(model: type[BaseModel], data: Any, where: str = "") -> Any:
 def describe(err: ValidationError, model: type[BaseModel], where: str = "") -> str:
     """The first validation problem as one line: `field: what is wrong (got value)`."""
     problem = err.errors()[0]
-    loc = [str(part) for part in problem["loc"] if part != "[key]"]  # a bad dict key: name the key
-    field = ".".join([where, *loc] if where else loc) or "spec"
+    # A bad dict key: name the key. A list position reads as runs[2].
+    loc = [f"[{part}]" if isinstance(part, int) else str(part) for part in problem["loc"] if part != "[key]"]
+    field = ".".join([where, *loc] if where else loc).replace(".[", "[") or "spec"
     if problem["type"] == "extra_forbidden":
         known = _field_names(model, loc[:-1])
         close = difflib.get_close_matches(loc[-1], known, n=1, cutoff=0.5)
@@ -398,6 +415,7 @@ _LABELS = {
     "pretrain.temperature": "t",
     "pretrain.lr": "lr",
     "pretrain.loss": "",
+    "pretrain.gamma_schedule": "",
     "pretrain.arch": "",
     "pretrain.optimizer": "",
     "pretrain.weight_decay": "wd",
@@ -421,26 +439,24 @@ def run_label(key: str, value: Any) -> str:
 
 
 def sweep_points(sweep: SweepConfig) -> list[dict[str, Any]]:
-    """Every point of the sweep as {canonical key: value}: the product, with the zip group as one factor."""
-    factors = [[(canonical_key(key), v) for v in values] for key, values in sweep.product.items()]
+    """Every point of the sweep as {canonical key: value}: the product, with the zip group and the
+    explicit runs each as one more factor."""
+    factors = [[{canonical_key(key): v} for v in values] for key, values in sweep.product.items()]
     if sweep.zip:
         keys = [canonical_key(key) for key in sweep.zip]
         factors.append(
-            [tuple(zip(keys, column, strict=True)) for column in zip(*sweep.zip.values(), strict=True)]
+            [dict(zip(keys, column, strict=True)) for column in zip(*sweep.zip.values(), strict=True)]
         )
-    points = []
-    for combo in itertools.product(*factors):
-        point: dict[str, Any] = {}
-        for item in combo:
-            point.update(item if isinstance(item[0], tuple) else [item])
-        points.append(point)
-    return points
+    if sweep.runs:
+        factors.append([{canonical_key(key): v for key, v in entry.items()} for entry in sweep.runs])
+    return [{k: v for part in combo for k, v in part.items()} for combo in itertools.product(*factors)]
 
 
 def expand(spec: SweepSpec) -> list[Run]:
     """The runs of a spec, each fully validated; raises SpecError on the first problem."""
     _check_sweep_keys(spec)
     base = spec.model_dump(mode="python", exclude={"sweep"})
+    _check_run_entries(spec, base)
     runs = []
     for point in sweep_points(spec.sweep):
         name = "-".join(run_label(k, v) for k, v in point.items()) or spec.name
@@ -478,37 +494,70 @@ def _check_comparable(spec: SweepSpec, runs: list[Run]) -> None:
 
 
 def _check_sweep_keys(spec: SweepSpec) -> None:
-    for group in ("product", "zip"):
-        for key in getattr(spec.sweep, group):
-            section, *path = canonical_key(key).split(".")
-            if section == "lincls" and spec.lincls is None:
-                raise SpecError(
-                    f"sweep.{group}.{key}: sweeps a lincls field, but the spec has no lincls section"
-                )
-            model: type[BaseModel] | None = {"pretrain": PretrainConfig, "lincls": LinclsSpec}.get(
-                section, SlurmConfig
-            )
-            for depth, part in enumerate(path):
-                if model is None or part not in model.model_fields:
-                    known = _field_names(model, []) if model else []
-                    close = difflib.get_close_matches(part, known, n=1, cutoff=0.5)
-                    where = ".".join([section, *path[:depth]])
-                    hint = (
-                        f"did you mean '{where}.{close[0]}'?" if close else f"{where} has no field {part!r}"
-                    )
-                    raise SpecError(f"sweep.{group}.{key}: no such field ({hint})")
-                if depth < len(path) - 1:
-                    model = _submodel(model, part)
-                elif _submodel(model, part) is not None:
-                    raise SpecError(
-                        f"sweep.{group}.{key}: sweep a field inside this section, not the section"
-                    )
+    last_group: dict[str, str] = {}  # canonical key -> the group that swept it last
+    for group, key in spec.sweep.swept_keys():
+        where, canonical = f"sweep.{group}.{key}", canonical_key(key)
+        previous = last_group.get(canonical)
+        # Explicit runs each set their own fields: only two groups, or twice in one group, collide.
+        if previous is not None and (previous == group or previous.split("[")[0] != group.split("[")[0]):
+            raise SpecError(f"{where}: {canonical} is swept twice (also in sweep.{previous}); sweep it once")
+        last_group[canonical] = group
+        _check_sweep_field(spec, where, canonical)
+
+
+def _check_sweep_field(spec: SweepSpec, where: str, canonical: str) -> None:
+    """SpecError at `where` unless `canonical` (`pretrain.gamma`) names a field that can be swept."""
+    section, *path = canonical.split(".")
+    if section == "lincls" and spec.lincls is None:
+        raise SpecError(f"{where}: sweeps a lincls field, but the spec has no lincls section")
+    model: type[BaseModel] | None = {"pretrain": PretrainConfig, "lincls": LinclsSpec}.get(
+        section, SlurmConfig
+    )
+    for depth, part in enumerate(path):
+        if model is None or part not in model.model_fields:
+            known = _field_names(model, []) if model else []
+            close = difflib.get_close_matches(part, known, n=1, cutoff=0.5)
+            parent = ".".join([section, *path[:depth]])
+            hint = f"did you mean '{parent}.{close[0]}'?" if close else f"{parent} has no field {part!r}"
+            raise SpecError(f"{where}: no such field ({hint})")
+        if depth < len(path) - 1:
+            model = _submodel(model, part)
+        elif _submodel(model, part) is not None:
+            raise SpecError(f"{where}: sweep a field inside this section, not the section")
+
+
+def _check_run_entries(spec: SweepSpec, base: dict) -> None:
+    """A value of an explicit run that its field rejects is reported at that entry (`sweep.runs[2].gamma`);
+    problems between fields are left to the runs' own validation, which names the run."""
+    for position, entry in enumerate(spec.sweep.runs or []):
+        data = with_point(base, {canonical_key(key): value for key, value in entry.items()})
+        try:
+            SweepSpec.model_validate(data)
+        except ValidationError as err:
+            loc = ".".join(str(part) for part in err.errors()[0]["loc"])
+            key = next((key for key in entry if canonical_key(key) == loc), None)
+            if key is not None:
+                message = describe(err, SweepSpec).removeprefix(f"{loc}: ")
+                raise SpecError(f"sweep.runs[{position}].{key}: {message}") from None
+
+
+def with_point(base: dict[str, Any], point: dict[str, Any]) -> dict[str, Any]:
+    """`base` with the point's values set: only the dicts on each value's path are copied, the rest is
+    shared (a deep copy per run was most of a 1,000-run sweep's expansion; the validators copy what
+    they keep and change nothing)."""
+    data = dict(base)
+    for key, value in point.items():
+        node, (*parents, leaf) = data, key.split(".")
+        for part in parents:
+            child = node.get(part)
+            node[part] = dict(child) if isinstance(child, dict) else {}
+            node = node[part]
+        node[leaf] = value
+    return data
 
 
 def _make_run(spec: SweepSpec, base: dict, point: dict[str, Any], name: str, run_dir: Path) -> Run:
-    data = copy.deepcopy(base)
-    for key, value in point.items():
-        set_path(data, key.split("."), value)
+    data = with_point(base, point)
     where = f"run {name}"
     slurm = validate(SlurmConfig, data["slurm"], f"{where}: slurm")
     pretrain = validate(PretrainConfig, data["pretrain"], f"{where}: pretrain")

@@ -127,7 +127,9 @@ def standings(runs: list[Run], manifest: dict[str, Any]) -> dict[str, dict[str, 
     """run -> phase -> standing, with one squeue and at most one sacct call for the whole sweep (and
     one squeue more while an sbatch whose reply was lost is pending: `resolve_pending`, which records
     what it finds in `manifest`; a caller holding the sweep's lock writes it). Writes nothing."""
-    lost = resolve_pending(manifest)
+    recorded = any(manifest["runs"].get(run.name) for run in runs)
+    cluster = slurm_client.cluster_name() if recorded or manifest.get("pending") else None
+    lost = resolve_pending(manifest, cluster, lambda entry: started_job(entry, runs, manifest))
     unconfirmed = {
         (run, entry["phase"]): f"an sbatch's reply was lost, and whether it made the job: {why}"
         for entry in manifest.get("pending", [])
@@ -138,7 +140,6 @@ def standings(runs: list[Run], manifest: dict[str, Any]) -> dict[str, dict[str, 
         job_id for run in runs for phase in PHASES if (job_id := current_job(manifest, run.name, phase))
     ]
     jobs = slurm_client.slurm_jobs(job_ids)
-    cluster = slurm_client.cluster_name() if job_ids else None
     where = {
         run.name: {
             phase: phase_standing(run, phase, manifest, jobs, cluster, unconfirmed) for phase in PHASES
@@ -146,6 +147,25 @@ def standings(runs: list[Run], manifest: dict[str, Any]) -> dict[str, dict[str, 
         for run in runs
     }
     return where
+
+
+def started_job(entry: dict[str, Any], runs: list[Run], manifest: dict[str, Any]) -> str | None:
+    """The job a pending sbatch `entry` made, as its runs' directories prove it: an attempt started after
+    the sbatch by a job (an array's, for an array) that the manifest does not record for that run. None
+    when no run of it has started one. SLURM forgets an ended job after MinJobAge; the run directory
+    does not."""
+    by_name = {run.name: run for run in runs}
+    for name in entry["runs"]:
+        if name not in by_name:
+            continue
+        state = read_state(PHASES[entry["phase"]].state_path(by_name[name].run_dir))
+        known = {s["job_id"] for s in manifest["runs"].get(name, {}).get(entry["phase"], [])}
+        for attempt in [*state.get("attempts", []), state.get("current_attempt") or {}]:
+            task = attempt.get("array_task") or str(attempt.get("job_id", ""))
+            job = task.partition("_")[0] if entry.get("array") else task
+            if job and task not in known and attempt.get("started", "") >= entry["submitted"]:
+                return job
+    return None
 
 
 def reconcile(runs: list[Run], manifest: dict[str, Any]) -> dict[str, dict[str, PhaseStanding]]:

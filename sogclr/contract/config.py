@@ -54,16 +54,23 @@ def collective_timeout_field() -> Any:
     )
 
 
+# Some operations report no progress while they run: start-up (imports, the dataset index, the
+# rendezvous), the first step under `compile`, a checkpoint or feature-cache write on a slow file system.
+# A limit below them kills healthy runs, each against max_failures; below a minute is surely one.
+PROGRESS_TIMEOUT_FLOOR_MINUTES = 1.0
+
+
 def progress_timeout_field() -> Any:
     return Field(
         30.0,
-        gt=0,
+        ge=PROGRESS_TIMEOUT_FLOOR_MINUTES,
         json_schema_extra=RESOURCE,
         description="Minutes a training process may go without progress (a step, a batch of features, "
         "an evaluation's batch) before it records `failed: stalled` and exits, so that the job is requeued "
         "as a transient failure (counted against max_failures) instead of holding the allocation to its "
         "time limit: a read that blocks for ever, a hung decoder, a rank stuck outside a collective. "
-        "None: never.",
+        f"At least {PROGRESS_TIMEOUT_FLOOR_MINUTES:g}: start-up, the first compiled step and "
+        "checkpoint writes report no progress. None: never.",
     )
 
 
@@ -121,6 +128,13 @@ class PretrainConfig(Schema):
     small_stem: bool = Field(
         False,
         description="3x3 stride-1 stem without max-pool (CIFAR-sized images).",
+        json_schema_extra=SHARED_RECIPE,
+    )
+    width: int = Field(
+        64,
+        ge=1,
+        description="Channels of the ResNet's first stage, doubled at each later stage (64: torchvision's); "
+        "narrower for small images on CPUs. Export needs 64.",
         json_schema_extra=SHARED_RECIPE,
     )
     projector_hidden_dim: int = Field(
