@@ -111,6 +111,7 @@ def single_jobs(directory: Path) -> dict[str, str]:
     return ids
 
 
+@pytest.mark.timeout(1800)  # two runs one after the other, each evaluated: 13 min on a loaded machine
 def test_a_paused_run_is_held_and_promoted_by_the_job_that_records_the_deciding_value(
     tmp_path: Path, slurm_cluster: Any
 ) -> None:
@@ -140,7 +141,7 @@ def test_a_paused_run_is_held_and_promoted_by_the_job_that_records_the_deciding_
     assert submit(spec, "--run", second.name) == 0
     decider = job_ids(tmp_path, "promote", second.name)
     result = first.files.lincls.result
-    wait_until(result.is_file, "the promoted run's evaluation", timeout=900, poll_s=2)
+    wait_until(result.is_file, "the promoted run's evaluation", timeout=1500, poll_s=2)
 
     assert job_ids(tmp_path, "promote", first.name) == paused  # the same jobs, released
     state = read_state(first.files.pretrain.state)
