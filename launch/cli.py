@@ -3,7 +3,7 @@
 sogclr-submit SPEC [--dry-run [-v]] [--set a.b=value ...]     submit to SLURM (or --local, --debug)
 sogclr-submit SPEC --resume-pruned RUN ...                      continue pruned runs to the end
 sogclr-submit status SPEC                                      where every run stands
-sogclr-submit report SPEC [--format table|md|csv|json]         what every run reached, and figures
+sogclr-submit report SPEC [--format table|md|csv|json] [--seeds]  what every run reached, and figures
 sogclr-submit cancel SPEC [--run NAME]                         cancel this sweep's jobs
 sogclr-submit schema                                           JSON Schema of the spec
 """
@@ -86,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--format", choices=("table", "md", "csv", "json"), default="table", help="how to print the table"
     )
     report.add_argument("--no-figures", action="store_true", help="only the table: no PNGs")
+    report.add_argument(
+        "--seeds",
+        action="store_true",
+        help="one row per point of the sweep but its seed: mean ± sd over the seeds (pretrain.seed swept)",
+    )
 
     cancel = commands.add_parser("cancel", help="cancel this sweep's SLURM jobs")
     _add_spec_arguments(cancel)
@@ -194,7 +199,7 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
     from launch.inspect import report
 
     spec, runs = _load(args)
-    return report.show_report(spec, runs, console, args.format, figures=not args.no_figures)
+    return report.show_report(spec, runs, console, args.format, figures=not args.no_figures, seeds=args.seeds)
 
 
 def cmd_cancel(args: argparse.Namespace, console: Console) -> int:

@@ -4,6 +4,8 @@ collects.
 <sweep dir>/report/top1-<field>.png    linear top-1 against each numeric swept field, one line per loss
 <sweep dir>/report/curves-<run>.png    a run's training objective, global objective and kNN top-1 by epoch
 <sweep dir>/report/rungs-<metric>.png  pruning: each run's metric by epoch, the rungs, where runs stopped
+<sweep dir>/report/seeds-global_objective.png  a swept seed: the global objective by epoch, mean ± sd
+                                       over seeds, one panel per batch size
 """
 
 from __future__ import annotations
@@ -16,7 +18,17 @@ matplotlib.use("Agg")  # no display: figures are files
 
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
-from launch.inspect.results import RunRow, Series, numeric_fields, short, top1_series  # noqa: E402
+from launch.inspect.results import (  # noqa: E402
+    RunRow,
+    SeedGroup,
+    Series,
+    numeric_fields,
+    seed_groups,
+    seeded,
+    short,
+    top1_series,
+)
+from launch.spec import run_label  # noqa: E402
 
 CURVE_PANELS = {
     "objective": "training objective",
@@ -33,6 +45,10 @@ def write_figures(rows: list[RunRow], directory: Path) -> list[Path]:
     pruning = next((row for row in rows if row.rungs), None)
     if pruning is not None:
         paths.append(rungs_figure(rows, directory / f"rungs-{pruning.prune_metric}.png"))
+    if seeded(rows) and any("global_objective" in row.curves for row in rows):
+        paths.append(
+            seeds_figure(seed_groups(rows), "global_objective", directory / "seeds-global_objective.png")
+        )
     return paths
 
 
@@ -100,6 +116,36 @@ def rungs_figure(rows: list[RunRow], path: Path) -> Path:
     )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2 if len(rows) > 8 else 1)
+    return _save(fig, path)
+
+
+def seeds_figure(
+    groups: list[SeedGroup], key: str, path: Path, panel_key: str = "pretrain.batch_size"
+) -> Path:
+    """Curve `key` by epoch, the mean over seeds with a band of ± one sd, one line per group; one panel
+    per value of `panel_key` (one panel if it is not swept). Partial results: each epoch averages the
+    seeds that logged it, and the legend says how many seeds each line has."""
+    panels: dict[object, list[SeedGroup]] = {}
+    for group in groups:
+        panels.setdefault(group.point.get(panel_key), []).append(group)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False, sharey=True)
+    for ax, (value, members) in zip(axes[0], panels.items(), strict=True):
+        for group in members:
+            epochs, spreads = group.band(key)
+            if not epochs:
+                continue
+            mean = [s.mean for s in spreads]
+            sd = [s.sd or 0.0 for s in spreads]
+            label = "-".join(run_label(k, v) for k, v in group.point.items() if k != panel_key) or key
+            (line,) = ax.plot(epochs, mean, marker="o", markersize=2, label=f"{label} ({spreads[-1].n})")
+            lower = [m - d for m, d in zip(mean, sd, strict=True)]
+            upper = [m + d for m, d in zip(mean, sd, strict=True)]
+            ax.fill_between(epochs, lower, upper, color=line.get_color(), alpha=0.2)
+        ax.set_title(f"{short(panel_key)} {value}" if value is not None else key)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, title="(seeds at the last epoch)", title_fontsize=7)
+    axes[0][0].set_ylabel(f"{CURVE_PANELS.get(key, key)}: mean ± sd over seeds")
     return _save(fig, path)
 
 

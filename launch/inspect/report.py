@@ -16,9 +16,19 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from launch.inspect.results import RunRow, collect, short
+from launch.inspect.results import (
+    RunRow,
+    SeedGroup,
+    Spread,
+    collect,
+    seed_groups,
+    seeded,
+    short,
+    swept_fields,
+    table_epochs,
+)
 from launch.manifest import read_manifest
-from launch.spec import Run, SweepSpec
+from launch.spec import Run, SpecError, SweepSpec
 from launch.standing import reconcile
 
 REPORT_DIR = "report"  # <sweep dir>/report/: the figures
@@ -31,11 +41,25 @@ TABLE_NOTE = (
     "an evaluation would have cost, at the sweep's average per epoch and per evaluation"
 )
 
+SEEDS_NOTE = (
+    "mean ± sd over the seeds that have the value; (n=k): only k seeds have it yet. global objective: the "
+    "exact one, the same for every loss, at that epoch; pooled: with each image's views pooled inside the "
+    "log (what SogCLR's u estimates), at the last epoch in the table"
+)
 
-def show_report(spec: SweepSpec, runs: list[Run], console: Console, fmt: str, figures: bool = True) -> int:
-    """Print the report table in `fmt` (table, md, csv, json) and write the figures."""
+
+def show_report(
+    spec: SweepSpec, runs: list[Run], console: Console, fmt: str, figures: bool = True, seeds: bool = False
+) -> int:
+    """Print the report table in `fmt` (table, md, csv, json), one row per run or, with `seeds`, per
+    point of the sweep but its seed (mean ± sd over the seeds); write the figures."""
     rows = collect(runs, reconcile(runs, read_manifest(spec.directory)))
-    render(rows, f"{spec.name}: {len(runs)} run(s)", fmt, console)
+    if seeds and not seeded(rows):
+        raise SpecError("--seeds: the sweep does not vary pretrain.seed")
+    if seeds:
+        render_seeds(seed_groups(rows), f"{spec.name}: {len(runs)} run(s), by seed", fmt, console)
+    else:
+        render(rows, f"{spec.name}: {len(runs)} run(s)", fmt, console)
     console.file.flush()  # the table first, then the notes (on stderr for md, csv and json)
     notes = console if fmt == "table" else Console(stderr=True)  # stdout stays machine-readable
     if (saved := savings(rows)) is not None:
@@ -54,7 +78,7 @@ def show_report(spec: SweepSpec, runs: list[Run], console: Console, fmt: str, fi
 
 def columns(rows: list[RunRow]) -> list[str]:
     """The table's columns: the global objective only if a run logs it (kNN always: `-` until logged)."""
-    swept = [short(key) for key in rows[0].point] if rows else []
+    swept = [short(key) for key in swept_fields(row.point for row in rows)]
     global_objective = any(row.global_objective is not None for row in rows)
     return [
         "run",
@@ -101,9 +125,16 @@ def as_json(rows: list[RunRow]) -> list[dict[str, Any]]:
 def render(rows: list[RunRow], title: str, fmt: str, console: Console) -> None:
     """Print the rows as a terminal table (with a title and the hours note) or as md, csv or json."""
     names = columns(rows)
-    cells = [[formatted(row)[name] for name in names] for row in rows]
+    cells = [[formatted(row).get(name, "-") for name in names] for row in rows]  # "-": a field not set
+    print_cells(names, cells, as_json(rows), (title, TABLE_NOTE), fmt, console)
+
+
+def print_cells(
+    names: list[str], cells: list[list[str]], raw: Any, caption: tuple[str, str], fmt: str, console: Console
+) -> None:
+    """A terminal table with its (title, note), or md, csv, or `raw` as json."""
     if fmt == "table":
-        table = Table(title=title, title_justify="left", caption=TABLE_NOTE, caption_justify="left")
+        table = Table(title=caption[0], title_justify="left", caption=caption[1], caption_justify="left")
         for name in names:
             table.add_column(name, overflow="fold")
         for line in cells:
@@ -111,10 +142,67 @@ def render(rows: list[RunRow], title: str, fmt: str, console: Console) -> None:
         console.print(table)
         return
     if fmt == "json":
-        text = json.dumps(as_json(rows), indent=2)
+        text = json.dumps(raw, indent=2)
     else:
         text = markdown(names, cells) if fmt == "md" else csv_text(names, cells)
     console.print(text.rstrip("\n"), markup=False, highlight=False, soft_wrap=True)
+
+
+def render_seeds(groups: list[SeedGroup], title: str, fmt: str, console: Console) -> None:
+    """One row per point of the sweep but its seed: the global objective at a few epochs, then the
+    final kNN and linear top-1, each as mean ± sd over seeds."""
+    epochs = table_epochs(groups)
+    keys = swept_fields(group.point for group in groups)
+    objective = [f"global objective @{epoch:g}" for epoch in epochs]
+    pooled = [f"pooled @{epochs[-1]:g}"] if epochs else []
+    names = [*(short(key) for key in keys), "seeds done", *objective, *pooled, "kNN top-1", "linear top-1"]
+    cells = []
+    for group in groups:
+        values = [group.at_epoch("global_objective", epoch) for epoch in epochs]
+        if epochs:
+            values.append(group.at_epoch("global_objective_pooled_views", epochs[-1]))
+        seeds = len(group.rows)
+        cells.append(
+            [
+                *(str(group.point.get(key, "-")) for key in keys),
+                f"{sum(row.standing == 'done' for row in group.rows)}/{seeds}",
+                *(_spread(value, seeds) for value in values),
+                _spread(group.final("knn_top1"), seeds, ".2f"),
+                _spread(group.final("linear_top1"), seeds, ".2f"),
+            ]
+        )
+    print_cells(names, cells, seeds_json(groups, epochs), (title, SEEDS_NOTE), fmt, console)
+
+
+def seeds_json(groups: list[SeedGroup], epochs: list[float]) -> list[dict[str, Any]]:
+    """The seed table's numbers for notebooks: {mean, sd, n} or null."""
+    return [
+        {
+            "point": group.point,
+            "runs": [row.run for row in group.rows],
+            "global_objective": {
+                f"{epoch:g}": _raw(group.at_epoch("global_objective", epoch)) for epoch in epochs
+            },
+            "global_objective_pooled_views": {
+                f"{epoch:g}": _raw(group.at_epoch("global_objective_pooled_views", epoch)) for epoch in epochs
+            },
+            "knn_top1": _raw(group.final("knn_top1")),
+            "linear_top1": _raw(group.final("linear_top1")),
+        }
+        for group in groups
+    ]
+
+
+def _raw(value: Spread | None) -> dict[str, Any] | None:
+    return None if value is None else asdict(value)
+
+
+def _spread(value: Spread | None, seeds: int, spec: str = ".4f") -> str:
+    if value is None:
+        return "-"
+    sd = "" if value.sd is None else f" ± {value.sd:{spec}}"
+    partial = "" if value.n == seeds else f" (n={value.n})"
+    return f"{value.mean:{spec}}{sd}{partial}"
 
 
 def markdown(names: list[str], cells: list[list[str]]) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -184,7 +184,7 @@ def curves(records: list[dict[str, Any]], total_steps: int | None, epochs: int) 
     if total_steps:
         points = [(r["step"] * epochs / total_steps, r["objective"]) for r in records if "objective" in r]
         found["objective"] = points
-    for key in ("global_objective", "knn_top1"):
+    for key in ("global_objective", "global_objective_pooled_views", "knn_top1"):
         found[key] = [(r["epoch"] + 1, r[key]) for r in records if r.get(key) is not None and "epoch" in r]
     return {key: Series(key, [x for x, _ in p], [y for _, y in p]) for key, p in found.items() if p}
 
@@ -245,12 +245,11 @@ def _time(iso: str | None) -> float | None:
 
 
 def numeric_fields(rows: list[RunRow]) -> list[str]:
-    """Swept fields whose values are all numbers and take at least two values."""
-    keys = [key for key in rows[0].point] if rows else []
+    """Fields that every run sets, to numbers that take at least two values."""
     return [
         key
-        for key in keys
-        if all(_is_number(row.point[key]) for row in rows) and len({row.point[key] for row in rows}) > 1
+        for key in swept_fields(row.point for row in rows)
+        if all(_is_number(row.point.get(key)) for row in rows) and len({row.point[key] for row in rows}) > 1
     ]
 
 
@@ -266,6 +265,11 @@ def top1_series(rows: list[RunRow], key: str) -> list[Series]:
     return [Series(label, [x for x, _ in sorted(p)], [y for _, y in sorted(p)]) for label, p in lines.items()]
 
 
+def swept_fields(points: Iterable[dict[str, Any]]) -> list[str]:
+    """Every field of the points, in the order they first appear (explicit `runs` set different ones)."""
+    return list(dict.fromkeys(key for point in points for key in point))
+
+
 def short(key: str) -> str:
     """`pretrain.batch_size` -> `batch_size`: a bare name is a pretraining field, as in a spec."""
     return key.removeprefix("pretrain.")
@@ -273,3 +277,77 @@ def short(key: str) -> str:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# --- mean ± sd over seeds ---------------------------------------------------------------------------
+
+SEED = "pretrain.seed"
+
+
+@dataclass(frozen=True)
+class Spread:
+    """Mean and sample standard deviation over the `n` seeds that have a value (sd None for one)."""
+
+    mean: float
+    sd: float | None
+    n: int
+
+
+@dataclass(frozen=True)
+class SeedGroup:
+    """The runs of one point of the sweep that differ only in their seed."""
+
+    point: dict[str, Any]  # the swept values but the seed
+    rows: list[RunRow]
+
+    @property
+    def label(self) -> str:
+        return ", ".join(f"{short(key)}={value}" for key, value in self.point.items())
+
+    def at_epoch(self, key: str, epoch: float) -> Spread | None:
+        """Curve `key` at `epoch` over the seeds that have logged it there."""
+        return spread([row.curves[key].y[row.curves[key].x.index(epoch)] for row in self._with(key, epoch)])
+
+    def final(self, field: str) -> Spread | None:
+        """A RunRow field (knn_top1, linear_top1) over the seeds that have it."""
+        return spread([value for row in self.rows if (value := getattr(row, field)) is not None])
+
+    def band(self, key: str) -> tuple[list[float], list[Spread]]:
+        """Curve `key` at every epoch that some seed logged it: the epochs and the spread there."""
+        epochs = sorted({x for row in self.rows if key in row.curves for x in row.curves[key].x})
+        return epochs, [self.at_epoch(key, epoch) for epoch in epochs]
+
+    def _with(self, key: str, epoch: float) -> list[RunRow]:
+        return [row for row in self.rows if key in row.curves and epoch in row.curves[key].x]
+
+
+def seeded(rows: list[RunRow]) -> bool:
+    """Whether the sweep varies the seed (and so has something to average over)."""
+    return len({row.point.get(SEED) for row in rows}) > 1
+
+
+def seed_groups(rows: list[RunRow]) -> list[SeedGroup]:
+    """The rows grouped by their point without the seed, in the order the groups first appear."""
+    groups: dict[tuple, SeedGroup] = {}
+    for row in rows:
+        point = {key: value for key, value in row.point.items() if key != SEED}
+        groups.setdefault(tuple(point.items()), SeedGroup(point, [])).rows.append(row)
+    return list(groups.values())
+
+
+def spread(values: list[float]) -> Spread | None:
+    if not values:
+        return None
+    mean = sum(values) / len(values)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
+    return Spread(mean, sd, len(values))
+
+
+def table_epochs(groups: list[SeedGroup], key: str = "global_objective", count: int = 4) -> list[float]:
+    """Up to `count` epochs at which `key` is logged, evenly spread and ending at the last one logged."""
+    logged = sorted(
+        {x for group in groups for row in group.rows if key in row.curves for x in row.curves[key].x}
+    )
+    if len(logged) <= count:
+        return logged
+    return [logged[round((len(logged) - 1) * (k + 1) / count)] for k in range(count)]
