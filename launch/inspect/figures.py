@@ -128,6 +128,8 @@ def seeds_figure(
     panels: dict[object, list[SeedGroup]] = {}
     for group in groups:
         panels.setdefault(group.point.get(panel_key), []).append(group)
+    if all(isinstance(value, int | float) for value in panels):  # batch sizes left to right
+        panels = dict(sorted(panels.items()))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False, sharey=True)
     for ax, (value, members) in zip(axes[0], panels.items(), strict=True):
         for group in members:
@@ -144,7 +146,8 @@ def seeds_figure(
         ax.set_title(f"{short(panel_key)} {value}" if value is not None else key)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, title="(seeds at the last epoch)", title_fontsize=7)
+        if ax.lines:  # a batch size no run has reached yet: an empty panel
+            ax.legend(fontsize=7, title="(seeds at the last epoch)", title_fontsize=7)
     axes[0][0].set_ylabel(f"{CURVE_PANELS.get(key, key)}: mean ± sd over seeds")
     return _save(fig, path)
 
