@@ -6,21 +6,27 @@ so the trainers receive the signal themselves. torchrun runs with both ignored, 
 handlers that note the signal and keep telling the trainers until they have stopped (see `wait_for`);
 until then it ignores both (launch/submit.py starts it so), since an unhandled USR2 would kill it.
 
-After torchrun exits, node 0 reads the phase's state.json. Why the trainers stopped, and what to do
-about it, is decided by jobs/stop.py from SLURM's own view of the job (asked from inside it, never
-guessed from elapsed time), at the signal and again after the trainers exit: preempted (requeued by
-node 0, or already by SLURM), a time-limit warning (requeued by node 0), or a cancel (never requeued).
+After torchrun exits, node 0 reads the phase's state.json and goes observe -> decide -> record -> do:
+SLURM's own view of the job (asked from inside it, never guessed from elapsed time), jobs/stop.py's
+table (the one place that says whether the job comes back, and why not), jobs/attempt.py's record,
+then the SLURM calls the plan asks for. The same table is asked at the signal too, for what cannot
+wait for the trainers: preempted (requeued by node 0, or already by SLURM), a time-limit warning
+(requeued by node 0), or a cancel (never requeued). A requeue is made only on an answer from SLURM:
+without one node 0 asks again, and gives up loudly (jobs/stop.py `unanswered`).
 
 A requeue keeps the job id and run directory, so `afterok` dependents still wait. `scontrol requeue`
 is retried with backoff for REQUEUE_WINDOW_S (a busy controller answers "Socket timed out"); if it
-still fails, state.json says so, the dependents are cancelled and the job fails. An array task is
+still fails, state.json says so, the dependents are cancelled and the job fails. A requeue already
+made when the run then fails or ends (made at the signal, or by SLURM) is withdrawn with `scancel`,
+which leaves the requeued job CANCELLED once its job task exits (measured: jobs/stop.py). An array task is
 addressed as `ARRAYJOBID_TASKID` in every SLURM command: its own numeric id may equal the array's id (the
 last task keeps it), and that id names the whole array to scontrol and scancel. Transient failures
 (a rank killed, a peer lost) are requeued within `max_failures`; a failure in training code raises, so
 the job ends FAILED. When the run ends without completing, node 0 also cancels the jobs waiting on it
 (its evaluation), which would otherwise stay pending for ever on a cluster without kill_invalid_depend;
 after a cancel it does so as soon as the signal arrives, since KillWait may end it before the trainers.
-It looks for them among the user's own pending jobs only (`squeue --me`), never the whole queue.
+It looks for them among the user's own pending jobs only (`squeue --me`), never the whole queue, and
+asks again when squeue does not answer (a pruned job ends COMPLETED: only this cancels its evaluation).
 Other nodes run their torchrun and report; they never fail the job themselves (node 0 decides).
 """
 
@@ -36,9 +42,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from jobs.attempt import PHASES, Budget, finish_attempt, run_attempt, wait_for
+from jobs.attempt import PHASES, record_attempt, run_attempt, wait_for, with_attempt
 from jobs.code import running_code
-from jobs.stop import Seen, Stop, decide
+from jobs.stop import Budget, Plan, Seen, decide, unanswered
 from jobs.torchrun import (
     Rendezvous,
     rendezvous_port,
@@ -53,6 +59,11 @@ SLURM_QUERY_TIMEOUT_S = 30
 # How long node 0 keeps retrying `scontrol requeue` (doubling pauses from 1 s). Within a grace time or
 # a signal lead of a minute or more; a controller that stays silent longer fails the job loudly.
 REQUEUE_WINDOW_S = 60
+# How often node 0 lists the jobs waiting on its job before it gives up on cancelling them (1+2+4+8 s of
+# pauses): a pruned job ends COMPLETED, so its evaluation's afterok is met unless node 0 cancels it.
+LIST_TRIES = 5
+# A time as scontrol prints it (PreemptTime, EndTime); "None" and "Unknown" are not.
+TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d")
 
 
 class JobFailed(RuntimeError):
@@ -143,9 +154,11 @@ class TrainingJob:
             stop_requested=stop.requested,
             on_stop=lambda: act_on_signal(task, stop.reason()),
         )
-        decided = judge(task, stop.reason(), attempt)
-        action = finish_attempt(state_path, attempt, Budget(self.max_requeues, self.max_failures))
-        action = carry_out(task, state_path, action, decided)
+        plan = conclude(
+            task, stop.reason(), attempt, state_path, Budget(self.max_requeues, self.max_failures)
+        )
+        record_attempt(state_path, attempt, plan)
+        action = carry_out(task, state_path, plan)
         if action == "fail":
             raise JobFailed(f"{self.phase} of {self.run_dir} failed: {read_state(state_path).get('error')}")
         return {"phase": self.phase, "action": action, "attempt": attempt}
@@ -183,56 +196,82 @@ class StopNote:
 
 
 def observe(task: SlurmTask, signal: str | None, trainers: str | None) -> Seen:
-    """What node 0 sees of its job now: `signal` and `trainers` as given, and SLURM's view."""
+    """What node 0 sees of its job now: `signal` and `trainers` as given, SLURM's view, and accounting's
+    where the controller's view cannot tell a cancel from a preemption (or the controller did not answer)."""
     fields = job_fields(task.slurm_id, tries=3 if trainers else 2)
     restarts = fields.get("Restarts", "")
+    requeued = restarts.isdigit() and int(restarts) > task.restart_count
+    preempted_at, ended_at = fields.get("PreemptTime", ""), fields.get("EndTime", "")
+    preempt_time = bool(TIMESTAMP.fullmatch(preempted_at))
+    ending = not fields or (preempt_time and fields.get("JobState") != "RUNNING" and not requeued)
     return Seen(
         signal=signal,
         job_state=fields.get("JobState"),
         reason=fields.get("Reason"),
-        preempt_time=fields.get("PreemptTime", "None") not in ("None", "Unknown", ""),
-        requeued=restarts.isdigit() and int(restarts) > task.restart_count,
+        preempt_time=preempt_time,
+        requeued=requeued,
         trainers=trainers,
+        accounted=accounted_state(task.slurm_id) if ending else None,
+        ended_after_preemption=preempt_time
+        and bool(TIMESTAMP.fullmatch(ended_at))
+        and ended_at > preempted_at,
     )
 
 
-def judge(task: SlurmTask, signal: str | None, attempt: dict[str, Any]) -> Stop | None:
-    """After the trainers exit: for an attempt that stopped on a signal or lost its trainers, the stop
-    decision (its outcome and reason written into `attempt`); None for `done` and `failed`."""
-    if attempt["outcome"] not in ("preempted", "transient"):
-        return None
+def conclude(
+    task: SlurmTask, signal: str | None, attempt: dict[str, Any], state_path: Path, budget: Budget
+) -> Plan:
+    """After the trainers exit: the plan for `attempt`, from SLURM's view when a stop signal came or the
+    trainers stopped or were lost. While SLURM does not answer and the run wants a requeue, ask again for
+    REQUEUE_WINDOW_S; then the plan fails the job (stop.unanswered)."""
+    attempts = with_attempt(read_state(state_path), attempt)
     stopped = attempt["outcome"] == "preempted"  # then the trainers' record names the signal they saw
-    decided = decide(observe(task, signal or (attempt["reason"] if stopped else None), attempt["outcome"]))
-    reason = decided.why if stopped else f"{attempt['reason']}; {decided.why}"
-    attempt.update(outcome=decided.outcome, reason=reason)
-    return decided
+    if signal is None and attempt["outcome"] not in ("preempted", "transient"):
+        return decide(None, attempts, budget)
+    started, pause = time.monotonic(), 1.0
+    while True:
+        seen = observe(task, signal or (attempt["reason"] if stopped else None), attempt["outcome"])
+        plan = decide(seen, attempts, budget)
+        waited = time.monotonic() - started
+        if plan.requeue != "ask":
+            return plan
+        if waited + pause > REQUEUE_WINDOW_S:
+            return unanswered(plan, waited)
+        print(
+            f"job task: SLURM did not answer; asking again in {pause:.0f} s (no requeue without it)",
+            flush=True,
+        )
+        time.sleep(pause)
+        pause *= 2
 
 
-def carry_out(task: SlurmTask, state_path: Path, action: str, decided: Stop | None) -> str:
-    """Do what `action` (finish_attempt's) and the stop decision ask; the action, `fail` if a requeue
-    that was ours to make failed (then recorded as such in state.json)."""
-    if action == "requeue" and decided is not None and decided.requeue != "slurm":
+def carry_out(task: SlurmTask, state_path: Path, plan: Plan) -> str:
+    """Do what `plan` asks; its action, `fail` if a requeue that was ours to make failed (then recorded as
+    such in state.json)."""
+    action = plan.action
+    if action == "requeue" and plan.requeue in ("now", "after"):
         if error := requeue(task.slurm_id):
             update_state(state_path, status="failed", error=f"scontrol requeue failed: {error}")
             action = "fail"
-    if action in ("fail", "end"):
-        cancel_dependents(task.slurm_id)
-    if action == "fail" and decided is not None and decided.requeue == "slurm":
-        _slurm(["scancel", task.slurm_id])  # SLURM requeued it, but the run gives up: no next attempt
+    if action in ("fail", "end") or plan.cancel_dependents:
+        cancel_dependents(task.slurm_id, tries=LIST_TRIES)
+    if plan.withdraw:  # requeued (by SLURM, or by us at the signal), but the run is over: no next attempt
+        print(f"job task: {plan.outcome} after a requeue; withdrawing it (scancel)", flush=True)
+        _slurm(["scancel", task.slurm_id])
     return action
 
 
-def act_on_signal(task: SlurmTask, signal: str | None) -> Stop:
+def act_on_signal(task: SlurmTask, signal: str | None) -> Plan:
     """At the stop signal, while the trainers save: what cannot wait for them (KillWait may end the job
     first): cancel the dependents of a cancelled job, requeue a job SLURM is ending. A requeue that
     fails here is tried again after the trainers exit."""
-    decided = decide(observe(task, signal, None))
-    print(f"job task: {decided.why}: requeue {decided.requeue}", flush=True)
-    if decided.cancel_dependents:
+    plan = decide(observe(task, signal, None))
+    print(f"job task: {plan.why}: requeue {plan.requeue}", flush=True)
+    if plan.cancel_dependents:
         cancel_dependents(task.slurm_id)
-    if decided.requeue == "now":
+    if plan.requeue == "now":
         requeue(task.slurm_id)
-    return decided
+    return plan
 
 
 def requeue(job_id: int | str, window_s: float | None = None) -> str | None:
@@ -263,16 +302,31 @@ def job_fields(job_id: int | str, tries: int = 3) -> dict[str, str]:
     return {}
 
 
+def accounted_state(job_id: int | str, tries: int = 3) -> str | None:
+    """The job's State in accounting (`sacct`: CANCELLED, PREEMPTED, ...), which slurmdbd keeps apart from
+    the controller; asked again while it still says the job runs (it may lag). None without an answer."""
+    state = None
+    for attempt in range(tries):
+        result = _slurm(["sacct", "-n", "-X", "-P", "-o", "State", "-j", str(job_id)])
+        words = result.stdout.split() if result.returncode == 0 else []
+        state = words[0] if words else None
+        if state not in (None, "RUNNING", "PENDING"):
+            return state
+        time.sleep(1 + attempt)
+    return None
+
+
 def scontrol_fields(line: str) -> dict[str, str]:
     """One record of `scontrol show ... -o` (KEY=value KEY=value ...) as KEY -> value."""
     return dict(re.findall(r"(\w+)=(\S*)", line))
 
 
-def cancel_dependents(job_id: int | str) -> list[str]:
+def cancel_dependents(job_id: int | str, tries: int = 1) -> list[str]:
     """scancel the jobs that wait on `job_id` (`afterok:ID` and the like): they can never run now. For an
-    array task `A_i` that includes task i, and only task i, of each array waiting with `aftercorr:A_*`."""
+    array task `A_i` that includes task i, and only task i, of each array waiting with `aftercorr:A_*`.
+    The listing is asked `tries` times before giving up (once at the signal, where nothing may wait)."""
     # Our own pending jobs only (--me): the evaluation is ours. -r: every pending task on its own.
-    result = _slurm(["squeue", "--me", "-r", "-h", "-t", "PD", "-o", "%i|%E"])
+    result = _retried(["squeue", "--me", "-r", "-h", "-t", "PD", "-o", "%i|%E"], tries)
     if result.returncode != 0:
         why = " ".join(result.stderr.split()) or f"exit status {result.returncode}"
         print(f"job task: cannot list the jobs waiting on {job_id}, none cancelled: {why}", flush=True)
@@ -294,6 +348,16 @@ def waits_on(dependent: str, dependency: str, job_id: str) -> bool:
     array, _, index = job_id.partition("_")
     corresponding = dependent.partition("_")[2] == index  # aftercorr: the task of the same index
     return bool(index) and corresponding and re.search(rf"\baftercorr:{array}_\*", dependency) is not None
+
+
+def _retried(command: list[str], tries: int) -> subprocess.CompletedProcess[str]:
+    """`command` until it succeeds, `tries` times at most, with doubling pauses from 1 s."""
+    for attempt in range(tries):
+        result = _slurm(command)
+        if result.returncode == 0 or attempt == tries - 1:
+            return result
+        time.sleep(2**attempt)
+    raise AssertionError("unreachable")
 
 
 def _slurm(command: list[str]) -> subprocess.CompletedProcess[str]:
