@@ -33,9 +33,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 
-from launch.manifest import read_manifest, standings  # noqa: E402
-from launch.results import RunRow, collect, short  # noqa: E402
+from launch.inspect.results import RunRow, collect, short  # noqa: E402
+from launch.manifest import read_manifest  # noqa: E402
 from launch.spec import Run, expand, load_spec  # noqa: E402
+from launch.standing import standings  # noqa: E402
 from sogclr.contract.state import read_state  # noqa: E402
 
 SPEC = ROOT / "configs" / "digits_prune_study.yaml"
@@ -48,7 +49,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--spec", type=Path, default=SPEC)
     parser.add_argument("--full", type=Path, required=True, help="output_root of the full sweep")
     parser.add_argument("--pruned", type=Path, required=True, help="output_root of the pruned sweep")
-    parser.add_argument("--figure", type=Path, default=ROOT / "docs" / "digits_prune_study.png")
+    parser.add_argument("--figure", type=Path, default=ROOT / "docs" / "figures" / "digits_prune_study.png")
     return parser.parse_args()
 
 

@@ -4,7 +4,7 @@ decides for the job.
 SLURM signals every process of the job step (USR2 before the time limit; TERM on preemption or cancel),
 so the trainers receive the signal themselves. torchrun runs with both ignored, and this process installs
 handlers that note the signal and keep telling the trainers until they have stopped (see `wait_for`);
-until then it ignores both (launch/submit.py starts it so), since an unhandled USR2 would kill it.
+until then it ignores both (launch/scripts.py starts it so), since an unhandled USR2 would kill it.
 
 After torchrun exits, node 0 reads the phase's state.json and goes observe -> decide -> record -> do:
 SLURM's own view of the job (asked from inside it, never guessed from elapsed time), jobs/stop.py's
@@ -15,7 +15,7 @@ wait for the trainers: preempted (requeued by node 0, or already by SLURM), a ti
 without one node 0 asks again, and gives up loudly (jobs/stop.py `unanswered`).
 
 A requeue keeps the job id and run directory, so `afterok` dependents still wait. `scontrol requeue`
-is retried with backoff for REQUEUE_WINDOW_S (a busy controller answers "Socket timed out"); if it
+is tried REQUEUE_ATTEMPTS times with backoff (a busy controller answers "Socket timed out"); if it
 still fails, state.json says so, the dependents are cancelled and the job fails. A requeue already
 made when the run then fails or ends (made at the signal, or by SLURM) is withdrawn with `scancel`,
 which leaves the requeued job CANCELLED once its job task exits (measured: jobs/stop.py). An array task is
@@ -35,13 +35,13 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from jobs import slurm_client
 from jobs.attempt import PHASES, record_attempt, run_attempt, wait_for, with_attempt
 from jobs.code import running_code
 from jobs.stop import Budget, Plan, Seen, decide, unanswered
@@ -55,13 +55,14 @@ from jobs.torchrun import (
 from sogclr.contract.layout import RunLayout
 from sogclr.contract.state import read_state, update_state
 
-SLURM_QUERY_TIMEOUT_S = 30
-# How long node 0 keeps retrying `scontrol requeue` (doubling pauses from 1 s). Within a grace time or
-# a signal lead of a minute or more; a controller that stays silent longer fails the job loudly.
-REQUEUE_WINDOW_S = 60
-# How often node 0 lists the jobs waiting on its job before it gives up on cancelling them (1+2+4+8 s of
-# pauses): a pruned job ends COMPLETED, so its evaluation's afterok is met unless node 0 cancels it.
-LIST_TRIES = 5
+# How often node 0 tries `scontrol requeue` (pauses of 1, 2, 4, 8 s between; each try waits up to
+# MessageTimeout, 10 s by default): about a minute, within a grace time or a signal lead of a minute or
+# more. A controller that stays silent longer fails the job loudly. Asking SLURM's view again while it
+# does not answer follows the same rhythm.
+REQUEUE_ATTEMPTS = 5
+# How often node 0 lists the jobs waiting on its job once the run is over (as above: about a minute): a
+# pruned job ends COMPLETED, so its evaluation's afterok is met unless node 0 cancels it.
+LIST_ATTEMPTS = 5
 # A time as scontrol prints it (PreemptTime, EndTime); "None" and "Unknown" are not.
 TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d")
 
@@ -83,13 +84,10 @@ class SlurmTask:
     @classmethod
     def from_environ(cls) -> SlurmTask:
         nodelist = os.environ["SLURM_JOB_NODELIST"]
-        hosts = subprocess.run(
-            ["scontrol", "show", "hostnames", nodelist], check=True, capture_output=True, text=True
-        ).stdout.split()
         return cls(
             job_id=int(os.environ["SLURM_JOB_ID"]),
             node_rank=int(os.environ["SLURM_NODEID"]),
-            hosts=hosts,
+            hosts=slurm_client.hostnames(nodelist),
             restart_count=int(os.environ.get("SLURM_RESTART_COUNT", 0)),
             array_task=_array_task(),
         )
@@ -198,7 +196,7 @@ class StopNote:
 def observe(task: SlurmTask, signal: str | None, trainers: str | None) -> Seen:
     """What node 0 sees of its job now: `signal` and `trainers` as given, SLURM's view, and accounting's
     where the controller's view cannot tell a cancel from a preemption (or the controller did not answer)."""
-    fields = job_fields(task.slurm_id, tries=3 if trainers else 2)
+    fields = slurm_client.job_fields(task.slurm_id, attempts=3 if trainers else 2)
     restarts = fields.get("Restarts", "")
     requeued = restarts.isdigit() and int(restarts) > task.restart_count
     preempted_at, ended_at = fields.get("PreemptTime", ""), fields.get("EndTime", "")
@@ -211,7 +209,7 @@ def observe(task: SlurmTask, signal: str | None, trainers: str | None) -> Seen:
         preempt_time=preempt_time,
         requeued=requeued,
         trainers=trainers,
-        accounted=accounted_state(task.slurm_id) if ending else None,
+        accounted=slurm_client.accounted_state(task.slurm_id) if ending else None,
         ended_after_preemption=preempt_time
         and bool(TIMESTAMP.fullmatch(ended_at))
         and ended_at > preempted_at,
@@ -223,26 +221,24 @@ def conclude(
 ) -> Plan:
     """After the trainers exit: the plan for `attempt`, from SLURM's view when a stop signal came or the
     trainers stopped or were lost. While SLURM does not answer and the run wants a requeue, ask again for
-    REQUEUE_WINDOW_S; then the plan fails the job (stop.unanswered)."""
+    REQUEUE_ATTEMPTS times; then the plan fails the job (stop.unanswered)."""
     attempts = with_attempt(read_state(state_path), attempt)
     stopped = attempt["outcome"] == "preempted"  # then the trainers' record names the signal they saw
     if signal is None and attempt["outcome"] not in ("preempted", "transient"):
         return decide(None, attempts, budget)
     started, pause = time.monotonic(), 1.0
-    while True:
+    for asked in range(1, REQUEUE_ATTEMPTS + 1):
         seen = observe(task, signal or (attempt["reason"] if stopped else None), attempt["outcome"])
         plan = decide(seen, attempts, budget)
-        waited = time.monotonic() - started
-        if plan.requeue != "ask":
-            return plan
-        if waited + pause > REQUEUE_WINDOW_S:
-            return unanswered(plan, waited)
+        if plan.requeue != "ask" or asked == REQUEUE_ATTEMPTS:
+            break
         print(
             f"job task: SLURM did not answer; asking again in {pause:.0f} s (no requeue without it)",
             flush=True,
         )
         time.sleep(pause)
         pause *= 2
+    return unanswered(plan, time.monotonic() - started) if plan.requeue == "ask" else plan
 
 
 def carry_out(task: SlurmTask, state_path: Path, plan: Plan) -> str:
@@ -251,13 +247,13 @@ def carry_out(task: SlurmTask, state_path: Path, plan: Plan) -> str:
     action = plan.action
     if action == "requeue" and plan.requeue in ("now", "after"):
         if error := requeue(task.slurm_id):
-            update_state(state_path, status="failed", error=f"scontrol requeue failed: {error}")
+            update_state(state_path, status="failed", error=error)  # the client names the command
             action = "fail"
     if action in ("fail", "end") or plan.cancel_dependents:
-        cancel_dependents(task.slurm_id, tries=LIST_TRIES)
+        cancel_dependents(task.slurm_id, attempts=LIST_ATTEMPTS)
     if plan.withdraw:  # requeued (by SLURM, or by us at the signal), but the run is over: no next attempt
         print(f"job task: {plan.outcome} after a requeue; withdrawing it (scancel)", flush=True)
-        _slurm(["scancel", task.slurm_id])
+        slurm_client.scancel([task.slurm_id])
     return action
 
 
@@ -274,70 +270,31 @@ def act_on_signal(task: SlurmTask, signal: str | None) -> Plan:
     return plan
 
 
-def requeue(job_id: int | str, window_s: float | None = None) -> str | None:
-    """`scontrol requeue`, retried with doubling pauses for `window_s` (REQUEUE_WINDOW_S); None once
-    SLURM has it requeued (also when it already was: "Job is pending execution"), else the last error."""
-    deadline = time.monotonic() + (REQUEUE_WINDOW_S if window_s is None else window_s)
-    pause = 1.0
-    while True:
-        result = _slurm(["scontrol", "requeue", str(job_id)])
-        error = " ".join(result.stderr.split()) or f"exit status {result.returncode}"
-        if result.returncode == 0 or "pending execution" in error:
-            return None
-        if time.monotonic() + pause > deadline:
-            print(f"job task: scontrol requeue {job_id} failed, giving up: {error}", flush=True)
-            return error
-        print(f"job task: scontrol requeue {job_id} failed, again in {pause:.0f} s: {error}", flush=True)
-        time.sleep(pause)
-        pause *= 2
-
-
-def job_fields(job_id: int | str, tries: int = 3) -> dict[str, str]:
-    """`scontrol show job -o` as KEY -> value ({} if the controller does not answer, `tries` times)."""
-    for attempt in range(tries):
-        result = _slurm(["scontrol", "show", "job", "-o", str(job_id)])
-        if result.returncode == 0:
-            return scontrol_fields(result.stdout)
-        time.sleep(2**attempt)
-    return {}
-
-
-def accounted_state(job_id: int | str, tries: int = 3) -> str | None:
-    """The job's State in accounting (`sacct`: CANCELLED, PREEMPTED, ...), which slurmdbd keeps apart from
-    the controller; asked again while it still says the job runs (it may lag). None without an answer."""
-    state = None
-    for attempt in range(tries):
-        result = _slurm(["sacct", "-n", "-X", "-P", "-o", "State", "-j", str(job_id)])
-        words = result.stdout.split() if result.returncode == 0 else []
-        state = words[0] if words else None
-        if state not in (None, "RUNNING", "PENDING"):
-            return state
-        time.sleep(1 + attempt)
+def requeue(job_id: int | str, attempts: int | None = None) -> str | None:
+    """`scontrol requeue`, tried `attempts` times (REQUEUE_ATTEMPTS); None once SLURM has it requeued
+    (also when it already was: "Job is pending execution"), else the last error."""
+    try:
+        slurm_client.requeue(str(job_id), REQUEUE_ATTEMPTS if attempts is None else attempts)
+    except slurm_client.SlurmError as error:
+        print(f"job task: giving up the requeue of {job_id}: {error}", flush=True)
+        return str(error)
     return None
 
 
-def scontrol_fields(line: str) -> dict[str, str]:
-    """One record of `scontrol show ... -o` (KEY=value KEY=value ...) as KEY -> value."""
-    return dict(re.findall(r"(\w+)=(\S*)", line))
-
-
-def cancel_dependents(job_id: int | str, tries: int = 1) -> list[str]:
+def cancel_dependents(job_id: int | str, attempts: int = 3) -> list[str]:
     """scancel the jobs that wait on `job_id` (`afterok:ID` and the like): they can never run now. For an
     array task `A_i` that includes task i, and only task i, of each array waiting with `aftercorr:A_*`.
-    The listing is asked `tries` times before giving up (once at the signal, where nothing may wait)."""
-    # Our own pending jobs only (--me): the evaluation is ours. -r: every pending task on its own.
-    result = _retried(["squeue", "--me", "-r", "-h", "-t", "PD", "-o", "%i|%E"], tries)
-    if result.returncode != 0:
-        why = " ".join(result.stderr.split()) or f"exit status {result.returncode}"
-        print(f"job task: cannot list the jobs waiting on {job_id}, none cancelled: {why}", flush=True)
+    The listing is asked `attempts` times before node 0 gives up on them."""
+    try:  # our own pending jobs only: the evaluation is ours
+        pending = slurm_client.pending_dependencies(attempts)
+    except slurm_client.SlurmError as error:
+        print(f"job task: cannot list the jobs waiting on {job_id}, none cancelled: {error}", flush=True)
         return []
     dependents = [
-        dependent
-        for dependent, _, dependency in (line.partition("|") for line in result.stdout.splitlines())
-        if waits_on(dependent, dependency, str(job_id))
+        dependent for dependent, dependency in pending if waits_on(dependent, dependency, str(job_id))
     ]
-    if dependents:
-        _slurm(["scancel", *dependents])
+    for job, why in slurm_client.scancel(dependents).items():
+        print(f"job task: could not cancel {job}, which waits on {job_id}: {why}", flush=True)
     return dependents
 
 
@@ -348,20 +305,3 @@ def waits_on(dependent: str, dependency: str, job_id: str) -> bool:
     array, _, index = job_id.partition("_")
     corresponding = dependent.partition("_")[2] == index  # aftercorr: the task of the same index
     return bool(index) and corresponding and re.search(rf"\baftercorr:{array}_\*", dependency) is not None
-
-
-def _retried(command: list[str], tries: int) -> subprocess.CompletedProcess[str]:
-    """`command` until it succeeds, `tries` times at most, with doubling pauses from 1 s."""
-    for attempt in range(tries):
-        result = _slurm(command)
-        if result.returncode == 0 or attempt == tries - 1:
-            return result
-        time.sleep(2**attempt)
-    raise AssertionError("unreachable")
-
-
-def _slurm(command: list[str]) -> subprocess.CompletedProcess[str]:
-    try:
-        return subprocess.run(command, capture_output=True, text=True, timeout=SLURM_QUERY_TIMEOUT_S)
-    except (OSError, subprocess.TimeoutExpired) as error:
-        return subprocess.CompletedProcess(command, 1, "", str(error))

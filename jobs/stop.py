@@ -60,7 +60,7 @@ with accounting silent is a cancel within the grace time or a CANCEL-mode grace 
 trainers saved: taken as a cancel, since bringing back a job its user cancelled is the worse mistake
 (the run is then `cancelled`; `--resubmit-failed` brings it back). Without an answer from the
 controller node 0 never requeues on the trainers' word: it asks accounting, asks again until SLURM
-answers or REQUEUE_WINDOW_S passes, and then fails the job loudly (see `unanswered`).
+answers or jobs/slurm.py REQUEUE_ATTEMPTS tries pass, then fails the job loudly (see `unanswered`).
 """
 
 from __future__ import annotations

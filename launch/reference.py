@@ -1,7 +1,7 @@
-"""The spec reference in README.md, generated from the schema so the two never drift apart.
+"""The spec reference in docs/spec.md, generated from the schema so the two never drift apart.
 
 python -m launch.reference          # print the Markdown tables
-python -m launch.reference --write  # replace them in README.md
+python -m launch.reference --write  # replace them in docs/spec.md (tests/test_docs.py checks it is current)
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from launch.spec import LinclsSpec, PruneSpec, SlurmConfig, SweepConfig, SweepSp
 from sogclr.contract.config import CheckpointConfig, PretrainConfig, WandbConfig
 
 START, END = "<!-- spec-reference:start -->", "<!-- spec-reference:end -->"
-README = Path(__file__).resolve().parents[1] / "README.md"
+SPEC_DOC = Path(__file__).resolve().parents[1] / "docs" / "spec.md"
 SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("top level", SweepSpec),
     ("slurm", SlurmConfig),
@@ -62,18 +62,19 @@ def reference_markdown() -> str:
     return "\n\n".join(parts)
 
 
-def readme_with_reference(readme: str) -> str:
-    head, _, rest = readme.partition(START)
+def with_reference(document: str) -> str:
+    """The document with the text between its two markers replaced by the current reference."""
+    head, _, rest = document.partition(START)
     _, _, tail = rest.partition(END)
     return f"{head}{START}\n{reference_markdown()}\n{END}{tail}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--write", action="store_true", help="update README.md in place")
+    parser.add_argument("--write", action="store_true", help="update docs/spec.md in place")
     args = parser.parse_args()
     if args.write:
-        README.write_text(readme_with_reference(README.read_text()))
+        SPEC_DOC.write_text(with_reference(SPEC_DOC.read_text()))
     else:
         print(reference_markdown())
 

@@ -143,7 +143,7 @@ class SlurmConfig(Schema):
     additional: dict[SbatchOption, SbatchValue] = Field(
         default_factory=dict,
         description="Extra sbatch parameters, e.g. {exclusive: true, reservation: x}; not the options the "
-        "launcher sets itself (listed under Running on a cluster).",
+        "launcher sets itself (docs/cluster.md lists them).",
     )
 
     # Written into #SBATCH lines: YAML's `account: |` adds a newline, which would end the #SBATCH block.

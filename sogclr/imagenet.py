@@ -15,8 +15,8 @@ writes `OUT/train/<wnid>/*.JPEG` and `OUT/val/<wnid>/*.JPEG`, the `data_dir` of 
 The validation labels come from the devkit (torchvision's `parse_devkit_archive`, which also writes
 `OUT/meta.bin`, what `torchvision.datasets.ImageNet(OUT)` reads). Archives are checked against the official
 MD5 sums by torchvision first. `--imagenet100 OUT100` also makes an ImageNet-100 tree, the reference's 100
-classes (sogclr/imagenet100.txt) as links to OUT's class folders: a `folder` dataset (the `imagenet100`
-dataset reads them from OUT itself).
+classes (sogclr/contract/imagenet100.txt) as links to OUT's class folders: a `folder` dataset (the
+`imagenet100` dataset reads them from OUT itself).
 """
 
 from __future__ import annotations

@@ -12,7 +12,6 @@ import pytest
 import yaml
 
 from launch.cli import main
-from launch.reference import readme_with_reference
 from launch.spec import SweepSpec, expand, load_spec, parse_time_limit
 from sogclr.contract.config import load_run_config
 
@@ -47,7 +46,7 @@ def test_shipped_specs_expand_to_the_documented_runs() -> None:
     for name in ("imagenet1k", "imagenet100", "quickstart"):
         assert expand(load_spec(CONFIGS / f"{name}.yaml"))
 
-    digits = expand(load_spec(CONFIGS / "digits_batch_study.yaml"))  # the README's study on the digits
+    digits = expand(load_spec(CONFIGS / "digits_batch_study.yaml"))  # docs/studies.md's study on the digits
     points = {(run.config.pretrain.loss, run.config.pretrain.batch_size) for run in digits}
     assert points == {(loss, b) for loss in ("sogclr", "simclr") for b in (16, 64, 256)}
     assert all(run.config.pretrain.dataset == "digits" and run.slurm.gpus_per_node == 0 for run in digits)
@@ -281,11 +280,6 @@ def test_console_script_exits_2_with_one_line(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["error: pretrain.gama: unknown key (did you mean 'gamma'?)"]
     assert "Traceback" not in result.stderr and not (tmp_path / "runs").exists()
-
-
-def test_readme_spec_reference_matches_the_schema() -> None:
-    readme = (CONFIGS.parent / "README.md").read_text()
-    assert readme_with_reference(readme) == readme, "run: python -m launch.reference --write"
 
 
 def test_shipped_run_config_is_valid() -> None:

@@ -1,4 +1,4 @@
-"""The README's promises under each cluster profile where SLURM behaves differently, end to end on the
+"""docs/cluster.md's promises under each cluster profile where SLURM behaves differently, end to end on the
 local cluster: preemption with grace 0 and 30, PreemptMode REQUEUE and CANCEL, by partition priority and
 by QOS (eight profiles, switched live); a cancel under SLURM's defaults (no kill_invalid_depend),
 including an evaluation whose dependency can never be met; a trainer's CPUs where the cluster binds
