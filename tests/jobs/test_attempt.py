@@ -12,6 +12,7 @@ import pytest
 from jobs.attempt import begin_attempt, close_unrecorded_attempt, finish_attempt, run_attempt
 from jobs.stop import Budget
 from sogclr.contract.state import read_state, update_state
+from tests.jobs.test_stop import attempt
 
 # A stand-in trainer: records `status` and `step` in state.json as sogclr's entry points do, then exits.
 RECORDING_TRAINER = """
@@ -29,16 +30,6 @@ def stop(*_):
 signal.signal(signal.SIGUSR2, stop)
 time.sleep(60)
 """
-
-
-def attempt(outcome: str, start: int, end: int, job_id: int = 1) -> dict:
-    return {
-        "outcome": outcome,
-        "start_step": start,
-        "end_step": end,
-        "reason": f"ended {outcome}",
-        "job_id": job_id,
-    }
 
 
 def test_finish_attempt_numbers_attempts_and_counts_requeues(tmp_path: Path):

@@ -30,7 +30,7 @@ pytestmark = [*SLURM_MODULE, pytest.mark.timeout(1800)]
 
 MODES = ("requeue", "cancel")
 HOW = {"grace": "n1", "frozen": "n2"}  # the kind of cancel -> the node its run trains on
-FROZEN_S = 40  # past node 0's questions (MessageTimeout 2 s each) and into its requeue's retries
+FROZEN_S = 80  # at most: within KillWait (90 s), so that node 0 outlives the frozen controller
 PROFILE = {"grace_s": 30, "kill_wait_s": 90, "message_timeout_s": 2}
 
 
@@ -63,25 +63,41 @@ def cancelled(workdir: Path, slurm_cluster: Any) -> dict[str, Path]:
                 wait_until(lambda run_dir=run_dirs[name]: last_logged_step(run_dir) >= 3, f"{name} to train")
             for how, name in zip(HOW, names, strict=True):
                 job = job_ids(workdir, name, name)["pretrain"]
-                CANCELS[how](slurm_cluster, job)
+                CANCELS[how](slurm_cluster, job, run_dirs[name])
                 wait_until(
                     lambda job=job, name=name: decided(slurm_cluster, job, run_dirs[name]), "node 0", 300
                 )
     return run_dirs
 
 
-def cancel_within_grace(cluster: Any, job: str) -> None:
-    """Preempted (grace 30 s), then cancelled at once: while its trainers save."""
+def cancel_within_grace(cluster: Any, job: str, run_dir: Path) -> None:
+    """Preempted (grace 30 s), then cancelled as soon as SLURM has signalled it: while its trainers save."""
     cluster.preempt_node(HOW["grace"])
+    wait_until(lambda: "PreemptTime=20" in shown(cluster, job), "the preemption", poll_s=0.05)
     cluster.run("scancel", job)
 
 
-def cancel_while_frozen(cluster: Any, job: str) -> None:
-    """Cancelled, then slurmctld stopped before node 0 can ask, for FROZEN_S."""
+def cancel_while_frozen(cluster: Any, job: str, run_dir: Path) -> None:
+    """Cancelled; slurmctld stopped once node 0 has seen the cancel at the signal, until node 0 has asked
+    again after its trainers exited (and, unanswered, recorded the attempt or begun a requeue)."""
     cluster.run("scancel", job)
-    time.sleep(0.5)  # the controller has told the node: the job gets its TERM
+    wait_until(lambda: "requeue no" in job_log(run_dir, "out"), "node 0 to decide at the signal", poll_s=0.05)
     with cluster.frozen_controller():
-        time.sleep(FROZEN_S)
+        wait_until(lambda: node_0_has_asked(run_dir), "node 0 to ask after its trainers", FROZEN_S)
+
+
+def node_0_has_asked(run_dir: Path) -> bool:
+    """Node 0 recorded the attempt, or began a requeue (its failed tries are logged)."""
+    tried = "scontrol requeue" in job_log(run_dir, "out") + job_log(run_dir, "err")
+    return bool(read_state(run_dir / "state.json").get("attempts")) or tried
+
+
+def job_log(run_dir: Path, stream: str) -> str:
+    return "".join(log.read_text() for log in (run_dir / "slurm").glob(f"*_0_log.{stream}"))
+
+
+def shown(cluster: Any, job: str) -> str:
+    return cluster.run("scontrol", "show", "job", "-o", job).stdout
 
 
 CANCELS = {"grace": cancel_within_grace, "frozen": cancel_while_frozen}
@@ -89,8 +105,7 @@ CANCELS = {"grace": cancel_within_grace, "frozen": cancel_while_frozen}
 
 def decided(cluster: Any, job: str, run_dir: Path) -> bool:
     """Node 0 has recorded the attempt, or the job has ended (its job task killed first), or come back."""
-    shown = cluster.run("scontrol", "show", "job", "-o", job).stdout
-    back = "Restarts=0" not in shown
+    back = "Restarts=0" not in shown(cluster, job)
     return (
         bool(read_state(run_dir / "state.json").get("attempts")) or back or cluster.state(job) in FINAL_STATES
     )
@@ -104,8 +119,8 @@ def test_a_cancel_stays_cancelled(
     ids = job_ids(workdir, name, name)
     wait_until(lambda: slurm_cluster.state(ids["pretrain"]) in FINAL_STATES, f"{name}'s job to end", 300)
     time.sleep(8)  # past a requeued job's restart delay (cred_expire 5 s)
-    shown = slurm_cluster.run("scontrol", "show", "job", "-o", ids["pretrain"]).stdout
-    assert "JobState=CANCELLED" in shown and "Restarts=0" in shown, shown
+    view = shown(slurm_cluster, ids["pretrain"])
+    assert "JobState=CANCELLED" in view and "Restarts=0" in view, view
     state = wait_until(lambda: cancelled_state(cancelled[name]), f"{name} recorded as cancelled", 120)
     assert state["attempts"][-1]["outcome"] == "cancelled", state["attempts"]
     assert slurm_cluster.wait_job(ids["lincls"], "CANCELLED", timeout=180) == "CANCELLED"
