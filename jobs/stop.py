@@ -44,7 +44,9 @@ catches TERM and stays up; EndTime and PreemptTime to the second):
     preempted, CANCEL, grace 0 (again)   COMPLETING  set          = PreemptTime  PREEMPTED  accepted: back
     scancel, then slurmctld stopped 40s  no answer (timed out after 40 s)        CANCELLED  later: back
 
-(the last with KillWait 90; back: Restarts r+1, the job runs again). A requeue made at the signal
+(the last with KillWait 90; back: Restarts r+1, the job runs again). Under QOS preemption the cancel
+rows read the same (`cancel-in-grace-qos`, REQUEUE and CANCEL, grace 30), there with EndTime =
+PreemptTime: a cancel in the second of the preemption. A requeue made at the signal
 (CANCEL, grace 0), then withdrawn while the job task still runs: `scancel` is accepted (JobState
 COMPLETING) and the job ends CANCELLED once the job task exits, never to run again (sacct says REQUEUED
 then and after); `scontrol hold` leaves it PENDING (JobHeldAdmin) for ever.
