@@ -4,8 +4,9 @@ fresh interpreter as a user runs them, against the code of a baseline commit mea
 The sweep is the tiny digits spec (testkit/tiny.py) over 10 gammas x 10 temperatures x 10 seeds, nothing
 submitted: `status` and `report` read 1,000 run directories (and ask SLURM only about recorded jobs, of
 which there are none, and the partitions' grace times), `cancel` finds nothing to cancel, `--dry-run`
-expands and validates. Wall time is the best of `--repeats`; peak memory is the command's own maximum
-resident set (wait4). The baseline is `git archive BASELINE`, run from its own directory.
+expands and validates. Wall and CPU time (user + system) are the best of `--repeats`; on a loaded
+machine the CPU time is the steadier figure. Peak memory is the command's own maximum resident set
+(wait4). The baseline is `git archive BASELINE`, run from its own directory.
 
     eval "$(scripts/local-slurm env)"   # the local cluster: status asks scontrol for grace times
     python benchmarks/login.py [--baseline 5e25c03] [--repeats 3]
@@ -44,8 +45,8 @@ def checkout(revision: str, directory: Path) -> Path:
     return directory
 
 
-def cold_run(code: Path, argv: list[str]) -> tuple[float, float]:
-    """(seconds, peak MiB) of `python -m launch.cli ARGV` with `code` first on the path."""
+def cold_run(code: Path, argv: list[str]) -> tuple[float, float, float]:
+    """(wall seconds, CPU seconds, peak MiB) of `python -m launch.cli ARGV` with `code` first on the path."""
     env = {**os.environ, "PYTHONPATH": str(code)}
     started = time.perf_counter()
     process = subprocess.Popen(
@@ -56,7 +57,7 @@ def cold_run(code: Path, argv: list[str]) -> tuple[float, float]:
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode not in (0, 1):  # 1: cancel and status say when SLURM could not be asked
         sys.exit(f"{argv} failed with exit status {process.returncode} under {code}")
-    return took, usage.ru_maxrss / 1024  # KiB on Linux
+    return took, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024  # KiB on Linux
 
 
 def main() -> None:
@@ -72,15 +73,17 @@ def main() -> None:
         spec = str(write_tiny_spec(work, "login", sweep=sweep))
         trees = {"before": checkout(args.baseline, work / "before"), "after": ROOT}
         print(f"1,000 runs; best of {args.repeats} cold runs; baseline {args.baseline}\n")
-        print(f"{'command':<28} {'before s':>9} {'after s':>8} {'x':>6} {'before MiB':>11} {'after MiB':>10}")
+        print(f"{'':<28} {'wall s':^21} {'CPU s':^21} {'peak MiB':^16}")
+        print(f"{'command':<28}" + " before  after      x" * 2 + " before  after")
         for label, template in COMMANDS.items():
             argv = [part.format(spec=spec) for part in template]
             best = {}
             for name, code in trees.items():
                 runs = [cold_run(code, argv) for _ in range(args.repeats)]
-                best[name] = (min(t for t, _ in runs), min(m for _, m in runs))
-            (t0, m0), (t1, m1) = best["before"], best["after"]
-            print(f"{label:<28} {t0:9.2f} {t1:8.2f} {t0 / t1:6.1f} {m0:11.0f} {m1:10.0f}")
+                best[name] = [min(run[i] for run in runs) for i in range(3)]
+            (w0, c0, m0), (w1, c1, m1) = best["before"], best["after"]
+            times = f"{w0:6.2f} {w1:6.2f} {w0 / w1:6.1f} {c0:6.2f} {c1:6.2f} {c0 / c1:6.1f}"
+            print(f"{label:<28} {times} {m0:6.0f} {m1:6.0f}")
 
 
 if __name__ == "__main__":

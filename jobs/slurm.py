@@ -36,7 +36,7 @@ import os
 import re
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -156,6 +156,10 @@ class TrainingJob:
             task, stop.reason(), attempt, state_path, Budget(self.max_requeues, self.max_failures)
         )
         record_attempt(state_path, attempt, plan)
+        if self.phase == "pretrain":
+            from jobs.promote import after_pretraining  # (it imports this module)
+
+            plan = promoted(plan, after_pretraining(task.slurm_id, self.run_dir, plan.action))
         action = carry_out(task, state_path, plan)
         if action == "fail":
             raise JobFailed(f"{self.phase} of {self.run_dir} failed: {read_state(state_path).get('error')}")
@@ -239,6 +243,15 @@ def conclude(
         time.sleep(pause)
         pause *= 2
     return unanswered(plan, time.monotonic() - started) if plan.requeue == "ask" else plan
+
+
+def promoted(plan: Plan, action: str) -> Plan:
+    """The plan once promotion (jobs/promote.py) has had its say on a `pruned` attempt: unchanged, or, when
+    it held the job (`paused`) or requeued it (`requeue`: promoted meanwhile), nothing more to do: the
+    evaluation waits on the job."""
+    if action == plan.action:
+        return plan
+    return replace(plan, action=action, requeue="no", cancel_dependents=False, withdraw=False)
 
 
 def carry_out(task: SlurmTask, state_path: Path, plan: Plan) -> str:

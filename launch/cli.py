@@ -17,9 +17,20 @@ import sys
 from rich.console import Console
 
 from launch.datasets import index_datasets
-from launch.spec import Run, SpecError, SweepSpec, check_data_dirs, expand, load_spec, resuming_pruned
+from launch.spec import (
+    PruneSpec,
+    Run,
+    SpecError,
+    SweepSpec,
+    check_data_dirs,
+    check_prune_records,
+    expand,
+    load_spec,
+    resuming_pruned,
+)
 from launch.table import print_table
 from sogclr.contract.cli import add_override_argument
+from sogclr.contract.state import read_state
 
 COMMANDS = ("submit", "status", "report", "cancel", "schema")
 
@@ -117,7 +128,9 @@ def _load(args: argparse.Namespace) -> tuple[SweepSpec, list[Run]]:
 
 def cmd_submit(args: argparse.Namespace, console: Console) -> int:
     spec, runs = _load(args)
+    refuse_unpruned(runs, args.resume_pruned)
     runs = resuming_pruned(runs, [*args.resume_pruned, *continued(runs)])
+    check_prune_records(spec, runs)
     problems = check_data_dirs(runs)
     if args.dry_run:
         for problem in problems:
@@ -150,6 +163,17 @@ def cmd_submit(args: argparse.Namespace, console: Console) -> int:
         snapshot=not args.no_snapshot,
         reconfigure=args.reconfigure,
     )
+
+
+def refuse_unpruned(runs: list[Run], names: list[str]) -> None:
+    """SpecError for a `--resume-pruned` run that is not pruned now: continuing it would exempt it from
+    halving for good."""
+    from launch.standing import pruned
+
+    for run in runs:
+        if run.name in names and not pruned(run):
+            status = read_state(run.files.pretrain.state).get("status", "not started")
+            raise SpecError(f"--resume-pruned {run.name}: not pruned (its pretraining is {status})")
 
 
 def continued(runs: list[Run]) -> list[str]:
@@ -207,15 +231,26 @@ def print_runs(spec: SweepSpec, runs: list[Run], console: Console, verbose: bool
     if (prune := spec.sweep.prune) is not None:
         rungs = sorted({tuple(run.config.prune.rungs) for run in runs if run.config.prune is not None})
         at = " or ".join(", ".join(map(str, epochs)) for epochs in rungs) or "- (every run continued)"
-        console.print(
-            f"pruning: {prune.metric} after epochs {at}; the top 1/{prune.eta} of each rung continue, "
-            f"records in {spec.prune_records}",
-            highlight=False,
-        )
+        console.print(f"pruning: {prune.metric} after epochs {at}; {prune_rule(prune)}", highlight=False)
+        console.print(f"records in {spec.prune_records}", highlight=False)
     if verbose:
         from launch.scripts import describe_submission
 
         console.print(describe_submission(runs), highlight=False, markup=False, soft_wrap=True)
+
+
+def prune_rule(prune: PruneSpec) -> str:
+    """Which rule runs, in words (sogclr/contract/rungs.py)."""
+    arrival = (
+        f"at a rung a run continues if it is among the best max(1, n // {prune.eta}) of the n runs "
+        "recorded there so far (the first arrival always does)"
+    )
+    if not prune.promote:
+        return f"{arrival}; a run stopped there is stopped for good"
+    return (
+        f"{arrival}; a run stopped there is paused, and continued from its checkpoint as soon as later "
+        f"arrivals put it among the rung's best max(1, n // {prune.eta}) (promotion)"
+    )
 
 
 if __name__ == "__main__":

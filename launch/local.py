@@ -5,7 +5,9 @@ top-1.
 
 Each run uses its usual run directory; a preempted attempt is started again from its checkpoint (that is
 the local requeue, counted against `max_requeues`), and linear evaluation follows a completed pretraining
-(not a pruned one: a pruned run ends there, and is continued only with `--resume-pruned`).
+(not a pruned one: a pruned run ends there). With promotion, the launcher gives the rungs' verdicts
+after each run's attempts (jobs/promote.py) and continues each paused run that a rung's top takes in,
+from its checkpoint; otherwise a pruned run is continued only with `--resume-pruned`.
 `--preempt-after` rehearses preemption: SLURM's warning signal (USR2) to the training processes after
 that many seconds of a run's first attempt. `--debug` runs one run in this process, single rank.
 """
@@ -17,15 +19,18 @@ import pdb
 import sys
 import traceback
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
-from jobs.attempt import PHASES, Budget, finish_attempt, run_attempt
+from jobs.attempt import PHASES, finish_attempt, run_attempt
+from jobs.promote import give_verdicts, own_verdict
 from jobs.slurm_client import UNKNOWN
+from jobs.stop import Budget
 from jobs.torchrun import threads_per_rank, torchrun_command
 from launch.configs import check_recipes, phase_resources, write_run_config
 from launch.inspect.progress import LiveProgress
@@ -33,6 +38,7 @@ from launch.manifest import read_manifest, sweep_lock, write_manifest
 from launch.snapshot import live_code
 from launch.spec import Run, SpecError, SweepSpec
 from launch.standing import PRUNED, phase_done, pruned, reconcile
+from sogclr.contract.rungs import PROMOTED
 from sogclr.contract.state import now, read_state
 
 
@@ -79,22 +85,44 @@ def run_local(
             console.print(f"{run.name}: {outcome}", highlight=False)
             return outcome
 
+        outcomes: dict[str, str] = {}
+        by_dir = {run.run_dir: run for run in runs}
         with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
-            outcomes = list(pool.map(one, runs))
+            running = {pool.submit(one, run): run for run in runs}
+            while running:
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    run = running.pop(future)
+                    outcomes[run.name] = future.result()
+                    for promoted in promoted_by(run, by_dir):  # paused runs its arrivals put in a top
+                        console.print(f"{promoted.name}: promoted, continued from its rung", highlight=False)
+                        running[pool.submit(one, promoted)] = promoted
     table = Table(title=f"{spec.name}: local runs", title_justify="left")
     for column in ("run", "outcome", "linear top-1", "run directory"):
         table.add_column(column, overflow="fold")
-    for run, outcome in zip(runs, outcomes, strict=True):
+    for run in runs:
+        outcome = outcomes[run.name]
         top1 = read_state(run.files.lincls.result).get("top1")
         table.add_row(run.name, outcome, "-" if top1 is None else f"{top1:.2f}", str(run.run_dir))
     console.print(table)
-    return 0 if all(outcome in ("done", PRUNED) for outcome in outcomes) else 1
+    return 0 if all(outcome in ("done", PRUNED) for outcome in outcomes.values()) else 1
+
+
+def promoted_by(run: Run, by_dir: dict[Path, Run]) -> list[Run]:
+    """The runs of this invocation that the verdicts due after `run`'s attempts promote (the launcher is
+    the job layer here: jobs/promote.py)."""
+    prune = run.config.prune
+    if prune is None or not prune.promote or not run.files.config.is_file():
+        return []
+    return [by_dir[path] for path in give_verdicts(run.run_dir)[PROMOTED] if path in by_dir]
 
 
 def run_locally(run: Run, preempt_after: float | None, console: Console, live: LiveProgress) -> str:
     """Both phases of one run; returns `done`, `pruned` (its evaluation never starts) or which phase
     failed. A pruned run is settled: it trains again only with `--resume-pruned`."""
-    if pruned(run) and not run.resume_pruned:
+    prune = run.config.prune
+    promoted = prune is not None and own_verdict(run.run_dir, prune) == PROMOTED
+    if pruned(run) and not (run.resume_pruned or promoted):
         return PRUNED
     write_run_config(run, live_code())
     for phase in run.phases:

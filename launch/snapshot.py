@@ -59,20 +59,20 @@ def package_dirs() -> dict[str, Path]:
     return {name: Path(importlib.import_module(name).__file__).parent for name in PACKAGES}
 
 
-def source_files(directories: dict[str, Path]) -> list[tuple[str, Path]]:
-    """(path inside the snapshot, file) for every file of the packages, sorted, caches left out."""
-    files = []
+def source_files(directories: dict[str, Path]) -> dict[str, bytes]:
+    """{path inside the snapshot: content} for every file of the packages, sorted, caches left out.
+    Each file is read once: what is hashed is what is written, even if the checkout is saved meanwhile."""
+    files = {}
     for name, directory in directories.items():
         for path in directory.rglob("*"):
             if path.is_file() and not any(part in _SKIPPED for part in path.parts) and path.suffix != ".pyc":
-                files.append((f"{name}/{path.relative_to(directory).as_posix()}", path))
-    return sorted(files)
+                files[f"{name}/{path.relative_to(directory).as_posix()}"] = path.read_bytes()
+    return dict(sorted(files.items()))
 
 
-def digest_of(files: list[tuple[str, Path]]) -> str:
+def digest_of(files: dict[str, bytes]) -> str:
     h = hashlib.sha256()
-    for name, path in files:
-        content = path.read_bytes()
+    for name, content in files.items():
         h.update(f"{name}\0{len(content)}\0".encode())
         h.update(content)
     return h.hexdigest()[:16]
@@ -90,10 +90,10 @@ def freeze(sweep_dir: Path) -> Snapshot:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{digest}.", dir=target.parent))
     try:
-        for name, path in files:
+        for name, content in files.items():
             destination = staging / name
             destination.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(path, destination)
+            destination.write_bytes(content)
         (staging / MARKER).write_text(json.dumps({"digest": digest, "git": git}, indent=2))
         os.replace(staging, target)  # whole or not at all; a concurrent freeze of the same code wins too
     except OSError:

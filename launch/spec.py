@@ -7,7 +7,6 @@ a problem becomes one `SpecError` line that names the field and what is allowed.
 
 from __future__ import annotations
 
-import copy
 import difflib
 import itertools
 import re
@@ -27,6 +26,7 @@ from pydantic import (
 )
 
 from sogclr.contract.config import (
+    PRUNE_YARDSTICKS,
     LinclsConfig,
     PretrainConfig,
     PruneMetric,
@@ -36,13 +36,18 @@ from sogclr.contract.config import (
     WandbConfig,
     apply_overrides,
     rung_problem,
-    set_path,
     wandb_field,
+    yardstick,
 )
 from sogclr.contract.layout import RunLayout
+from sogclr.contract.state import read_state
 
 SECTIONS = ("pretrain", "lincls", "slurm")
 PRUNE_DIR = "prune"  # <sweep dir>/prune: the records of successive halving
+# Fields a pruned sweep must not vary, by why (review 2026-12-05, N2, N11): runs at one epoch but different
+# points of their schedules, or a metric that is not the same yardstick in every run.
+SCHEDULE_LENGTH = ("epochs", "warmup_epochs")
+OBJECTIVE_GEOMETRY = ("projector_hidden_dim", "projector_out_dim")
 BUILTIN_DATASETS = ("digits",)
 _TIME = re.compile(r"(?:(\d+)-)?(\d{1,2}):(\d{2}):(\d{2})")  # fullmatch: `$` would let a newline end it
 
@@ -210,8 +215,8 @@ class PruneSpec(Schema):
     eta: int = Field(
         3,
         ge=2,
-        description="Reduction factor: at a rung, a run continues if it is in the top 1/eta of the "
-        "runs recorded there (the first arrival always continues).",
+        description="Reduction factor: at a rung, a run continues if it is among the best "
+        "max(1, floor(n / eta)) of the n runs recorded there so far (the first arrival always continues).",
     )
     first_rung: int | None = Field(
         None,
@@ -220,6 +225,12 @@ class PruneSpec(Schema):
     )
     rungs: Rungs | None = Field(
         None, description="The rungs (epochs, increasing, each below pretrain.epochs), instead of first_rung."
+    )
+    promote: bool = Field(
+        True,
+        description="A run stopped at a rung is paused, and continued from its checkpoint once later "
+        "arrivals make it one of the rung's top 1/eta (ASHA's promotion; on SLURM its job waits, held). "
+        "False: a stopped run is stopped for good.",
     )
 
     @model_validator(mode="after")
@@ -247,6 +258,12 @@ class SweepConfig(Schema):
         default_factory=dict,
         description="Field -> values of equal length, taken position by position (one product factor).",
     )
+    runs: list[dict[str, Any]] | None = Field(
+        None,
+        description="An explicit list of points, each a mapping field -> value (one product factor): "
+        "`[{loss: simclr}, {loss: sogclr, gamma: 0.1}]` runs SimCLR once, not once per gamma. Entries may "
+        "set different fields; a field an entry leaves out keeps the recipe's value.",
+    )
     prune: PruneSpec | None = Field(
         None, description="Stop runs early by successive halving; omit to train every run to the end."
     )
@@ -260,7 +277,19 @@ class SweepConfig(Schema):
         lengths = {key: len(values) for key, values in self.zip.items()}
         if len(set(lengths.values())) > 1:
             raise ValueError(f"sweep.zip: lists must have equal lengths, got {lengths}")
+        if self.runs is not None and not self.runs:
+            raise ValueError("sweep.runs: empty list; give at least one run, or leave runs out")
+        for position, entry in enumerate(self.runs or []):
+            if not entry:
+                raise ValueError(f"sweep.runs[{position}]: empty entry; give at least one field -> value")
         return self
+
+    def swept_keys(self) -> list[tuple[str, str]]:
+        """(group, key as written) of every swept field; the group is `product`, `zip` or `runs[i]`."""
+        keys = [(group, key) for group in ("product", "zip") for key in getattr(self, group)]
+        for position, entry in enumerate(self.runs or []):
+            keys += [(f"runs[{position}]", key) for key in entry]
+        return keys
 
 
 class SweepSpec(Schema):
@@ -342,8 +371,9 @@ def validate(model: type[BaseModel], data: Any, where: str = "") -> Any:
 def describe(err: ValidationError, model: type[BaseModel], where: str = "") -> str:
     """The first validation problem as one line: `field: what is wrong (got value)`."""
     problem = err.errors()[0]
-    loc = [str(part) for part in problem["loc"] if part != "[key]"]  # a bad dict key: name the key
-    field = ".".join([where, *loc] if where else loc) or "spec"
+    # A bad dict key: name the key. A list position reads as runs[2].
+    loc = [f"[{part}]" if isinstance(part, int) else str(part) for part in problem["loc"] if part != "[key]"]
+    field = ".".join([where, *loc] if where else loc).replace(".[", "[") or "spec"
     if problem["type"] == "extra_forbidden":
         known = _field_names(model, loc[:-1])
         close = difflib.get_close_matches(loc[-1], known, n=1, cutoff=0.5)
@@ -385,6 +415,7 @@ _LABELS = {
     "pretrain.temperature": "t",
     "pretrain.lr": "lr",
     "pretrain.loss": "",
+    "pretrain.gamma_schedule": "",
     "pretrain.arch": "",
     "pretrain.optimizer": "",
     "pretrain.weight_decay": "wd",
@@ -408,66 +439,125 @@ def run_label(key: str, value: Any) -> str:
 
 
 def sweep_points(sweep: SweepConfig) -> list[dict[str, Any]]:
-    """Every point of the sweep as {canonical key: value}: the product, with the zip group as one factor."""
-    factors = [[(canonical_key(key), v) for v in values] for key, values in sweep.product.items()]
+    """Every point of the sweep as {canonical key: value}: the product, with the zip group and the
+    explicit runs each as one more factor."""
+    factors = [[{canonical_key(key): v} for v in values] for key, values in sweep.product.items()]
     if sweep.zip:
         keys = [canonical_key(key) for key in sweep.zip]
         factors.append(
-            [tuple(zip(keys, column, strict=True)) for column in zip(*sweep.zip.values(), strict=True)]
+            [dict(zip(keys, column, strict=True)) for column in zip(*sweep.zip.values(), strict=True)]
         )
-    points = []
-    for combo in itertools.product(*factors):
-        point: dict[str, Any] = {}
-        for item in combo:
-            point.update(item if isinstance(item[0], tuple) else [item])
-        points.append(point)
-    return points
+    if sweep.runs:
+        factors.append([{canonical_key(key): v for key, v in entry.items()} for entry in sweep.runs])
+    return [{k: v for part in combo for k, v in part.items()} for combo in itertools.product(*factors)]
 
 
 def expand(spec: SweepSpec) -> list[Run]:
     """The runs of a spec, each fully validated; raises SpecError on the first problem."""
     _check_sweep_keys(spec)
     base = spec.model_dump(mode="python", exclude={"sweep"})
+    _check_run_entries(spec, base)
     runs = []
     for point in sweep_points(spec.sweep):
         name = "-".join(run_label(k, v) for k, v in point.items()) or spec.name
         runs.append(_make_run(spec, base, point, name, spec.directory / name))
     _check_unique_names(runs)
+    _check_comparable(spec, runs)
     return runs
 
 
-def _check_sweep_keys(spec: SweepSpec) -> None:
-    for group in ("product", "zip"):
-        for key in getattr(spec.sweep, group):
-            section, *path = canonical_key(key).split(".")
-            if section == "lincls" and spec.lincls is None:
-                raise SpecError(
-                    f"sweep.{group}.{key}: sweeps a lincls field, but the spec has no lincls section"
-                )
-            model: type[BaseModel] | None = {"pretrain": PretrainConfig, "lincls": LinclsSpec}.get(
-                section, SlurmConfig
+def _check_comparable(spec: SweepSpec, runs: list[Run]) -> None:
+    """A pruned sweep compares its runs at a rung: refuse one that varies what would make the comparison
+    unfair (the schedule's length) or the metric a different yardstick per run (its own settings, and for
+    the global objective the temperature, loss and projector it is computed with)."""
+    prune = spec.sweep.prune
+    if prune is None:
+        return
+    yardstick = [
+        *PRUNE_YARDSTICKS[prune.metric],
+        *(OBJECTIVE_GEOMETRY if prune.metric == "global_objective" else ()),
+    ]
+    for name in (*SCHEDULE_LENGTH, *yardstick):
+        values = sorted({getattr(run.config.pretrain, name) for run in runs}, key=str)
+        if len(values) < 2:
+            continue
+        shown = ", ".join(map(str, values))
+        if name in SCHEDULE_LENGTH:
+            raise SpecError(
+                f"sweep.prune: the runs have different pretrain.{name} ({shown}): at a rung's epoch they are "
+                "at different points of their schedules; prune a sweep of one schedule length"
             )
-            for depth, part in enumerate(path):
-                if model is None or part not in model.model_fields:
-                    known = _field_names(model, []) if model else []
-                    close = difflib.get_close_matches(part, known, n=1, cutoff=0.5)
-                    where = ".".join([section, *path[:depth]])
-                    hint = (
-                        f"did you mean '{where}.{close[0]}'?" if close else f"{where} has no field {part!r}"
-                    )
-                    raise SpecError(f"sweep.{group}.{key}: no such field ({hint})")
-                if depth < len(path) - 1:
-                    model = _submodel(model, part)
-                elif _submodel(model, part) is not None:
-                    raise SpecError(
-                        f"sweep.{group}.{key}: sweep a field inside this section, not the section"
-                    )
+        raise SpecError(
+            f"sweep.prune.metric: {prune.metric} is not comparable across pretrain.{name}, which the sweep "
+            f"varies ({shown})" + ("; prune on knn_top1" if prune.metric == "global_objective" else "")
+        )
+
+
+def _check_sweep_keys(spec: SweepSpec) -> None:
+    last_group: dict[str, str] = {}  # canonical key -> the group that swept it last
+    for group, key in spec.sweep.swept_keys():
+        where, canonical = f"sweep.{group}.{key}", canonical_key(key)
+        previous = last_group.get(canonical)
+        # Explicit runs each set their own fields: only two groups, or twice in one group, collide.
+        if previous is not None and (previous == group or previous.split("[")[0] != group.split("[")[0]):
+            raise SpecError(f"{where}: {canonical} is swept twice (also in sweep.{previous}); sweep it once")
+        last_group[canonical] = group
+        _check_sweep_field(spec, where, canonical)
+
+
+def _check_sweep_field(spec: SweepSpec, where: str, canonical: str) -> None:
+    """SpecError at `where` unless `canonical` (`pretrain.gamma`) names a field that can be swept."""
+    section, *path = canonical.split(".")
+    if section == "lincls" and spec.lincls is None:
+        raise SpecError(f"{where}: sweeps a lincls field, but the spec has no lincls section")
+    model: type[BaseModel] | None = {"pretrain": PretrainConfig, "lincls": LinclsSpec}.get(
+        section, SlurmConfig
+    )
+    for depth, part in enumerate(path):
+        if model is None or part not in model.model_fields:
+            known = _field_names(model, []) if model else []
+            close = difflib.get_close_matches(part, known, n=1, cutoff=0.5)
+            parent = ".".join([section, *path[:depth]])
+            hint = f"did you mean '{parent}.{close[0]}'?" if close else f"{parent} has no field {part!r}"
+            raise SpecError(f"{where}: no such field ({hint})")
+        if depth < len(path) - 1:
+            model = _submodel(model, part)
+        elif _submodel(model, part) is not None:
+            raise SpecError(f"{where}: sweep a field inside this section, not the section")
+
+
+def _check_run_entries(spec: SweepSpec, base: dict) -> None:
+    """A value of an explicit run that its field rejects is reported at that entry (`sweep.runs[2].gamma`);
+    problems between fields are left to the runs' own validation, which names the run."""
+    for position, entry in enumerate(spec.sweep.runs or []):
+        data = with_point(base, {canonical_key(key): value for key, value in entry.items()})
+        try:
+            SweepSpec.model_validate(data)
+        except ValidationError as err:
+            loc = ".".join(str(part) for part in err.errors()[0]["loc"])
+            key = next((key for key in entry if canonical_key(key) == loc), None)
+            if key is not None:
+                message = describe(err, SweepSpec).removeprefix(f"{loc}: ")
+                raise SpecError(f"sweep.runs[{position}].{key}: {message}") from None
+
+
+def with_point(base: dict[str, Any], point: dict[str, Any]) -> dict[str, Any]:
+    """`base` with the point's values set: only the dicts on each value's path are copied, the rest is
+    shared (a deep copy per run was most of a 1,000-run sweep's expansion; the validators copy what
+    they keep and change nothing)."""
+    data = dict(base)
+    for key, value in point.items():
+        node, (*parents, leaf) = data, key.split(".")
+        for part in parents:
+            child = node.get(part)
+            node[part] = dict(child) if isinstance(child, dict) else {}
+            node = node[part]
+        node[leaf] = value
+    return data
 
 
 def _make_run(spec: SweepSpec, base: dict, point: dict[str, Any], name: str, run_dir: Path) -> Run:
-    data = copy.deepcopy(base)
-    for key, value in point.items():
-        set_path(data, key.split("."), value)
+    data = with_point(base, point)
     where = f"run {name}"
     slurm = validate(SlurmConfig, data["slurm"], f"{where}: slurm")
     pretrain = validate(PretrainConfig, data["pretrain"], f"{where}: pretrain")
@@ -502,7 +592,32 @@ def _prune_config(spec: SweepSpec, pretrain: PretrainConfig, where: str) -> dict
     if problem := rung_problem(pretrain, prune.metric, rungs):
         field = "rungs" if prune.rungs is not None else "first_rung"
         raise SpecError(f"{where}: sweep.prune.{field}: {problem}")
-    return {"metric": prune.metric, "eta": prune.eta, "rungs": rungs, "records": spec.prune_records}
+    return {
+        **{"metric": prune.metric, "eta": prune.eta, "rungs": rungs},
+        **{"records": spec.prune_records, "promote": prune.promote},
+    }
+
+
+def check_prune_records(spec: SweepSpec, runs: list[Run]) -> None:
+    """SpecError if the sweep's rungs hold values measured with other settings of the metric than its runs
+    now have (a `--set pretrain.knn_k=...` between submissions): the rule would leave them out of every
+    table, so the runs would not be compared with those already judged."""
+    prune = spec.sweep.prune
+    if prune is None or not runs:
+        return
+    now = yardstick(runs[0].config.pretrain, prune.metric)
+    for path in sorted(spec.prune_records.glob("rung-*/*.json")):
+        record = read_state(path)
+        if record.get("metric") == prune.metric and record.get("settings", now) != now:
+            differ = ", ".join(
+                f"pretrain.{k}={record['settings'].get(k)!r} (now {v!r})"
+                for k, v in now.items()
+                if record["settings"].get(k) != v
+            )
+            raise SpecError(
+                f"sweep.prune: {path} was measured with {differ}; the runs would not be compared with it: "
+                f"keep the settings, or start the halving afresh (remove {spec.prune_records})"
+            )
 
 
 def resuming_pruned(runs: list[Run], names: list[str]) -> list[Run]:

@@ -93,11 +93,21 @@ def broadcast_from_main(env: DistEnv, value: object) -> object:
     return box[0]
 
 
+# What gloo raises (a plain RuntimeError, torch 2.14) when a peer is lost, measured with two gloo processes
+# (tests/sogclr/test_distributed.py): its TCP transport's "[gloo/transport/tcp/pair.cc:561] Connection closed
+# by peer" (the peer died), "pair.cc:545 Read error ...: Connection reset by peer" (the peer aborted), and
+# "unbound_buffer.cc:78 Timed out waiting 5000ms for recv operation" (the peer is silent). Errors of the
+# call itself, such as "ProcessGroupGloo::allgather: invalid tensor size", also name gloo but are
+# deterministic: they come from ProcessGroupGloo, not from the transport.
+GLOO_TRANSPORT = "gloo/transport/"
+
+
 def is_peer_failure(error: BaseException) -> bool:
-    """True for errors of the collectives themselves (a peer died, a connection broke, a timeout):
-    what a rank sees when another rank or node is lost, as opposed to a bug in training code."""
+    """True for errors of the collectives' transport (a peer died, a connection broke, a timeout): what a
+    rank sees when another rank or node is lost, as opposed to a bug in training code. NCCL and the
+    rendezvous store raise torch's own `DistError`s for these."""
     return isinstance(error, dist.DistError) or (
-        isinstance(error, RuntimeError) and "gloo" in str(error).lower()
+        isinstance(error, RuntimeError) and GLOO_TRANSPORT in str(error)
     )
 
 

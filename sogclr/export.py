@@ -56,7 +56,7 @@ def with_small_stem(model: nn.Module) -> nn.Module:
 
 def exported_state_dict(cfg: PretrainConfig, run_dir: Path, library: str) -> dict[str, torch.Tensor]:
     """The run's pretrained backbone, keyed for `library`'s `cfg.arch`, checked by a strict load into it."""
-    backbone, _ = build_backbone(cfg.arch, cfg.small_stem)
+    backbone, _ = build_backbone(cfg.arch, cfg.small_stem, cfg.width)
     load_backbone(backbone, load_pretrained_weights(run_dir))
     state = {key: value.clone() for key, value in backbone.state_dict().items()}
     target = stock_backbone(cfg.arch, library)
@@ -71,6 +71,10 @@ def export(run_dir: Path, out: Path, library: str, small_stem_ok: bool = False) 
     if library not in FORMATS:
         raise ValueError(f"--format {library!r}: expected one of {', '.join(FORMATS)}")
     cfg = load_run_config(Path(run_dir) / "config.yaml").pretrain
+    if cfg.width != 64:
+        raise ValueError(
+            f"{run_dir} was pretrained with pretrain.width {cfg.width}; a stock {cfg.arch} has 64"
+        )
     if cfg.small_stem and not small_stem_ok:
         raise ValueError(
             f"{run_dir} was pretrained with pretrain.small_stem (3x3 stride-1 conv1, no max-pool), which "

@@ -25,24 +25,51 @@ _BACKBONE_PREFIX = "backbone."
 _RELEASED_PREFIX = "module.base_encoder."
 
 
-def build_backbone(arch: str, small_stem: bool = False) -> tuple[nn.Module, int]:
+def build_backbone(arch: str, small_stem: bool = False, width: int = 64) -> tuple[nn.Module, int]:
     """A randomly initialised torchvision ResNet without its classifier; returns (backbone, feature_dim).
 
     `small_stem` replaces the 7x7 stride-2 stem and max-pool by a 3x3 stride-1 conv (CIFAR-sized images),
-    so a 32 px image keeps its resolution until the first strided stage.
+    so a 32 px image keeps its resolution until the first strided stage. `width` is the channels of the
+    first stage (torchvision's 64); the later stages double it as usual.
     """
     if arch not in _RESNETS:
         raise ValueError(f"unknown arch {arch!r}; expected one of {sorted(_RESNETS)}")
     # Zero-init of the last BN in each residual branch makes every block start as the identity.
     backbone = _RESNETS[arch](weights=None, zero_init_residual=True)
+    if width != 64:
+        _set_width(backbone, width)
     if small_stem:
-        backbone.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        backbone.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
         # Same init as torchvision gives every other conv of the network.
         nn.init.kaiming_normal_(backbone.conv1.weight, mode="fan_out", nonlinearity="relu")
         backbone.maxpool = nn.Identity()
     feature_dim = backbone.fc.in_features
     backbone.fc = nn.Identity()
     return backbone, feature_dim
+
+
+def _set_width(net: torchvision.models.ResNet, width: int) -> None:
+    """Rebuild `net`'s stem and stages with `width` channels in the first stage, initialised as
+    torchvision initialises them (its constructor has the stage widths 64..512 written in)."""
+    block = type(net.layer1[0])
+    depths = [len(stage) for stage in (net.layer1, net.layer2, net.layer3, net.layer4)]
+    net.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+    net.bn1 = nn.BatchNorm2d(width)
+    net.inplanes = width  # torchvision's _make_layer chains the stages through it
+    for stage, depth in enumerate(depths):
+        layer = net._make_layer(block, width * 2**stage, depth, stride=1 if stage == 0 else 2)
+        setattr(net, f"layer{stage + 1}", layer)
+    net.fc = nn.Linear(width * 8 * block.expansion, net.fc.out_features)
+    for module in net.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+    for module in net.modules():
+        last_bn = getattr(module, "bn3", None) if block.expansion > 1 else getattr(module, "bn2", None)
+        if isinstance(module, block) and last_bn is not None:
+            nn.init.zeros_(last_bn.weight)
 
 
 def build_projector(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
@@ -69,7 +96,7 @@ class ContrastiveModel(nn.Module):
 
 
 def build_pretrain_model(cfg: PretrainConfig) -> ContrastiveModel:
-    backbone, feature_dim = build_backbone(cfg.arch, cfg.small_stem)
+    backbone, feature_dim = build_backbone(cfg.arch, cfg.small_stem, cfg.width)
     projector = build_projector(feature_dim, cfg.projector_hidden_dim, cfg.projector_out_dim)
     return ContrastiveModel(backbone, projector)
 
@@ -100,7 +127,7 @@ class LinearClassifier(nn.Module):
 
 def build_linear_classifier(cfg: PretrainConfig, num_classes: int) -> LinearClassifier:
     """The classifier for a backbone pretrained with `cfg` (same arch and stem)."""
-    backbone, feature_dim = build_backbone(cfg.arch, cfg.small_stem)
+    backbone, feature_dim = build_backbone(cfg.arch, cfg.small_stem, cfg.width)
     return LinearClassifier(backbone, feature_dim, num_classes)
 
 

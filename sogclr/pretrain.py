@@ -96,7 +96,8 @@ def _pretrain(cfg: RunConfig, env: DistEnv, signals: StopSignals) -> str:
     progress = session.resume()
     if env.is_main:
         cut_metrics(files.metrics, progress.global_step)
-    pruner = Pruner(cfg.prune, cfg.run_dir, env) if cfg.prune is not None else None
+    fresh = progress.global_step == 0  # no checkpoint: a new training, with a new identity at the rungs
+    pruner = Pruner(cfg, env, fresh) if cfg.prune is not None else None
     if pruner is not None and pruner.decided_before(progress.epoch):
         return stop_pruned(session, pruner)
 

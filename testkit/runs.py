@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from sogclr.contract.config import PretrainConfig, yardstick
+from sogclr.contract.rungs import Contender, RungRecords
 from sogclr.distributed import DistEnv
 from sogclr.training.checkpoint import load_file
 from testkit.tiny import TINY
@@ -130,3 +132,10 @@ def assert_same_training_state(
     for param_id in states_a:
         for name, value in states_a[param_id].items():
             assert torch.equal(value, states_b[param_id][name]), f"optimizer state {param_id}.{name} differs"
+
+
+def record_rival(records: Path, rung: int, value: float, pretrain: PretrainConfig, step: int = 0) -> None:
+    """What a better run of the sweep recorded at `rung` before ours got there: kNN top-1 `value`,
+    measured with the same settings as the runs of `pretrain`'s recipe."""
+    rival = Contender("rival", "rival-training", yardstick(pretrain, "knn_top1"))
+    RungRecords(records, rung).record(rival, "knn_top1", value, step)

@@ -14,7 +14,7 @@ from launch.manifest import read_manifest
 from launch.spec import Run, SweepSpec
 from launch.standing import PhaseStanding, reconcile
 from launch.table import print_table
-from sogclr.contract.rungs import RungRecords
+from sogclr.contract.rungs import PROMOTED, RungRecords
 from sogclr.contract.state import read_state
 
 
@@ -90,17 +90,28 @@ def position(run: Run) -> Position:
 
 def rung(run: Run) -> str:
     """Where successive halving has the run: `-` (no pruning), `before 1` (no rung reached yet),
-    `kept at 2` (the last rung it passed), `pruned at 2`, or `resumed after 2` (pruned, then continued
-    with --resume-pruned: never judged again), from state.json and the rungs' decision records."""
+    `kept at 2` (the last rung it passed, on arrival or promoted), `paused at 2` (stopped there, and may
+    still be promoted), `pruned at 2` (stopped for good), or `resumed after 2` (pruned, then continued
+    with --resume-pruned: never judged again), from state.json and the rungs' records."""
     prune = run.config.prune
     if prune is None:
         return "-"
     state = read_state(run.files.pretrain.state)
+    name, training = run.run_dir.name, state.get("training")
     if (stopped := state.get("pruned")) is not None:
-        still = state.get("status") == "pruned"
-        return f"{'pruned at' if still else 'resumed after'} {stopped['epoch']}"
-    decisions = [RungRecords(prune.records, epoch).decision(run.run_dir.name) for epoch in prune.rungs]
-    kept = [epoch for epoch, d in zip(prune.rungs, decisions, strict=True) if d and d["continue"]]
+        verdict = (RungRecords(prune.records, stopped["epoch"]).verdict(name, training) or {}).get("verdict")
+        if state.get("status") == "pruned" and verdict != PROMOTED:
+            paused = prune.promote and verdict is None
+            return f"{'paused at' if paused else 'pruned at'} {stopped['epoch']}"
+        if verdict != PROMOTED:
+            return f"resumed after {stopped['epoch']}"
+    records = [RungRecords(prune.records, epoch) for epoch in prune.rungs]
+    kept = [
+        rung.rung
+        for rung in records
+        if (d := rung.decision(name))
+        and (d["continue"] or (rung.verdict(name, training) or {}).get("verdict") == PROMOTED)
+    ]
     return f"kept at {kept[-1]}" if kept else f"before {prune.rungs[0]}"
 
 

@@ -54,16 +54,23 @@ def collective_timeout_field() -> Any:
     )
 
 
+# Some operations report no progress while they run: start-up (imports, the dataset index, the
+# rendezvous), the first step under `compile`, a checkpoint or feature-cache write on a slow file system.
+# A limit below them kills healthy runs, each against max_failures; below a minute is surely one.
+PROGRESS_TIMEOUT_FLOOR_MINUTES = 1.0
+
+
 def progress_timeout_field() -> Any:
     return Field(
         30.0,
-        gt=0,
+        ge=PROGRESS_TIMEOUT_FLOOR_MINUTES,
         json_schema_extra=RESOURCE,
         description="Minutes a training process may go without progress (a step, a batch of features, "
         "an evaluation's batch) before it records `failed: stalled` and exits, so that the job is requeued "
         "as a transient failure (counted against max_failures) instead of holding the allocation to its "
         "time limit: a read that blocks for ever, a hung decoder, a rank stuck outside a collective. "
-        "None: never.",
+        f"At least {PROGRESS_TIMEOUT_FLOOR_MINUTES:g}: start-up, the first compiled step and "
+        "checkpoint writes report no progress. None: never.",
     )
 
 
@@ -121,6 +128,13 @@ class PretrainConfig(Schema):
     small_stem: bool = Field(
         False,
         description="3x3 stride-1 stem without max-pool (CIFAR-sized images).",
+        json_schema_extra=SHARED_RECIPE,
+    )
+    width: int = Field(
+        64,
+        ge=1,
+        description="Channels of the ResNet's first stage, doubled at each later stage (64: torchvision's); "
+        "narrower for small images on CPUs. Export needs 64.",
         json_schema_extra=SHARED_RECIPE,
     )
     projector_hidden_dim: int = Field(
@@ -322,6 +336,18 @@ class WandbConfig(Schema):
 PRUNE_METRICS = {"knn_top1": True, "global_objective": False}
 PruneMetric = Literal["knn_top1", "global_objective"]
 _PRUNE_MONITORS = {"knn_top1": "knn_every_epochs", "global_objective": "objective_every_epochs"}
+# The pretraining fields that define each metric's yardstick: two values are compared only if measured
+# with the same ones. The global objective is T·log-mean-exp(s/T) - s_pos at the run's own temperature
+# and loss: the same encoder scores lower at a higher T (review 2026-12-05, N2).
+PRUNE_YARDSTICKS = {
+    "knn_top1": ("knn_k", "knn_subset", "knn_temperature"),
+    "global_objective": ("objective_subset", "temperature", "loss"),
+}
+
+
+def yardstick(pretrain: PretrainConfig, metric: str) -> dict[str, Any]:
+    """The settings `metric` is measured with in a run of this recipe: recorded with each value."""
+    return {name: getattr(pretrain, name) for name in PRUNE_YARDSTICKS[metric]}
 
 
 def _increasing(rungs: list[int]) -> list[int]:
@@ -344,6 +370,11 @@ class PruneConfig(Schema):
     eta: int = Field(3, ge=2, description="Reduction factor: the top 1/eta of a rung continue.")
     rungs: Rungs = Field(description="Epochs after which the run is judged, increasing.")
     records: Path = Field(description="Directory of the rungs' records, shared by the competing runs.")
+    promote: bool = Field(
+        True,
+        description="A run stopped at a rung is paused: continued (from its checkpoint) once later arrivals "
+        "make it one of the rung's top 1/eta (ASHA's promotion). False: stopped for good.",
+    )
 
 
 def rung_problem(pretrain: PretrainConfig, metric: str, rungs: list[int]) -> str | None:

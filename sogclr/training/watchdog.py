@@ -5,8 +5,10 @@ A read that blocks for ever (a stalled Lustre OST or NFS server; a named pipe wi
 step boundary: no stop signal is acted on, and with one rank nothing else times out, so the job would
 hold its allocation to the time limit and end TIMEOUT, not requeued. The watchdog is a thread that keeps
 running while the main thread is blocked (a blocking `open` or read releases the GIL); when no progress
-was reported for `progress_timeout_minutes`, it records `failed` with `failure: stalled` in state.json,
-kills this process's loader workers (one of them may be the one blocked) and exits at once. The job layer
+was reported for `progress_timeout_minutes`, it kills this process's loader workers (one of them may be
+the one blocked), records `failed` with `failure: stalled` in state.json and exits at once; when that
+write blocks too (the run directory is on the stalled file system) it exits without it after
+`STATE_WRITE_S`, and the job layer reads the lost process as transient all the same. The job layer
 reads that record as a transient failure: the job is requeued and resumes from its last checkpoint,
 counted against `max_failures`. The other ranks then lose their peer and fail as transient too.
 
@@ -29,6 +31,7 @@ from types import TracebackType
 from sogclr.contract.state import update_state
 
 EXIT_STALLED = 3
+STATE_WRITE_S = 10.0  # the most the stalled record may take to write before the process exits without it
 _last_progress = time.monotonic()
 
 
@@ -80,9 +83,11 @@ class Watchdog:
             "peer outside a collective is blocked"
         )
         print(f"sogclr watchdog: rank {os.environ.get('RANK', 0)}: {error}; exiting", file=sys.stderr)
+        for child in multiprocessing.active_children():  # loader workers: one may be the blocked one
+            os.kill(child.pid, signal.SIGKILL)
+        # The write below may block on the very file system that stalled: exit after STATE_WRITE_S anyway.
+        threading.Timer(STATE_WRITE_S, os._exit, args=(EXIT_STALLED,)).start()
         try:
             update_state(self.state_path, status="failed", failure="stalled", error=f"Stalled: {error}")
         finally:
-            for child in multiprocessing.active_children():  # loader workers: one may be the blocked one
-                os.kill(child.pid, signal.SIGKILL)
             os._exit(EXIT_STALLED)

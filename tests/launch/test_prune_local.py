@@ -17,9 +17,10 @@ from launch.manifest import record_job
 from launch.plan import phases_to_submit
 from launch.spec import expand, load_spec, resuming_pruned
 from launch.standing import PRUNED, PhaseStanding, continued_after_pruning, phase_standing
-from sogclr.contract.rungs import RungRecords
+from sogclr.contract.config import dump_run_config, yardstick
+from sogclr.contract.rungs import PROMOTED, Contender, RungRecords
 from sogclr.contract.state import read_state, update_state
-from testkit.runs import assert_same_training_state
+from testkit.runs import assert_same_training_state, record_rival
 from testkit.tiny import write_tiny_spec
 
 STEPS = 11  # 1437 training digits // 128
@@ -83,7 +84,8 @@ def test_a_pruned_run_is_not_evaluated_shows_as_pruned_and_continues_to_the_unpr
     spec = write_tiny_spec(tmp_path, "halving", pretrain=RECIPE, sweep=HALVING)
     sweep_dir = tmp_path / "runs" / "halving"
     # A better run of the sweep got to the rung first: no kNN accuracy beats 100.
-    RungRecords(sweep_dir / "prune", 1).record("rival", "knn_top1", 100.0, step=STEPS)
+    (run,) = expand(load_spec(spec))
+    record_rival(sweep_dir / "prune", 1, 100.0, run.config.pretrain)
     assert cli.main([str(spec), "--local"]) == 0  # a pruned run is an outcome, not a failure
 
     run_dir = sweep_dir / "gamma0.9"
@@ -98,6 +100,7 @@ def test_a_pruned_run_is_not_evaluated_shows_as_pruned_and_continues_to_the_unpr
     assert cli.main(["status", str(spec)]) == 0
     (row,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("gamma0.9 ")]
     assert row.split()[3:5] == ["pruned", "pruned"]  # pretraining, linear eval
+    assert " pruned at 1 " in " ".join(row.split()) + " "  # its rung is final (every run arrived): closed
 
     assert cli.main([str(spec), "--local"]) == 0  # a plain run leaves it alone
     assert read_state(run_dir / "state.json")["attempts"] == state["attempts"]
@@ -116,3 +119,62 @@ def test_a_pruned_run_is_not_evaluated_shows_as_pruned_and_continues_to_the_unpr
         run_dir / "checkpoints" / "final.pt",
         tmp_path / "runs" / "straight" / "gamma0.9" / "checkpoints" / "final.pt",
     )
+
+
+def test_a_paused_run_is_promoted_by_the_launcher_and_ends_with_the_weights_of_a_run_never_paused(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    spec = write_tiny_spec(tmp_path, "promote", pretrain=RECIPE, lincls=None, sweep=HALVING)
+    sweep_dir = tmp_path / "runs" / "promote"
+    (run,) = expand(load_spec(spec))
+    records = sweep_dir / "prune"
+    record_rival(records, 1, 100.0, run.config.pretrain)
+    # Another run of the sweep, still training: the rung is not final, so the stopped run is paused.
+    other = run.config.model_copy(update={"run_dir": sweep_dir / "elsewhere"})
+    other.run_dir.mkdir(parents=True)
+    dump_run_config(other, other.run_dir / "config.yaml")
+    assert cli.main([str(spec), "--local"]) == 0
+    state = read_state(run.files.pretrain.state)
+    assert state["status"] == "pruned" and not RungRecords(records, 1).verdict(run.name, state["training"])
+    capsys.readouterr()
+    assert cli.main(["status", str(spec)]) == 0
+    (row,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("gamma0.9 ")]
+    assert " paused at 1 " in " ".join(row.split()) + " "
+
+    # Two weaker runs arrive at the rung: 4 recorded, the top 2 now takes in the paused run.
+    settings = yardstick(run.config.pretrain, "knn_top1")
+    for name in ("weak1", "weak2"):
+        RungRecords(records, 1).record(Contender(name, name, settings), "knn_top1", 1.0, STEPS)
+    assert cli.main([str(spec), "--local"]) == 0
+    assert "gamma0.9: promoted, continued from its rung" in capsys.readouterr().out
+    state = read_state(run.files.pretrain.state)
+    assert state["status"] == "done" and [a["outcome"] for a in state["attempts"]] == ["pruned", "done"]
+    assert state["attempts"][1]["start_step"] == STEPS  # from the rung's checkpoint
+    verdict = RungRecords(records, 1).verdict(run.name, state["training"])
+    assert verdict["verdict"] == PROMOTED and verdict["keep"] == 2
+    assert verdict["threshold"] == state["pruned"]["value"]  # the second best of four: itself
+    assert cli.main(["status", str(spec)]) == 0
+    (row,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("gamma0.9 ")]
+    assert " kept at 1 " in " ".join(row.split()) + " "
+
+    straight = write_tiny_spec(
+        tmp_path, "straight", pretrain=RECIPE, lincls=None, sweep={"product": {"gamma": [0.9]}}
+    )
+    assert cli.main([str(straight), "--local"]) == 0
+    assert_same_training_state(
+        run.files.pretrain.checkpoints / "final.pt",
+        tmp_path / "runs" / "straight" / "gamma0.9" / "checkpoints" / "final.pt",
+    )
+
+
+def test_resume_pruned_refuses_a_run_that_is_not_pruned(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    spec = write_tiny_spec(tmp_path, "halving", pretrain=RECIPE, sweep=HALVING)
+    (run,) = expand(load_spec(spec))
+    assert cli.main([str(spec), "--dry-run", "--resume-pruned", "gamma0.9"]) == 2
+    assert "--resume-pruned gamma0.9: not pruned (its pretraining is not started)" in capsys.readouterr().err
+    update_state(run.files.pretrain.state, status="done")
+    assert cli.main([str(spec), "--local", "--resume-pruned", "gamma0.9"]) == 2
+    err = capsys.readouterr().err
+    assert "--resume-pruned gamma0.9: not pruned (its pretraining is done)" in err and err.count("\n") == 1

@@ -81,3 +81,30 @@ def test_setup_lines_cannot_put_other_code_first_and_a_job_refuses_code_it_was_n
     bypassed = job(frozen.setup_line(), user_line)  # as before: the live checkout first
     assert bypassed.returncode == 1
     assert f"submitted with code snapshot {frozen.digest} but imports live" in bypassed.stderr
+
+
+def test_a_file_saved_while_freezing_leaves_a_snapshot_that_matches_its_digest(
+    tmp_path: Path, checkout: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The editor saves a file right after the code was hashed: the snapshot must hold what was hashed,
+    or a later freeze of that content would reuse a snapshot holding something else."""
+    edited = checkout / "sogclr" / "lincls.py"
+    original = edited.read_bytes()
+    hashed = snapshot.digest_of
+
+    def hash_then_save(files: object) -> str:
+        digest = hashed(files)
+        edited.write_text("# saved while freezing\n")
+        return digest
+
+    monkeypatch.setattr(snapshot, "digest_of", hash_then_save)
+    raced = freeze(tmp_path / "sweep")
+    monkeypatch.setattr(snapshot, "digest_of", hashed)
+    assert (raced.path / "sogclr" / "lincls.py").read_bytes() == original
+    edited.write_bytes(original)
+    again = freeze(tmp_path / "other")  # the same content, frozen quietly
+    assert again.digest == raced.digest and tree(again.path) == tree(raced.path)
+
+
+def tree(directory: Path) -> dict[str, bytes]:
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in directory.rglob("*") if p.is_file()}

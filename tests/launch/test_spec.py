@@ -96,6 +96,41 @@ def test_zip_moves_fields_together_inside_the_product(tmp_path: Path) -> None:
     assert runs[1].slurm.nodes == 2 and runs[1].config.lincls.epochs == 5
 
 
+def test_runs_list_points_as_one_factor_of_the_product(tmp_path: Path) -> None:
+    data = quickstart()
+    data["sweep"] = {
+        "product": {"seed": [0, 1]},
+        "runs": [
+            {"loss": "simclr"},
+            {"loss": "sogclr", "gamma": 0.1, "gamma_schedule": "cosine"},
+            {"loss": "sogclr", "pretrain.gamma": 0.9, "slurm.nodes": 2},
+        ],
+    }
+    runs = expand(load_spec(write_spec(tmp_path, data)))
+    assert [run.name for run in runs] == [
+        "seed0-simclr",
+        "seed0-sogclr-gamma0.1-cosine",
+        "seed0-sogclr-gamma0.9-n2",
+        "seed1-simclr",
+        "seed1-sogclr-gamma0.1-cosine",
+        "seed1-sogclr-gamma0.9-n2",
+    ]
+    simclr, cosine, default_schedule = (run.config.pretrain for run in runs[3:])
+    assert (simclr.loss, simclr.seed, simclr.gamma) == (
+        "simclr",
+        1,
+        quickstart()["pretrain"].get("gamma", 0.9),
+    )
+    assert (cosine.gamma, cosine.gamma_schedule) == (0.1, "cosine")
+    assert default_schedule.gamma_schedule == "constant" and runs[5].slurm.nodes == 2
+    assert runs[1].point == {
+        "pretrain.seed": 0,
+        "pretrain.loss": "sogclr",
+        "pretrain.gamma": 0.1,
+        "pretrain.gamma_schedule": "cosine",
+    }
+
+
 def test_set_overrides_any_field(tmp_path: Path) -> None:
     spec = load_spec(write_spec(tmp_path, quickstart()), ["pretrain.temperature=0.3", "slurm.nodes=2"])
     assert spec.pretrain.temperature == 0.3 and spec.slurm.nodes == 2
@@ -179,6 +214,44 @@ BAD_SPECS = {
         _edit("sweep.zip", {"gamma": [0.5], "epochs": [1, 2]}),
         "sweep.zip: lists must have equal",
     ),
+    "runs empty": (_edit("sweep", {"runs": []}), "sweep.runs: empty list"),
+    "runs empty entry": (_edit("sweep", {"runs": [{"gamma": 0.5}, {}]}), "sweep.runs[1]: empty entry"),
+    "runs entry not a mapping": (
+        _edit("sweep", {"runs": [{"gamma": 0.5}, "simclr"]}),
+        "sweep.runs[1]: Input should be a valid dictionary",
+    ),
+    "runs unknown key": (
+        _edit("sweep", {"runs": [{"loss": "simclr"}, {"gamme": 0.5}]}),
+        "sweep.runs[1].gamme: no such field (did you mean 'pretrain.gamma'?)",
+    ),
+    "runs bad type": (
+        _edit("sweep", {"runs": [{"loss": "simclr"}, {"loss": "sogclr", "gamma": "high"}]}),
+        "sweep.runs[1].gamma: Input should be a valid number",
+    ),
+    "runs bad value": (
+        _edit("sweep", {"runs": [{"slurm.nodes": 0}]}),
+        "sweep.runs[0].slurm.nodes: Input should be greater than or equal to 1",
+    ),
+    "runs and product sweep one field": (
+        _edit("sweep", {"product": {"gamma": [0.5]}, "runs": [{"pretrain.gamma": 0.9}]}),
+        "sweep.runs[0].pretrain.gamma: pretrain.gamma is swept twice (also in sweep.product)",
+    ),
+    "product and zip sweep one field": (
+        _edit("sweep", {"product": {"epochs": [1]}, "zip": {"epochs": [2]}}),
+        "sweep.zip.epochs: pretrain.epochs is swept twice (also in sweep.product)",
+    ),
+    "one field twice in product": (
+        _edit("sweep", {"product": {"gamma": [0.5], "pretrain.gamma": [0.9]}}),
+        "sweep.product.pretrain.gamma: pretrain.gamma is swept twice (also in sweep.product)",
+    ),
+    "one field twice in a run": (
+        _edit("sweep", {"runs": [{"gamma": 0.5}, {"gamma": 0.5, "pretrain.gamma": 0.9}]}),
+        "sweep.runs[1].pretrain.gamma: pretrain.gamma is swept twice (also in sweep.runs[1])",
+    ),
+    "runs duplicate names": (
+        _edit("sweep", {"runs": [{"gamma": 0.5}, {"gamma": 0.50}]}),
+        "sweep: duplicate run name 'gamma0.5'",
+    ),
     "indivisible batch": (
         _edit("slurm.nodes", 3),
         "pretrain.batch_size: 128 is not divisible by the number of",
@@ -225,6 +298,10 @@ BAD_SPECS = {
     "no warning before the time limit": (
         _edit("slurm.signal_lead_s", 0),
         "slurm.signal_lead_s: Input should be greater than or equal to 1",
+    ),
+    "a watchdog that kills healthy runs": (
+        _edit("lincls.progress_timeout_minutes", 0.25),
+        "lincls.progress_timeout_minutes: Input should be greater than or equal to 1 (got 0.25)",
     ),
     "additional key is no option": (
         _edit("slurm.additional", {"x --nodes": 2}),

@@ -83,6 +83,13 @@ def test_a_small_stem_run_is_refused_unless_asked_and_then_loads_with_that_stem(
         assert torch.equal(exported(IMAGES), model.backbone(IMAGES))
 
 
+def test_a_narrow_run_is_refused(tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    finished_run(tmp_path / "run", data_dir, width=16)
+    assert export_main([str(tmp_path / "run"), str(tmp_path / "out.pt")]) == 2
+    assert "pretrain.width 16; a stock resnet18 has 64" in capsys.readouterr().err
+    assert not (tmp_path / "out.pt").exists()
+
+
 def test_a_run_without_final_checkpoint_is_a_clear_error(
     tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture
 ) -> None:

@@ -75,6 +75,36 @@ def test_zero_init_residual(arch, block, last_bn):
         assert torch.all(residual_block.bn1.weight == 1)
 
 
+@pytest.mark.parametrize(
+    ("arch", "block", "last_bn", "expansion"),
+    [("resnet18", BasicBlock, "bn2", 1), ("resnet50", Bottleneck, "bn3", 4)],
+)
+def test_width_scales_every_stage_and_keeps_torchvision_init(arch, block, last_bn, expansion):
+    backbone, feature_dim = build_backbone(arch, width=16)
+    stock, _ = build_backbone(arch)
+    assert feature_dim == 16 * 8 * expansion
+    stages = [backbone.layer1, backbone.layer2, backbone.layer3, backbone.layer4]
+    assert [stage[-1].conv1.in_channels for stage in stages] == [16 * 2**k * expansion for k in range(4)]
+    stock_stages = [stock.layer1, stock.layer2, stock.layer3, stock.layer4]
+    assert [len(stage) for stage in stages] == [len(stage) for stage in stock_stages]
+    blocks = [m for m in backbone.modules() if isinstance(m, block)]
+    for residual_block in blocks:  # each block starts as the identity, as the stock network's
+        assert torch.count_nonzero(getattr(residual_block, last_bn).weight) == 0
+    conv = backbone.layer2[0].conv1.weight  # kaiming normal, fan_out: sd sqrt(2 / (out x kh x kw))
+    assert conv.std().item() == pytest.approx((2 / conv[0, 0].numel() / conv.shape[0]) ** 0.5, rel=0.1)
+    with torch.no_grad():
+        assert backbone(torch.randn(2, 3, 16, 16)).shape == (2, feature_dim)
+    assert num_params(backbone) < num_params(stock) / 10
+
+
+def test_width_reaches_the_linear_classifier():
+    cfg = PretrainConfig(arch="resnet18", width=8, small_stem=True)
+    pretrained = build_pretrain_model(cfg)
+    classifier = build_linear_classifier(cfg, num_classes=10)
+    load_backbone(classifier.backbone, pretrained.state_dict())
+    assert classifier.backbone.conv1.out_channels == 8 and classifier.fc.in_features == 64
+
+
 def test_unknown_arch_is_rejected():
     with pytest.raises(ValueError, match="resnet18"):
         build_backbone("vit_tiny")

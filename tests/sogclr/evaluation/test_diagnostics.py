@@ -17,6 +17,8 @@ from sogclr.contract.dataindex import build_index
 from sogclr.data.datasets import build_pretrain_dataset, sample_rng
 from sogclr.data.transforms import PretrainAugment
 from sogclr.evaluation.diagnostics import (
+    FixedViews,
+    GlobalObjective,
     StatsAccumulator,
     anchor_terms,
     batch_gradients,
@@ -28,6 +30,7 @@ from sogclr.evaluation.diagnostics import (
     gradient_bias,
     head_terms,
     identity_head,
+    in_memory,
 )
 from sogclr.losses import GlobalContrastiveLoss, SimCLRLoss
 from sogclr.model import build_pretrain_model
@@ -214,6 +217,29 @@ def test_epoch_end_objective_leaves_model_mode_and_rng_as_they_were(tmp_path: Pa
     assert record["global_objective_pooled_views"] == pytest.approx(pooled, rel=1e-5)
     simclr = 2 * global_simclr_objective(terms, cfg.temperature).mean().item()
     assert record["global_simclr_objective"] == pytest.approx(simclr, rel=1e-5)
+
+
+def test_fixed_views_are_augmented_once_where_they_fit_in_memory(data_dir: Path) -> None:
+    cfg = tiny_config(data_dir)
+    dataset = build_pretrain_dataset(cfg, build_index(cfg))
+    calls = []
+
+    def augment(image, rng):
+        calls.append(1)
+        return PretrainAugment(cfg.image_size, cfg.crop_min)(image, rng)
+
+    views = FixedViews(dataset, evenly_spaced(len(dataset), 12), augment)
+    kept = in_memory(views, batch_size=5)
+    assert len(calls) == 12 + 1 and kept.shape == (12, *views[0].shape)  # + 1: the size of a view
+    assert all(torch.equal(kept[k], views[k]) for k in range(12))  # the same pixels as read from disk
+    assert in_memory(views, batch_size=5, max_bytes=kept.nbytes - 1) is views
+
+    torch.manual_seed(0)
+    model = build_pretrain_model(cfg).eval()
+    objective = GlobalObjective(dataset, augment, 12, cfg.temperature, batch_size=5)
+    first = objective(model)
+    calls.clear()
+    assert objective(model) == first and not calls  # the second evaluation augmented no image
 
 
 def test_pretraining_with_the_objective_metric_ends_with_the_same_weights(

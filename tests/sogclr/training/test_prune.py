@@ -17,11 +17,11 @@ import yaml
 
 from launch.cli import main
 from launch.spec import SpecError, expand, load_spec
-from sogclr.contract.config import PruneConfig
-from sogclr.contract.rungs import RungRecords, decide, keep_count
+from sogclr.contract.config import PretrainConfig, PruneConfig, yardstick
+from sogclr.contract.rungs import CLOSED, PROMOTED, Contender, RungRecords, decide, keep_count, promotions
 from sogclr.contract.state import read_state
 from sogclr.training.checkpoint import load_file
-from testkit.runs import assert_same_training_state, run_module, tiny_pretrain
+from testkit.runs import assert_same_training_state, record_rival, run_module, tiny_pretrain
 
 STEPS = 11  # 1437 training digits // 128
 
@@ -52,6 +52,70 @@ def test_a_diverged_run_never_continues_and_ranks_last() -> None:
     assert decide("b", values, maximize=False, eta=2)["table"][-1]["run"] == "a"
 
 
+def test_a_paused_run_is_promoted_once_later_arrivals_put_it_in_the_rung_top() -> None:
+    arrivals = {"a": 50.0, "b": 60.0, "c": 55.0}  # c arrives third: only the best of 3 (60) continues
+    assert not decide("c", arrivals, maximize=True, eta=3)["continue"]
+    assert promotions(arrivals, {"c"}, maximize=True, eta=3) == []
+    later = {**arrivals, "d": 10.0, "e": 20.0, "f": 30.0}  # 6 recorded: the top 2 are b and c
+    assert promotions(later, {"c", "d", "e", "f"}, maximize=True, eta=3) == ["c"]
+    assert promotions({**later, "g": math.nan}, {"c", "g"}, maximize=True, eta=3) == ["c"]  # NaN never
+
+
+def test_the_records_give_a_promotion_exactly_once_and_close_the_rest(tmp_path: Path) -> None:
+    cfg = PruneConfig(metric="knn_top1", eta=3, rungs=[2], records=tmp_path)
+    rung = RungRecords(tmp_path, 2)
+    for run, value in {"a": 50.0, "b": 60.0, "c": 55.0, "d": 10.0, "e": 20.0, "f": 30.0}.items():
+        rung.decide(contender(run), cfg, value, step=22)
+    paused = set(rung.paused(cfg, SETTINGS))
+    assert paused == {"c", "d", "e", "f"}  # a and b were each the best so far when they arrived
+    promotable = rung.promotable(cfg, SETTINGS)
+    assert list(promotable) == ["c"] and promotable["c"]["verdict"] == PROMOTED
+    assert promotable["c"]["keep"] == 2 and promotable["c"]["threshold"] == 55.0
+    assert rung.give(promotable["c"], by="f") and not rung.give(promotable["c"], by="e")  # once
+    assert rung.verdict("c", "c-t1")["by"] == "f"
+    standing = rung.standing(contender("c"), cfg)
+    assert standing["continue"] and standing["promoted"]["verdict"] == PROMOTED
+    assert rung.decide(contender("c"), cfg, 0.0, step=22) == standing  # a resume after it continues
+    assert rung.promotable(cfg, SETTINGS) == {}
+    closable = rung.closable(cfg, SETTINGS)
+    assert set(closable) == paused - {"c"} and {v["verdict"] for v in closable.values()} == {CLOSED}
+
+
+def test_the_arrival_order_matters_to_the_stopping_rule_and_promotion_repairs_it() -> None:
+    # a perfectly predictive metric, the worst first: each arrival is the best so far and continues;
+    # the best first: every later one stops, and the top 1/eta is only found by promotion
+    values = {f"r{i}": float(i) for i in range(9)}
+    best_first = sorted(values, key=values.get, reverse=True)
+    seen: dict[str, float] = {}
+    kept = []
+    for run in best_first:
+        seen[run] = values[run]
+        kept += [run] if decide(run, seen, maximize=True, eta=3)["continue"] else []
+    assert kept == ["r8"]
+    assert promotions(values, set(values) - {"r8"}, maximize=True, eta=3) == ["r6", "r7"]
+
+
+def test_a_decision_counts_only_for_its_training_metric_eta_and_settings(tmp_path: Path) -> None:
+    cfg = PruneConfig(metric="knn_top1", eta=2, rungs=[4], records=tmp_path)
+    rung = RungRecords(tmp_path, 4)
+    assert rung.decide(contender("lr0.1"), cfg, 62.0, step=400)["continue"]
+    assert not rung.decide(contender("lr0.2"), cfg, 40.0, step=400)["continue"]
+    # lr0.1 trained again from scratch: it forgets its records first, then is judged on its new value
+    rung.forget("lr0.1")
+    assert rung.values("knn_top1", SETTINGS) == {"lr0.2": 40.0}  # its old value is nobody's rival
+    again = rung.decide(contender("lr0.1", "t2"), cfg, 5.0, step=400)
+    assert again["value"] == 5.0 and not again["continue"] and again["training"] == "lr0.1-t2"
+    assert read_state(rung.record_path("lr0.1"))["value"] == 5.0
+    # another eta, or another metric: the old decision is not this one's
+    assert rung.standing(contender("lr0.2"), cfg.model_copy(update={"eta": 3})) is None
+    assert rung.standing(contender("lr0.2"), cfg.model_copy(update={"metric": "global_objective"})) is None
+    # a value measured with another kNN k is left out of the table
+    other = {**SETTINGS, "knn_k": 200}
+    decision = rung.decide(Contender("k200", "k200-t1", other), cfg, 1.0, step=400)
+    assert [row["run"] for row in decision["table"]] == ["k200"] and decision["continue"]
+    assert set(rung.values("knn_top1", SETTINGS)) == {"lr0.1", "lr0.2"}
+
+
 # --- the spec ---------------------------------------------------------------------------------------
 
 
@@ -76,10 +140,62 @@ def test_rungs_come_from_the_first_rung_and_eta_or_a_list_and_reach_the_run_conf
     records = tmp_path / "runs" / "halving" / "prune"
     assert run.config.prune == PruneConfig(metric="knn_top1", eta=2, rungs=[2, 4, 8], records=records)
     assert main([str(spec), "--dry-run"]) == 0
-    line = f"pruning: knn_top1 after epochs 2, 4, 8; the top 1/2 of each rung continue, records in {records}"
-    assert line in capsys.readouterr().out
+    out = " ".join(capsys.readouterr().out.split())
+    assert (
+        "pruning: knn_top1 after epochs 2, 4, 8; at a rung a run continues if it is among the best "
+        "max(1, n // 2) of the n runs recorded there so far (the first arrival always does); a run stopped "
+        "there is paused, and continued from its checkpoint as soon as later arrivals put it among the "
+        f"rung's best max(1, n // 2) (promotion) records in {records}"
+    ) in out
+    spec = write_spec(tmp_path, {"first_rung": 2, "eta": 2, "promote": False})
+    assert main([str(spec), "--dry-run"]) == 0
+    assert "a run stopped there is stopped for good" in " ".join(capsys.readouterr().out.split())
     spec = write_spec(tmp_path, {"rungs": [6], "metric": "global_objective"}, objective_every_epochs=3)
     assert expand(load_spec(spec))[0].config.prune.rungs == [6]
+
+
+@pytest.mark.parametrize(
+    ("prune", "product", "error"),
+    [
+        ({"first_rung": 2, "metric": "global_objective"}, {"temperature": [0.1, 0.5]},
+         "sweep.prune.metric: global_objective is not comparable across pretrain.temperature, which the "
+         "sweep varies (0.1, 0.5); prune on knn_top1"),
+        ({"first_rung": 2, "metric": "global_objective"}, {"loss": ["sogclr", "simclr"]},
+         "global_objective is not comparable across pretrain.loss"),
+        ({"first_rung": 2, "metric": "global_objective"}, {"projector_out_dim": [64, 128]},
+         "global_objective is not comparable across pretrain.projector_out_dim"),
+        ({"first_rung": 2}, {"epochs": [16, 32]}, "sweep.prune: the runs have different pretrain.epochs "
+         "(16, 32): at a rung's epoch they are at different points of their schedules"),
+        ({"first_rung": 2}, {"warmup_epochs": [1, 4]}, "different pretrain.warmup_epochs (1.0, 4.0)"),
+        ({"first_rung": 2}, {"knn_k": [10, 20]}, "sweep.prune.metric: knn_top1 is not comparable across "
+         "pretrain.knn_k, which the sweep varies (10, 20)"),
+        ({"first_rung": 2}, {"knn_subset": [300, 1000]}, "not comparable across pretrain.knn_subset"),
+    ],
+)  # fmt: skip
+def test_a_pruned_sweep_that_compares_unlike_runs_is_refused_in_one_line(
+    tmp_path: Path, prune: dict, product: dict, error: str
+) -> None:
+    spec = write_spec(tmp_path, {**prune}, objective_every_epochs=2)
+    data = yaml.safe_load(spec.read_text())
+    data["sweep"]["product"] = product
+    spec.write_text(yaml.safe_dump(data))
+    with pytest.raises(SpecError) as raised:
+        expand(load_spec(spec))
+    assert error in str(raised.value) and "\n" not in str(raised.value)
+    assert main([str(spec), "--dry-run"]) == 2  # before anything is submitted
+
+
+def test_records_measured_with_other_settings_refuse_the_submission(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    spec = write_spec(tmp_path, {"first_rung": 2})
+    (run, _) = expand(load_spec(spec))
+    before = yardstick(run.config.pretrain, "knn_top1")
+    RungRecords(run.config.prune.records, 2).record(Contender("gamma0.5", "t", before), "knn_top1", 50.0, 0)
+    assert main([str(spec), "--dry-run"]) == 0
+    assert main([str(spec), "--dry-run", "--set", "pretrain.knn_k=50"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "rung-2/gamma0.5.json was measured with pretrain.knn_k=20 (now 50)" in err
 
 
 @pytest.mark.parametrize(
@@ -112,10 +228,17 @@ def test_a_bad_prune_section_is_one_line_naming_the_field(
 CONCURRENT_RUNS = 8
 
 
+SETTINGS = yardstick(PretrainConfig(), "knn_top1")
+
+
+def contender(run: str, training: str = "t1", settings: dict = SETTINGS) -> Contender:
+    return Contender(run, f"{run}-{training}", settings)
+
+
 def _reach_rung(records: Path, run: str, value: float, barrier: multiprocessing.synchronize.Barrier) -> None:
     cfg = PruneConfig(metric="knn_top1", eta=3, rungs=[2], records=records)
     barrier.wait()  # every process records and reads at the same moment
-    RungRecords(records, 2).decide(run, cfg, value, step=22)
+    RungRecords(records, 2).decide(contender(run), cfg, value, step=22)
 
 
 def test_runs_reaching_a_rung_at_once_each_record_and_decide_on_what_they_saw(tmp_path: Path) -> None:
@@ -132,7 +255,7 @@ def test_runs_reaching_a_rung_at_once_each_record_and_decide_on_what_they_saw(tm
         assert process.exitcode == 0
 
     rung = RungRecords(tmp_path, 2)
-    assert rung.values("knn_top1") == values  # every record whole
+    assert rung.values("knn_top1", SETTINGS) == values  # every record whole
     assert not list(tmp_path.rglob(".*.tmp"))  # no writer left a temporary file
     decisions = {run: rung.decision(run) for run in values}
     tables = []
@@ -151,7 +274,7 @@ def test_runs_reaching_a_rung_at_once_each_record_and_decide_on_what_they_saw(tm
     # A requeued attempt at the same rung keeps its decision, whatever has been recorded since.
     before = rung.decision_path("run1").read_bytes()
     cfg = PruneConfig(metric="knn_top1", eta=3, rungs=[2], records=tmp_path)
-    assert rung.decide("run1", cfg, value=-1.0, step=22) == decisions["run1"]
+    assert rung.decide(contender("run1"), cfg, value=-1.0, step=22) == decisions["run1"]
     assert rung.decision_path("run1").read_bytes() == before
 
 
@@ -174,17 +297,17 @@ def prune_config(run_dir: Path, data_dir: Path, records: Path, **pretrain: objec
     return path
 
 
-def record_rival(records: Path, value: float) -> None:
-    """What a better run of the sweep recorded at rung 1 before ours got there."""
-    RungRecords(records, 1).record("rival", "knn_top1", value, step=STEPS)
+def rival_recipe(config: Path) -> PretrainConfig:
+    """The recipe of the run `config` describes: the rival's metric is measured as ours."""
+    return PretrainConfig.model_validate(yaml.safe_load(config.read_text())["pretrain"])
 
 
 def test_a_pruned_run_of_two_ranks_saves_at_the_rung_records_why_and_stays_pruned_when_started_again(
     tmp_path: Path, data_dir: Path
 ) -> None:
     records, run_dir = tmp_path / "prune", tmp_path / "run"
-    record_rival(records, 100.0)  # no kNN accuracy beats it: ours is pruned
     config = prune_config(run_dir, data_dir, records)
+    record_rival(records, 1, 100.0, rival_recipe(config))  # no kNN accuracy beats it: ours is pruned
     run_module("sogclr.pretrain", config, nproc=2)  # rank 0 decides; both ranks stop (or it would hang)
 
     state = read_state(run_dir / "state.json")
@@ -225,10 +348,35 @@ def test_a_requeue_across_a_rung_keeps_the_earlier_decision_and_resumes_exactly(
     for path in checkpoints.iterdir():
         if path.name in ("last.pt", "final.pt") or int(path.stem.split("-")[1]) > 8:
             path.unlink()
-    record_rival(records, 100.0)
+    record_rival(records, 1, 100.0, rival_recipe(config))
     decided = decision.read_bytes()
     run_module("sogclr.pretrain", config)  # the requeued attempt passes the rung again
 
     assert decision.read_bytes() == decided  # decided once: continue
     assert read_state(run_dir / "state.json")["status"] == "done"
     assert_same_training_state(checkpoints / "final.pt", tmp_path / "straight.pt")
+
+
+def test_a_run_trained_again_from_scratch_is_judged_anew_on_its_new_value(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    records, run_dir = tmp_path / "prune", tmp_path / "run"
+    config = prune_config(run_dir, data_dir, records)
+    record_rival(records, 1, 100.0, rival_recipe(config))
+    run_module("sogclr.pretrain", config)
+    assert read_state(run_dir / "state.json")["status"] == "pruned"
+
+    # The user deletes the run directory and trains it again; the rival's old record is gone too (it
+    # is being trained again as well): alone at the rung, the new training continues to the end.
+    shutil.rmtree(run_dir)
+    (records / "rung-1" / "rival.json").unlink()
+    config = prune_config(run_dir, data_dir, records)
+    run_module("sogclr.pretrain", config)
+
+    assert read_state(run_dir / "state.json")["status"] == "done"
+    knn = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    first = next(r["knn_top1"] for r in knn if "knn_top1" in r)
+    record = json.loads((records / "rung-1" / "run.json").read_text())
+    assert record["value"] == first  # its new value is the one on record, for every rival to face
+    decision = json.loads((records / "rung-1" / "decisions" / "run.json").read_text())
+    assert decision["continue"] and [row["run"] for row in decision["table"]] == ["run"]

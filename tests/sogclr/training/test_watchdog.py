@@ -9,9 +9,11 @@ system answers. Tiny: digits at 16 px, ResNet-18.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -20,16 +22,53 @@ from pathlib import Path
 import pytest
 
 from jobs.attempt import classify
-from sogclr.contract.config import PretrainConfig
+from sogclr.contract.config import PROGRESS_TIMEOUT_FLOOR_MINUTES, PretrainConfig
 from sogclr.contract.dataindex import build_index
 from sogclr.contract.state import read_state
 from sogclr.data.datasets import build_pretrain_dataset, epoch_permutation, prepare_data_root
+from sogclr.training.watchdog import EXIT_STALLED, STATE_WRITE_S
 from testkit.runs import child_env, command, logged_steps, tiny_pretrain, write_config
 from testkit.tiny import write_tiny_spec
 
-# 15 s without progress; start-up counts too, so this is above the start-up of a loaded 2-core machine
-WATCHDOG_MINUTES = 0.25
+# the shortest limit allowed; start-up counts too, so it is above the start-up of a loaded 2-core machine
+WATCHDOG_MINUTES = PROGRESS_TIMEOUT_FLOOR_MINUTES
 BLOCKED_STEP = 2  # the steps before it are taken
+
+
+STALLED_PROCESS = """
+import multiprocessing, sys, time
+from pathlib import Path
+from sogclr.training.watchdog import Watchdog
+if __name__ == "__main__":
+    worker = multiprocessing.Process(target=time.sleep, args=(3600,))  # a loader worker
+    worker.start()
+    print(worker.pid, flush=True)
+    with Watchdog(Path(sys.argv[1]), minutes=0.02):
+        time.sleep(3600)  # no progress
+"""
+
+
+def test_the_watchdog_ends_the_process_when_the_state_write_blocks_too(tmp_path: Path) -> None:
+    """The run directory is on the file system that stalled (state.json a named pipe: reading it blocks,
+    as a hung NFS server does): the loader worker is killed first and the process still exits."""
+    state = tmp_path / "state.json"
+    os.mkfifo(state)
+    process = subprocess.Popen(
+        [sys.executable, "-c", STALLED_PROCESS, str(state)],
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    worker = int(process.stdout.readline())
+    try:
+        returncode = process.wait(timeout=STATE_WRITE_S + 60)  # a guard, not a measurement
+    finally:
+        process.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker, signal.SIGKILL)  # on failure: no orphan left behind (gone already if killed)
+    assert returncode == EXIT_STALLED
+    assert not Path(f"/proc/{worker}").exists() or "State:\tZ" in Path(f"/proc/{worker}/status").read_text()
+    assert state.is_fifo()  # the blocked write was abandoned, not completed
 
 
 def image_tree_with_a_pipe(data_dir: Path, tree: Path, position: int) -> Path:
@@ -88,13 +127,16 @@ def test_a_read_that_blocks_for_ever_ends_the_attempt_as_transient(
         timeout=600,  # a guard against this test hanging, not a measurement
     )
     assert trainer.returncode != 0
-    assert "sogclr watchdog" in trainer.stderr and "no progress for 0.25 minutes" in trainer.stderr
+    assert (
+        "sogclr watchdog" in trainer.stderr
+        and f"no progress for {WATCHDOG_MINUTES:g} minutes" in trainer.stderr
+    )
 
     state = read_state(run_dir / "state.json")
     assert state["status"] == "failed" and state["failure"] == "stalled", state
     outcome, reason = classify(state, trainer.returncode)
     assert outcome == "transient" and "stalled" in reason and "progress_timeout_minutes" in reason
-    # it trained until the pipe, then stalled (or, on a machine too slow to start in 15 s, before it)
+    # it trained until the pipe, then stalled (or, on a machine too slow to start in a minute, before it)
     assert max(logged_steps(run_dir), default=0) <= BLOCKED_STEP
     assert not has_reader(fifo)  # the blocked reader (a loader worker, or a rank) is gone too
 
