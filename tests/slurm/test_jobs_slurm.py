@@ -163,7 +163,7 @@ def test_the_jobs_waiting_on_a_job_are_cancelled_though_squeue_fails_at_first(
         assert cancel_dependents(int(held), attempts=3) == [waiting]
         assert slurm_cluster.wait_job(waiting, "CANCELLED") == "CANCELLED"
     finally:
-        slurm_cluster.run("scancel", held)
+        slurm_cluster.run("scancel", held, waiting)
 
 
 def failing_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str, times: int) -> None:
