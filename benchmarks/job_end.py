@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.slurm_calls import install_shims, logged_calls  # noqa: E402
 from jobs import slurm as after  # noqa: E402
+from jobs.stop import Budget  # noqa: E402
 
 BEFORE_COMMIT = "17156b2"
 COUNTED = ("squeue", "sacct", "scontrol", "scancel")
@@ -93,15 +94,12 @@ def end_before(module: ModuleType, job: str) -> str:
 def end_after(job: str) -> str:
     task = after.SlurmTask(job_id=int(job), node_rank=0, hosts=["n1"], restart_count=0)
     after.act_on_signal(task, "signal SIGTERM")
-    attempt = {"outcome": "preempted", "reason": "signal SIGTERM"}
-    decided = after.judge(task, "signal SIGTERM", attempt)
-    after.carry_out(
-        task,
-        Path(tempfile.mkdtemp()) / "state.json",
-        "end" if decided.outcome == "cancelled" else "",
-        decided,
-    )
-    return decided.outcome
+    attempt = {"job_id": int(job), "start_step": 0, "end_step": 0, "outcome": "preempted", "reason": ""}
+    state_path = Path(tempfile.mkdtemp()) / "state.json"
+    plan = after.conclude(task, "signal SIGTERM", attempt, state_path, Budget(max_requeues=20))
+    if plan.action == "end":  # a cancel; a preemption's requeue is not what is counted here
+        after.carry_out(task, state_path, plan)
+    return plan.outcome
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""One attempt of a training phase, and what to do after it: the part of a job that knows no SLURM.
+"""One attempt of a training phase, run and recorded: the part of a job that knows no SLURM.
 
 An attempt starts torchrun, waits for it, and reads the phase's `state.json` (exit codes do not survive
 torchrun reliably; the trainer's record does). Its outcome is one of
@@ -15,9 +15,9 @@ torchrun reliably; the trainer's record does). Its outcome is one of
                 finished outcome, never requeued; the job ends, COMPLETED, which satisfies its
                 evaluation's afterok or aftercorr (exit status 0): so its evaluation is cancelled
 
-The attempt is appended to `attempts`, and `next_action` decides: `done`, `requeue` (resume from the saved
-step), `fail`, or `end` (SLURM is ending the job, as after a cancel: neither requeue nor fail it).
-SLURM jobs and local mode share this.
+What follows an attempt (`done`, `requeue`: resume from the saved step, `fail`, or `end`: SLURM is ending
+the job, as after a cancel) is jobs/stop.py's decision; `record_attempt` appends the attempt to
+`attempts` with that decision. SLURM jobs and local mode share this.
 """
 
 from __future__ import annotations
@@ -28,15 +28,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
+from jobs.stop import Action, Budget, Plan, decide
 from jobs.torchrun import signal_tree, start_ignoring_stop_signals
 from sogclr.contract.layout import RunLayout
 from sogclr.contract.state import now, read_state, update_state
 
-Action = Literal["done", "requeue", "fail", "end"]
-# Outcomes after which the job comes back (a requeue) and resumes from its last checkpoint.
-STOPPED = ("preempted", "timeout")
 RELAY_EVERY_S = 2.0
 # Failures the trainers record that are the machine's, not the code's (sogclr/training/loop.py,
 # sogclr/training/watchdog.py):
@@ -56,14 +54,6 @@ class Phase:
 
 
 PHASES = {"pretrain": Phase("pretrain", "sogclr.pretrain"), "lincls": Phase("lincls", "sogclr.lincls")}
-
-
-@dataclass(frozen=True)
-class Budget:
-    """How often one submission may come back: after stop signals, and after transient failures."""
-
-    max_requeues: int
-    max_failures: int = 3
 
 
 def wait_for(
@@ -108,7 +98,7 @@ def begin_attempt(state_path: Path, where: dict[str, Any]) -> dict[str, Any]:
     lost = state.get("current_attempt")
     fields: dict[str, Any] = {"status": "running", "current_attempt": opening}
     if lost:
-        fields["attempts"] = _numbered(
+        fields["attempts"] = with_attempt(
             state,
             {
                 **lost,
@@ -168,24 +158,29 @@ def classify(state: dict[str, Any], returncode: int) -> tuple[str, str | None]:
 
 
 def finish_attempt(state_path: Path, attempt: dict[str, Any], budget: Budget) -> Action:
-    """Append `attempt` to state.json, decide what comes next, and record that decision."""
+    """Local mode's end of an attempt, with no SLURM to ask: the stop table's plan from the attempts
+    alone, recorded."""
+    plan = decide(None, with_attempt(read_state(state_path), attempt), budget)
+    record_attempt(state_path, attempt, plan)
+    return plan.action
+
+
+def record_attempt(state_path: Path, attempt: dict[str, Any], plan: Plan) -> None:
+    """Append `attempt` to state.json with the plan's outcome and reason, and record what follows."""
     state = read_state(state_path)
-    attempts = _numbered(state, attempt)
-    requeues = state.get("requeues", 0)
-    action, reason = next_action(attempts, budget)
+    attempts = with_attempt(state, {**attempt, "outcome": plan.outcome, "reason": plan.why})
     fields: dict[str, Any] = {
         "attempts": attempts,
         "current_attempt": None,
-        "requeues": requeues + (action == "requeue"),
+        "requeues": state.get("requeues", 0) + (plan.action == "requeue"),
     }
-    if action == "fail" and attempt["outcome"] != "failed":  # we give up, though training did not fail
-        fields.update(status="failed", error=reason)
-    elif action == "end":
-        fields.update(status=attempt["outcome"])
-    elif action == "requeue" and attempt["outcome"] == "transient":
+    if plan.action == "fail" and plan.error is not None:  # we give up, though training did not fail
+        fields.update(status="failed", error=plan.error)
+    elif plan.action == "end":
+        fields.update(status=plan.outcome)
+    elif plan.action == "requeue" and plan.outcome == "transient":
         fields.update(status="preempted", error=None)  # waiting for the requeue, as after a stop signal
     update_state(state_path, **fields)
-    return action
 
 
 def close_unrecorded_attempt(state_path: Path, slurm_state: str) -> bool:
@@ -207,42 +202,12 @@ def close_unrecorded_attempt(state_path: Path, slurm_state: str) -> bool:
     }
     error = None if outcome == "cancelled" else reason
     update_state(
-        state_path, status=outcome, error=error, attempts=_numbered(state, attempt), current_attempt=None
+        state_path, status=outcome, error=error, attempts=with_attempt(state, attempt), current_attempt=None
     )
     return True
 
 
-def _numbered(state: dict[str, Any], attempt: dict[str, Any]) -> list[dict[str, Any]]:
+def with_attempt(state: dict[str, Any], attempt: dict[str, Any]) -> list[dict[str, Any]]:
+    """The attempts of `state` and `attempt`, numbered."""
     attempts = state.get("attempts", [])
     return [*attempts, {"attempt": len(attempts) + 1, **attempt}]
-
-
-def next_action(attempts: list[dict[str, Any]], budget: Budget) -> tuple[Action, str | None]:
-    """What follows the last attempt, and why when it is `fail`.
-
-    Budgets count the attempts of the last attempt's submission (its job id): a resubmission starts
-    afresh, keeping the history.
-    """
-    last = attempts[-1]
-    outcome = last["outcome"]
-    if outcome == "done":
-        return "done", None
-    if outcome == "failed":
-        return "fail", last.get("reason")
-    if outcome == "pruned":  # over for good, though not done: end the job, cancel its evaluation
-        return "end", None
-    if outcome not in (*STOPPED, "transient"):  # cancelled: SLURM ends the job
-        return "end", None
-    submission = [a for a in attempts if a.get("job_id") == last.get("job_id")]
-    if outcome == "transient":
-        failures = sum(a["outcome"] == "transient" for a in submission)
-        if failures > budget.max_failures:
-            return "fail", f"{last['reason']}; max_failures ({budget.max_failures}) retries are used up"
-        return "requeue", None
-    requeues = sum(a["outcome"] in STOPPED for a in submission[:-1])
-    if requeues >= budget.max_requeues:
-        return "fail", f"preempted, but max_requeues ({budget.max_requeues}) requeues are used up"
-    last_two = [a for a in submission if a["outcome"] in STOPPED][-2:]
-    if len(last_two) == 2 and all(a["end_step"] == a["start_step"] for a in last_two):
-        return "fail", "two stops in a row without progress; not requeueing again"
-    return "requeue", None

@@ -120,7 +120,7 @@ def own_verdict(run_dir: Path, prune: PruneConfig) -> str | None:
 
 
 def after_pretraining(slurm_id: str, run_dir: Path, action: str) -> str:
-    """Node 0, after an attempt of a pretraining job and its recording (`action`: finish_attempt's): give
+    """Node 0, after an attempt of a pretraining job and its recording (`action`: the stop plan's): give
     the verdicts due and act on them; then, if this attempt paused the run, hold this job (`paused`), or
     requeue it if a promotion came first (`requeue`), or let it end if its rung closed it. Returns the
     action for the job task to carry out."""

@@ -6,21 +6,27 @@ so the trainers receive the signal themselves. torchrun runs with both ignored, 
 handlers that note the signal and keep telling the trainers until they have stopped (see `wait_for`);
 until then it ignores both (launch/scripts.py starts it so), since an unhandled USR2 would kill it.
 
-After torchrun exits, node 0 reads the phase's state.json. Why the trainers stopped, and what to do
-about it, is decided by jobs/stop.py from SLURM's own view of the job (asked from inside it, never
-guessed from elapsed time), at the signal and again after the trainers exit: preempted (requeued by
-node 0, or already by SLURM), a time-limit warning (requeued by node 0), or a cancel (never requeued).
+After torchrun exits, node 0 reads the phase's state.json and goes observe -> decide -> record -> do:
+SLURM's own view of the job (asked from inside it, never guessed from elapsed time), jobs/stop.py's
+table (the one place that says whether the job comes back, and why not), jobs/attempt.py's record,
+then the SLURM calls the plan asks for. The same table is asked at the signal too, for what cannot
+wait for the trainers: preempted (requeued by node 0, or already by SLURM), a time-limit warning
+(requeued by node 0), or a cancel (never requeued). A requeue is made only on an answer from SLURM:
+without one node 0 asks again, and gives up loudly (jobs/stop.py `unanswered`).
 
 A requeue keeps the job id and run directory, so `afterok` dependents still wait. `scontrol requeue`
-is retried with backoff for REQUEUE_WINDOW_S (a busy controller answers "Socket timed out"); if it
-still fails, state.json says so, the dependents are cancelled and the job fails. An array task is
+is tried REQUEUE_ATTEMPTS times with backoff (a busy controller answers "Socket timed out"); if it
+still fails, state.json says so, the dependents are cancelled and the job fails. A requeue already
+made when the run then fails or ends (made at the signal, or by SLURM) is withdrawn with `scancel`,
+which leaves the requeued job CANCELLED once its job task exits (measured: jobs/stop.py). An array task is
 addressed as `ARRAYJOBID_TASKID` in every SLURM command: its own numeric id may equal the array's id (the
 last task keeps it), and that id names the whole array to scontrol and scancel. Transient failures
 (a rank killed, a peer lost) are requeued within `max_failures`; a failure in training code raises, so
 the job ends FAILED. When the run ends without completing, node 0 also cancels the jobs waiting on it
 (its evaluation), which would otherwise stay pending for ever on a cluster without kill_invalid_depend;
 after a cancel it does so as soon as the signal arrives, since KillWait may end it before the trainers.
-It looks for them among the user's own pending jobs only (`squeue --me`), never the whole queue.
+It looks for them among the user's own pending jobs only (`squeue --me`), never the whole queue, and
+asks again when squeue does not answer (a pruned job ends COMPLETED: only this cancels its evaluation).
 Other nodes run their torchrun and report; they never fail the job themselves (node 0 decides).
 """
 
@@ -29,15 +35,16 @@ from __future__ import annotations
 import os
 import re
 import signal
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from jobs import slurm_client
-from jobs.attempt import PHASES, Budget, finish_attempt, run_attempt, wait_for
+from jobs.attempt import PHASES, record_attempt, run_attempt, wait_for, with_attempt
 from jobs.code import running_code
-from jobs.stop import Seen, Stop, decide
+from jobs.stop import Budget, Plan, Seen, decide, unanswered
 from jobs.torchrun import (
     Rendezvous,
     rendezvous_port,
@@ -50,8 +57,14 @@ from sogclr.contract.state import read_state, update_state
 
 # How often node 0 tries `scontrol requeue` (pauses of 1, 2, 4, 8 s between; each try waits up to
 # MessageTimeout, 10 s by default): about a minute, within a grace time or a signal lead of a minute or
-# more. A controller that stays silent longer fails the job loudly.
+# more. A controller that stays silent longer fails the job loudly. Asking SLURM's view again while it
+# does not answer follows the same rhythm.
 REQUEUE_ATTEMPTS = 5
+# How often node 0 lists the jobs waiting on its job once the run is over (as above: about a minute): a
+# pruned job ends COMPLETED, so its evaluation's afterok is met unless node 0 cancels it.
+LIST_ATTEMPTS = 5
+# A time as scontrol prints it (PreemptTime, EndTime); "None" and "Unknown" are not.
+TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d")
 
 
 class JobFailed(RuntimeError):
@@ -139,13 +152,15 @@ class TrainingJob:
             stop_requested=stop.requested,
             on_stop=lambda: act_on_signal(task, stop.reason()),
         )
-        decided = judge(task, stop.reason(), attempt)
-        action = finish_attempt(state_path, attempt, Budget(self.max_requeues, self.max_failures))
+        plan = conclude(
+            task, stop.reason(), attempt, state_path, Budget(self.max_requeues, self.max_failures)
+        )
+        record_attempt(state_path, attempt, plan)
         if self.phase == "pretrain":
             from jobs.promote import after_pretraining  # (it imports this module)
 
-            action = after_pretraining(task.slurm_id, self.run_dir, action)
-        action = carry_out(task, state_path, action, decided)
+            plan = promoted(plan, after_pretraining(task.slurm_id, self.run_dir, plan.action))
+        action = carry_out(task, state_path, plan)
         if action == "fail":
             raise JobFailed(f"{self.phase} of {self.run_dir} failed: {read_state(state_path).get('error')}")
         return {"phase": self.phase, "action": action, "attempt": attempt}
@@ -183,56 +198,89 @@ class StopNote:
 
 
 def observe(task: SlurmTask, signal: str | None, trainers: str | None) -> Seen:
-    """What node 0 sees of its job now: `signal` and `trainers` as given, and SLURM's view."""
+    """What node 0 sees of its job now: `signal` and `trainers` as given, SLURM's view, and accounting's
+    where the controller's view cannot tell a cancel from a preemption (or the controller did not answer)."""
     fields = slurm_client.job_fields(task.slurm_id, attempts=3 if trainers else 2)
     restarts = fields.get("Restarts", "")
+    requeued = restarts.isdigit() and int(restarts) > task.restart_count
+    preempted_at, ended_at = fields.get("PreemptTime", ""), fields.get("EndTime", "")
+    preempt_time = bool(TIMESTAMP.fullmatch(preempted_at))
+    ending = not fields or (preempt_time and fields.get("JobState") != "RUNNING" and not requeued)
     return Seen(
         signal=signal,
         job_state=fields.get("JobState"),
         reason=fields.get("Reason"),
-        preempt_time=fields.get("PreemptTime", "None") not in ("None", "Unknown", ""),
-        requeued=restarts.isdigit() and int(restarts) > task.restart_count,
+        preempt_time=preempt_time,
+        requeued=requeued,
         trainers=trainers,
+        accounted=slurm_client.accounted_state(task.slurm_id) if ending else None,
+        ended_after_preemption=preempt_time
+        and bool(TIMESTAMP.fullmatch(ended_at))
+        and ended_at > preempted_at,
     )
 
 
-def judge(task: SlurmTask, signal: str | None, attempt: dict[str, Any]) -> Stop | None:
-    """After the trainers exit: for an attempt that stopped on a signal or lost its trainers, the stop
-    decision (its outcome and reason written into `attempt`); None for `done` and `failed`."""
-    if attempt["outcome"] not in ("preempted", "transient"):
-        return None
+def conclude(
+    task: SlurmTask, signal: str | None, attempt: dict[str, Any], state_path: Path, budget: Budget
+) -> Plan:
+    """After the trainers exit: the plan for `attempt`, from SLURM's view when a stop signal came or the
+    trainers stopped or were lost. While SLURM does not answer and the run wants a requeue, ask again for
+    REQUEUE_ATTEMPTS times; then the plan fails the job (stop.unanswered)."""
+    attempts = with_attempt(read_state(state_path), attempt)
     stopped = attempt["outcome"] == "preempted"  # then the trainers' record names the signal they saw
-    decided = decide(observe(task, signal or (attempt["reason"] if stopped else None), attempt["outcome"]))
-    reason = decided.why if stopped else f"{attempt['reason']}; {decided.why}"
-    attempt.update(outcome=decided.outcome, reason=reason)
-    return decided
+    if signal is None and attempt["outcome"] not in ("preempted", "transient"):
+        return decide(None, attempts, budget)
+    started, pause = time.monotonic(), 1.0
+    for asked in range(1, REQUEUE_ATTEMPTS + 1):
+        seen = observe(task, signal or (attempt["reason"] if stopped else None), attempt["outcome"])
+        plan = decide(seen, attempts, budget)
+        if plan.requeue != "ask" or asked == REQUEUE_ATTEMPTS:
+            break
+        print(
+            f"job task: SLURM did not answer; asking again in {pause:.0f} s (no requeue without it)",
+            flush=True,
+        )
+        time.sleep(pause)
+        pause *= 2
+    return unanswered(plan, time.monotonic() - started) if plan.requeue == "ask" else plan
 
 
-def carry_out(task: SlurmTask, state_path: Path, action: str, decided: Stop | None) -> str:
-    """Do what `action` (finish_attempt's) and the stop decision ask; the action, `fail` if a requeue
-    that was ours to make failed (then recorded as such in state.json)."""
-    if action == "requeue" and decided is not None and decided.requeue != "slurm":
+def promoted(plan: Plan, action: str) -> Plan:
+    """The plan once promotion (jobs/promote.py) has had its say on a `pruned` attempt: unchanged, or, when
+    it held the job (`paused`) or requeued it (`requeue`: promoted meanwhile), nothing more to do: the
+    evaluation waits on the job."""
+    if action == plan.action:
+        return plan
+    return replace(plan, action=action, requeue="no", cancel_dependents=False, withdraw=False)
+
+
+def carry_out(task: SlurmTask, state_path: Path, plan: Plan) -> str:
+    """Do what `plan` asks; its action, `fail` if a requeue that was ours to make failed (then recorded as
+    such in state.json)."""
+    action = plan.action
+    if action == "requeue" and plan.requeue in ("now", "after"):
         if error := requeue(task.slurm_id):
             update_state(state_path, status="failed", error=error)  # the client names the command
             action = "fail"
-    if action in ("fail", "end"):
-        cancel_dependents(task.slurm_id)
-    if action == "fail" and decided is not None and decided.requeue == "slurm":
-        slurm_client.scancel([task.slurm_id])  # SLURM requeued it, but the run gives up: no next attempt
+    if action in ("fail", "end") or plan.cancel_dependents:
+        cancel_dependents(task.slurm_id, attempts=LIST_ATTEMPTS)
+    if plan.withdraw:  # requeued (by SLURM, or by us at the signal), but the run is over: no next attempt
+        print(f"job task: {plan.outcome} after a requeue; withdrawing it (scancel)", flush=True)
+        slurm_client.scancel([task.slurm_id])
     return action
 
 
-def act_on_signal(task: SlurmTask, signal: str | None) -> Stop:
+def act_on_signal(task: SlurmTask, signal: str | None) -> Plan:
     """At the stop signal, while the trainers save: what cannot wait for them (KillWait may end the job
     first): cancel the dependents of a cancelled job, requeue a job SLURM is ending. A requeue that
     fails here is tried again after the trainers exit."""
-    decided = decide(observe(task, signal, None))
-    print(f"job task: {decided.why}: requeue {decided.requeue}", flush=True)
-    if decided.cancel_dependents:
+    plan = decide(observe(task, signal, None))
+    print(f"job task: {plan.why}: requeue {plan.requeue}", flush=True)
+    if plan.cancel_dependents:
         cancel_dependents(task.slurm_id)
-    if decided.requeue == "now":
+    if plan.requeue == "now":
         requeue(task.slurm_id)
-    return decided
+    return plan
 
 
 def requeue(job_id: int | str, attempts: int | None = None) -> str | None:
@@ -246,11 +294,12 @@ def requeue(job_id: int | str, attempts: int | None = None) -> str | None:
     return None
 
 
-def cancel_dependents(job_id: int | str) -> list[str]:
+def cancel_dependents(job_id: int | str, attempts: int = 3) -> list[str]:
     """scancel the jobs that wait on `job_id` (`afterok:ID` and the like): they can never run now. For an
-    array task `A_i` that includes task i, and only task i, of each array waiting with `aftercorr:A_*`."""
-    try:
-        pending = slurm_client.pending_dependencies()  # our own pending jobs only: the evaluation is ours
+    array task `A_i` that includes task i, and only task i, of each array waiting with `aftercorr:A_*`.
+    The listing is asked `attempts` times before node 0 gives up on them."""
+    try:  # our own pending jobs only: the evaluation is ours
+        pending = slurm_client.pending_dependencies(attempts)
     except slurm_client.SlurmError as error:
         print(f"job task: cannot list the jobs waiting on {job_id}, none cancelled: {error}", flush=True)
         return []

@@ -172,10 +172,27 @@ def scontrol_fields(line: str) -> dict[str, str]:
     return dict(re.findall(r"(\w+)=(\S*)", line))
 
 
-def pending_dependencies() -> list[tuple[str, str]]:
+def accounted_state(job_id: str, attempts: int = 3) -> str | None:
+    """The job's State in accounting (`sacct`: CANCELLED, PREEMPTED, ...; "CANCELLED by 0" -> CANCELLED),
+    which slurmdbd keeps apart from the controller: it answers while slurmctld does not (measured, 22.05,
+    slurmctld stopped). Asked again while it still says the job runs (it may lag); None without an
+    answer or without accounting."""
+    for attempt in range(attempts):
+        try:
+            words = call(["sacct", "-n", "-X", "-P", "-o", "State", "-j", job_id]).split()
+        except SlurmError:
+            words = []
+        if words and words[0] not in ("RUNNING", "PENDING"):
+            return words[0]
+        if attempt < attempts - 1:
+            time.sleep(2**attempt)
+    return None
+
+
+def pending_dependencies(attempts: int = 3) -> list[tuple[str, str]]:
     """(job id, dependency) of each of our own pending jobs, each array task on its own (`--me -r`):
     where a job's dependents are found without reading the whole queue."""
-    out = call(["squeue", "--me", "-r", "-h", "-t", "PD", "-o", "%i|%E"], attempts=3)
+    out = call(["squeue", "--me", "-r", "-h", "-t", "PD", "-o", "%i|%E"], attempts=attempts)
     return [
         (job_id, dependency) for job_id, _, dependency in (line.partition("|") for line in out.splitlines())
     ]

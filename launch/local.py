@@ -27,9 +27,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from jobs.attempt import PHASES, Budget, finish_attempt, run_attempt
+from jobs.attempt import PHASES, finish_attempt, run_attempt
 from jobs.promote import give_verdicts, own_verdict
 from jobs.slurm_client import UNKNOWN
+from jobs.stop import Budget
 from jobs.torchrun import threads_per_rank, torchrun_command
 from launch.configs import check_recipes, phase_resources, write_run_config
 from launch.inspect.progress import LiveProgress

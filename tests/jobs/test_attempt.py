@@ -1,4 +1,5 @@
-"""The SLURM-independent job logic: one attempt's record, and what follows it (done, requeue, fail, end)."""
+"""The SLURM-independent job logic: one attempt, run and recorded with what follows it (the decision
+itself: tests/jobs/test_stop.py)."""
 
 from __future__ import annotations
 
@@ -8,15 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from jobs.attempt import (
-    Budget,
-    begin_attempt,
-    close_unrecorded_attempt,
-    finish_attempt,
-    next_action,
-    run_attempt,
-)
+from jobs.attempt import begin_attempt, close_unrecorded_attempt, finish_attempt, run_attempt
+from jobs.stop import Budget
 from sogclr.contract.state import read_state, update_state
+from tests.jobs.test_stop import attempt
 
 # A stand-in trainer: records `status` and `step` in state.json as sogclr's entry points do, then exits.
 RECORDING_TRAINER = """
@@ -34,46 +30,6 @@ def stop(*_):
 signal.signal(signal.SIGUSR2, stop)
 time.sleep(60)
 """
-
-
-def attempt(outcome: str, start: int, end: int, job_id: int = 1) -> dict:
-    return {
-        "outcome": outcome,
-        "start_step": start,
-        "end_step": end,
-        "reason": f"ended {outcome}",
-        "job_id": job_id,
-    }
-
-
-BUDGET = Budget(max_requeues=5, max_failures=2)
-
-
-@pytest.mark.parametrize(
-    "attempts, expected",
-    [
-        ([attempt("done", 0, 10)], "done"),
-        ([attempt("failed", 0, 3)], "fail"),
-        ([attempt("preempted", 0, 3)], "requeue"),
-        ([attempt("timeout", 0, 3)], "requeue"),
-        ([attempt("cancelled", 0, 3)], "end"),
-        ([attempt("preempted", i, i + 1) for i in range(5)] + [attempt("timeout", 5, 6)], "fail"),  # 5 used
-        (
-            [attempt("preempted", i, i + 1, job_id=1) for i in range(5)] + [attempt("timeout", 5, 6, 2)],
-            "requeue",
-        ),
-        ([attempt("preempted", 3, 3)], "requeue"),  # one attempt without progress is allowed
-        ([attempt("preempted", 0, 3), attempt("preempted", 3, 3), attempt("timeout", 3, 3)], "fail"),
-        ([attempt("preempted", 3, 3), attempt("preempted", 3, 4)], "requeue"),
-        ([attempt("transient", 0, 0), attempt("transient", 0, 0)], "requeue"),  # no progress: still retried
-        ([attempt("transient", 0, 2)] * 3, "fail"),  # max_failures (2) retries used up
-        ([attempt("transient", 0, 2, job_id=1)] * 2 + [attempt("transient", 2, 2, job_id=2)], "requeue"),
-    ],
-)
-def test_next_action(attempts: list[dict], expected: str):
-    action, reason = next_action(attempts, BUDGET)
-    assert action == expected
-    assert (reason is not None) == (expected == "fail")
 
 
 def test_finish_attempt_numbers_attempts_and_counts_requeues(tmp_path: Path):

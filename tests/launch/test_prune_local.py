@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from jobs.attempt import Budget, classify, finish_attempt, next_action
+from jobs.attempt import classify, finish_attempt
 from jobs.slurm_client import UNKNOWN, SlurmJob
+from jobs.stop import Budget, next_action
 from launch import cli
 from launch.cli import continued
 from launch.manifest import record_job
