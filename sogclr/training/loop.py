@@ -14,11 +14,13 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from sogclr.contract.config import recipe_differences
 from sogclr.contract.state import read_state, update_state
+from sogclr.data.staging import StoppedWhileStaging, Watch, report_staging
 from sogclr.distributed import (
     DistEnv,
     StopSignals,
@@ -253,9 +255,23 @@ def run_process(
         env = init_distributed(collective_timeout_s)
         try:
             with _recording_failure(state_path):
-                return body(env, signals)
+                try:
+                    return body(env, signals)
+                except StoppedWhileStaging:  # nothing trained yet this attempt: nothing to save
+                    if env.is_main:
+                        update_state(
+                            state_path, status="preempted", signal=stop_signal(signals), staging=None
+                        )
+                    return "preempted"
         finally:
             cleanup(env)
+
+
+def staging_watch(env: DistEnv, signals: StopSignals, state_path: Path) -> Watch:
+    """How copying shards to the node (sogclr/data/staging.py) hears this process's stop flag, keeps its
+    watchdog quiet while bytes move, and (rank 0) shows its progress in state.json."""
+    report = partial(report_staging, state_path) if env.is_main else Watch().report
+    return Watch(lambda: signals.received is not None, progressed, report)
 
 
 @contextmanager
