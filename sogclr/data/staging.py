@@ -62,19 +62,22 @@ def expanded_stage_dir(text: str) -> Path:
 
 
 def report_staging(state_path: Path, progress: dict[str, Any] | None) -> None:
-    """state.json's `staging`: this node's copy in progress (None: done)."""
+    """state.json's `staging`: `phase` copying (bytes of total), waiting (for another process's copy,
+    at bytes), or done (copied bytes, in seconds)."""
     update_state(state_path, staging=progress)
 
 
 def stage_shards(shards: ShardIndex, stage_dir: Path, watch: Watch = Watch()) -> ShardIndex:
     """The shard index of a complete, verified copy of `shards` in `stage_dir` (made now if needed)."""
+    started, copied = time.monotonic(), 0
     target = stage_dir / f"{STAGED_PREFIX}{shards.digest[:16]}"
     stage_dir.mkdir(parents=True, exist_ok=True)
     with NodeLock(stage_dir / f".{target.name}.lock", partial_dir(target), watch):
         if not is_complete(target, shards):
             shutil.rmtree(target, ignore_errors=True)
-            copy_verified(shards, target, watch)
-    watch.report(None)
+            copied = copy_verified(shards, target, watch)
+    seconds = round(time.monotonic() - started, 1)
+    watch.report({"phase": "done", "host": socket.gethostname(), "copied": copied, "seconds": seconds})
     return read_shard_index(target)
 
 
@@ -114,7 +117,7 @@ class NodeLock:
             size = directory_bytes(self.growing)
             if size != seen:
                 self.watch.progressed()
-                self.watch.report({"host": socket.gethostname(), "waiting": True, "bytes": size})
+                self.watch.report({"phase": "waiting", "host": socket.gethostname(), "bytes": size})
                 seen = size
             time.sleep(POLL_S)
 
@@ -129,9 +132,9 @@ def directory_bytes(directory: Path) -> int:
         return 0
 
 
-def copy_verified(shards: ShardIndex, target: Path, watch: Watch) -> None:
+def copy_verified(shards: ShardIndex, target: Path, watch: Watch) -> int:
     """Copy every shard into `target`'s partial directory (keeping the verified shards an earlier
-    attempt left there), then rename it to `target`."""
+    attempt left there), then rename it to `target`; the bytes copied."""
     partial = partial_dir(target)
     partial.mkdir(exist_ok=True)
     todo = [s for s in shards.shard_files if not _already_there(partial / s.name, s)]
@@ -148,6 +151,7 @@ def copy_verified(shards: ShardIndex, target: Path, watch: Watch) -> None:
         copy_shard(shards.directory / shard.name, partial / shard.name, shard, progress, watch)
     shutil.copyfile(shards.directory / SHARD_INDEX, partial / SHARD_INDEX)
     partial.rename(target)
+    return progress.done - done
 
 
 def _already_there(path: Path, shard: ShardFile) -> bool:
@@ -167,7 +171,8 @@ class Progress:
         self.done += count
         self.watch.progressed()
         if time.monotonic() - self.last_report >= REPORT_EVERY_S:
-            self.watch.report({"host": socket.gethostname(), "bytes": self.done, "total": self.total})
+            progress = {"phase": "copying", "bytes": self.done, "total": self.total}
+            self.watch.report({**progress, "host": socket.gethostname()})
             self.last_report = time.monotonic()
 
 
