@@ -3,7 +3,8 @@
 A sweep of tiny runs (gamma x temperature x lr, 1,000 points by default) is submitted held, so that
 nothing starts, once as arrays (the default) and once with `slurm.arrays: false` (the baseline); then
 `status` runs on each, and everything is cancelled. Wall times are measured in this process (imports
-excluded); SLURM commands are counted by shims on PATH that log each call and run the real command.
+excluded); SLURM commands are counted by the project's one SLURM client (jobs/slurm_client.py), which
+logs each call to the file SOGCLR_SLURM_CALL_LOG names.
 Then the calls of `status` while an sbatch whose reply was lost is pending (its token is looked up).
 
     eval "$(scripts/local-slurm env)"   # the local cluster (scripts/local-slurm up)
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import os
 import sys
 import tempfile
 import time
@@ -24,8 +26,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.slurm_calls import install_shims, logged_calls  # noqa: E402
-from launch import cli, status, submit  # noqa: E402, F401  (imported before anything is timed)
+from benchmarks.slurm_calls import logged_calls  # noqa: E402
+from jobs.slurm_client import CALL_LOG_ENV  # noqa: E402
+from launch import cli, submit  # noqa: E402, F401  (imported before anything is timed)
 from launch.manifest import add_pending, new_token, read_manifest, write_manifest  # noqa: E402
 from testkit.tiny import write_tiny_spec  # noqa: E402
 
@@ -64,7 +67,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-arrays-") as tmp:
         directory = Path(tmp)
         log = directory / "calls.log"
-        install_shims(directory / "shims", log, COUNTED)
+        os.environ[CALL_LOG_ENV] = str(log)
         print(f"runs: {runs}, submitted held, then cancelled")
         print(
             f"{'mode':<12} {'submit s':>9} {'status s':>9} {'cancel s':>9}  "

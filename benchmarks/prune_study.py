@@ -33,9 +33,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 
-from launch.manifest import read_manifest, standings  # noqa: E402
-from launch.results import RunRow, collect, short  # noqa: E402
+from launch.inspect.results import RunRow, collect, short  # noqa: E402
+from launch.manifest import read_manifest  # noqa: E402
 from launch.spec import Run, expand, load_spec  # noqa: E402
+from launch.standing import standings  # noqa: E402
 from sogclr.contract.state import read_state  # noqa: E402
 
 SPEC = ROOT / "configs" / "digits_prune_study.yaml"

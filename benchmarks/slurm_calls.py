@@ -1,5 +1,7 @@
-"""Counting a process's SLURM calls: a shim first on PATH for each counted command logs its name and
-the size of its answer to a file, then answers as the real command (output and exit status)."""
+"""Counting SLURM calls. The project's own calls count themselves: jobs/slurm_client.py appends
+`COMMAND BYTES` to the file SOGCLR_SLURM_CALL_LOG names, in every process that inherits it. Code from
+before that client (job_end.py's baseline) is counted by a shim first on PATH for each command, which logs
+the same line and then answers as the real command (output and exit status)."""
 
 from __future__ import annotations
 

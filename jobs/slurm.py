@@ -4,7 +4,7 @@ decides for the job.
 SLURM signals every process of the job step (USR2 before the time limit; TERM on preemption or cancel),
 so the trainers receive the signal themselves. torchrun runs with both ignored, and this process installs
 handlers that note the signal and keep telling the trainers until they have stopped (see `wait_for`);
-until then it ignores both (launch/submit.py starts it so), since an unhandled USR2 would kill it.
+until then it ignores both (launch/scripts.py starts it so), since an unhandled USR2 would kill it.
 
 After torchrun exits, node 0 reads the phase's state.json. Why the trainers stopped, and what to do
 about it, is decided by jobs/stop.py from SLURM's own view of the job (asked from inside it, never
@@ -29,13 +29,12 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from jobs import slurm_client
 from jobs.attempt import PHASES, Budget, finish_attempt, run_attempt, wait_for
 from jobs.code import running_code
 from jobs.stop import Seen, Stop, decide
@@ -49,10 +48,10 @@ from jobs.torchrun import (
 from sogclr.contract.layout import RunLayout
 from sogclr.contract.state import read_state, update_state
 
-SLURM_QUERY_TIMEOUT_S = 30
-# How long node 0 keeps retrying `scontrol requeue` (doubling pauses from 1 s). Within a grace time or
-# a signal lead of a minute or more; a controller that stays silent longer fails the job loudly.
-REQUEUE_WINDOW_S = 60
+# How often node 0 tries `scontrol requeue` (pauses of 1, 2, 4, 8 s between; each try waits up to
+# MessageTimeout, 10 s by default): about a minute, within a grace time or a signal lead of a minute or
+# more. A controller that stays silent longer fails the job loudly.
+REQUEUE_ATTEMPTS = 5
 
 
 class JobFailed(RuntimeError):
@@ -72,13 +71,10 @@ class SlurmTask:
     @classmethod
     def from_environ(cls) -> SlurmTask:
         nodelist = os.environ["SLURM_JOB_NODELIST"]
-        hosts = subprocess.run(
-            ["scontrol", "show", "hostnames", nodelist], check=True, capture_output=True, text=True
-        ).stdout.split()
         return cls(
             job_id=int(os.environ["SLURM_JOB_ID"]),
             node_rank=int(os.environ["SLURM_NODEID"]),
-            hosts=hosts,
+            hosts=slurm_client.hostnames(nodelist),
             restart_count=int(os.environ.get("SLURM_RESTART_COUNT", 0)),
             array_task=_array_task(),
         )
@@ -184,7 +180,7 @@ class StopNote:
 
 def observe(task: SlurmTask, signal: str | None, trainers: str | None) -> Seen:
     """What node 0 sees of its job now: `signal` and `trainers` as given, and SLURM's view."""
-    fields = job_fields(task.slurm_id, tries=3 if trainers else 2)
+    fields = slurm_client.job_fields(task.slurm_id, attempts=3 if trainers else 2)
     restarts = fields.get("Restarts", "")
     return Seen(
         signal=signal,
@@ -218,7 +214,7 @@ def carry_out(task: SlurmTask, state_path: Path, action: str, decided: Stop | No
     if action in ("fail", "end"):
         cancel_dependents(task.slurm_id)
     if action == "fail" and decided is not None and decided.requeue == "slurm":
-        _slurm(["scancel", task.slurm_id])  # SLURM requeued it, but the run gives up: no next attempt
+        slurm_client.scancel([task.slurm_id])  # SLURM requeued it, but the run gives up: no next attempt
     return action
 
 
@@ -235,55 +231,30 @@ def act_on_signal(task: SlurmTask, signal: str | None) -> Stop:
     return decided
 
 
-def requeue(job_id: int | str, window_s: float | None = None) -> str | None:
-    """`scontrol requeue`, retried with doubling pauses for `window_s` (REQUEUE_WINDOW_S); None once
-    SLURM has it requeued (also when it already was: "Job is pending execution"), else the last error."""
-    deadline = time.monotonic() + (REQUEUE_WINDOW_S if window_s is None else window_s)
-    pause = 1.0
-    while True:
-        result = _slurm(["scontrol", "requeue", str(job_id)])
-        error = " ".join(result.stderr.split()) or f"exit status {result.returncode}"
-        if result.returncode == 0 or "pending execution" in error:
-            return None
-        if time.monotonic() + pause > deadline:
-            print(f"job task: scontrol requeue {job_id} failed, giving up: {error}", flush=True)
-            return error
-        print(f"job task: scontrol requeue {job_id} failed, again in {pause:.0f} s: {error}", flush=True)
-        time.sleep(pause)
-        pause *= 2
-
-
-def job_fields(job_id: int | str, tries: int = 3) -> dict[str, str]:
-    """`scontrol show job -o` as KEY -> value ({} if the controller does not answer, `tries` times)."""
-    for attempt in range(tries):
-        result = _slurm(["scontrol", "show", "job", "-o", str(job_id)])
-        if result.returncode == 0:
-            return scontrol_fields(result.stdout)
-        time.sleep(2**attempt)
-    return {}
-
-
-def scontrol_fields(line: str) -> dict[str, str]:
-    """One record of `scontrol show ... -o` (KEY=value KEY=value ...) as KEY -> value."""
-    return dict(re.findall(r"(\w+)=(\S*)", line))
+def requeue(job_id: int | str, attempts: int | None = None) -> str | None:
+    """`scontrol requeue`, tried `attempts` times (REQUEUE_ATTEMPTS); None once SLURM has it requeued
+    (also when it already was: "Job is pending execution"), else the last error."""
+    try:
+        slurm_client.requeue(str(job_id), REQUEUE_ATTEMPTS if attempts is None else attempts)
+    except slurm_client.SlurmError as error:
+        print(f"job task: scontrol requeue {job_id} failed, giving up: {error}", flush=True)
+        return str(error)
+    return None
 
 
 def cancel_dependents(job_id: int | str) -> list[str]:
     """scancel the jobs that wait on `job_id` (`afterok:ID` and the like): they can never run now. For an
     array task `A_i` that includes task i, and only task i, of each array waiting with `aftercorr:A_*`."""
-    # Our own pending jobs only (--me): the evaluation is ours. -r: every pending task on its own.
-    result = _slurm(["squeue", "--me", "-r", "-h", "-t", "PD", "-o", "%i|%E"])
-    if result.returncode != 0:
-        why = " ".join(result.stderr.split()) or f"exit status {result.returncode}"
-        print(f"job task: cannot list the jobs waiting on {job_id}, none cancelled: {why}", flush=True)
+    try:
+        pending = slurm_client.pending_dependencies()  # our own pending jobs only: the evaluation is ours
+    except slurm_client.SlurmError as error:
+        print(f"job task: cannot list the jobs waiting on {job_id}, none cancelled: {error}", flush=True)
         return []
     dependents = [
-        dependent
-        for dependent, _, dependency in (line.partition("|") for line in result.stdout.splitlines())
-        if waits_on(dependent, dependency, str(job_id))
+        dependent for dependent, dependency in pending if waits_on(dependent, dependency, str(job_id))
     ]
-    if dependents:
-        _slurm(["scancel", *dependents])
+    for job, why in slurm_client.scancel(dependents).items():
+        print(f"job task: could not cancel {job}, which waits on {job_id}: {why}", flush=True)
     return dependents
 
 
@@ -294,10 +265,3 @@ def waits_on(dependent: str, dependency: str, job_id: str) -> bool:
     array, _, index = job_id.partition("_")
     corresponding = dependent.partition("_")[2] == index  # aftercorr: the task of the same index
     return bool(index) and corresponding and re.search(rf"\baftercorr:{array}_\*", dependency) is not None
-
-
-def _slurm(command: list[str]) -> subprocess.CompletedProcess[str]:
-    try:
-        return subprocess.run(command, capture_output=True, text=True, timeout=SLURM_QUERY_TIMEOUT_S)
-    except (OSError, subprocess.TimeoutExpired) as error:
-        return subprocess.CompletedProcess(command, 1, "", str(error))

@@ -13,7 +13,7 @@ We write this array script ourselves instead of using submitit's arrays (`execut
 `map_array`): those put every task's pickle and logs in the executor's one folder, not in each run's
 directory; they move each task's pickle into place only after sbatch returns (a task that starts first
 waits for it); and their range is always `0-{n-1}%{min(n, parallelism)}`. The #SBATCH lines are still
-submitit's rendering of the same parameters as a single job's (launch/submit.py: make_executor).
+submitit's rendering of the same parameters as a single job's (launch/scripts.py: make_executor).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from launch.manifest import controller_setting
+from jobs.slurm_client import controller_setting
 from launch.spec import Run
 
 ARRAYS_DIR = "arrays"

@@ -154,30 +154,30 @@ def cmd_submit(args: argparse.Namespace, console: Console) -> int:
 
 def continued(runs: list[Run]) -> list[str]:
     """The runs continued after pruning before: each stays without pruning to its end."""
-    from launch.manifest import continued_after_pruning
+    from launch.standing import continued_after_pruning
 
     return [run.name for run in runs if continued_after_pruning(run)]
 
 
 def cmd_status(args: argparse.Namespace, console: Console) -> int:
-    from launch import status
+    from launch.inspect import status
 
     spec, runs = _load(args)
     return status.show_status(spec, runs, console)
 
 
 def cmd_report(args: argparse.Namespace, console: Console) -> int:
-    from launch import report
+    from launch.inspect import report
 
     spec, runs = _load(args)
     return report.show_report(spec, runs, console, args.format, figures=not args.no_figures)
 
 
 def cmd_cancel(args: argparse.Namespace, console: Console) -> int:
-    from launch import status
+    from launch import cancel
 
     spec, runs = _load(args)
-    return status.cancel(spec, runs, console)
+    return cancel.cancel(spec, runs, console)
 
 
 def cmd_schema(args: argparse.Namespace, console: Console) -> int:
@@ -213,7 +213,7 @@ def print_runs(spec: SweepSpec, runs: list[Run], console: Console, verbose: bool
             highlight=False,
         )
     if verbose:
-        from launch.submit import describe_submission
+        from launch.scripts import describe_submission
 
         console.print(describe_submission(runs), highlight=False, markup=False, soft_wrap=True)
 

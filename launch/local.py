@@ -1,6 +1,7 @@
 """Local mode (`--local`): the sweep's runs on this machine, with the SLURM jobs' resume and requeue rules.
 
-Progress shows live (launch/progress.py), and the closing table has each run's outcome and linear top-1.
+Progress shows live (launch/inspect/progress.py), and the closing table has each run's outcome and linear
+top-1.
 
 Each run uses its usual run directory; a preempted attempt is started again from its checkpoint (that is
 the local requeue, counted against `max_requeues`), and linear evaluation follows a completed pretraining
@@ -24,21 +25,14 @@ from rich.console import Console
 from rich.table import Table
 
 from jobs.attempt import PHASES, Budget, finish_attempt, run_attempt
+from jobs.slurm_client import UNKNOWN
 from jobs.torchrun import threads_per_rank, torchrun_command
-from launch.manifest import (
-    PRUNED,
-    UNKNOWN,
-    phase_done,
-    pruned,
-    read_manifest,
-    standings,
-    sweep_lock,
-    write_manifest,
-)
-from launch.progress import LiveProgress
+from launch.configs import check_recipes, phase_resources, write_run_config
+from launch.inspect.progress import LiveProgress
+from launch.manifest import read_manifest, sweep_lock, write_manifest
 from launch.snapshot import live_code
 from launch.spec import Run, SpecError, SweepSpec
-from launch.submit import check_recipes, phase_resources, write_run_config
+from launch.standing import PRUNED, phase_done, pruned, reconcile
 from sogclr.contract.state import now, read_state
 
 
@@ -50,7 +44,7 @@ def owning(spec: SweepSpec, runs: list[Run], reconfigure: bool) -> Iterator[None
         check_recipes(runs, reconfigure)
         manifest = read_manifest(spec.directory)
         lost_replies = bool(manifest.get("pending"))
-        where = standings(runs, manifest)
+        where = reconcile(runs, manifest)
         if lost_replies:
             write_manifest(spec.directory, manifest)  # what the lookup of their tokens settled
         busy = [

@@ -9,10 +9,11 @@ import pytest
 
 from jobs.array import task_job
 from jobs.slurm import waits_on
+from jobs.slurm_client import task_ids
 from launch.arrays import array_range, link_tasks
-from launch.manifest import task_ids
+from launch.plan import Plan, batches
+from launch.scripts import describe_submission
 from launch.spec import SpecError, expand, load_spec
-from launch.submit import Plan, batches, describe_submission
 from testkit.tiny import write_tiny_spec
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from launch import cli
-from launch.status import last_record
+from launch.inspect.status import last_record
 from sogclr.contract.layout import RunLayout
 from sogclr.contract.state import read_state
 from testkit.tiny import STEPS_PER_EPOCH, write_tiny_spec, write_undecodable_dataset

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from launch.progress import LiveProgress
+from launch.inspect.progress import LiveProgress
 from launch.spec import Run, expand, load_spec
 from sogclr.contract.state import update_state
 from testkit.tiny import write_tiny_spec

@@ -9,19 +9,13 @@ from pathlib import Path
 import pytest
 
 from jobs.attempt import Budget, classify, finish_attempt, next_action
+from jobs.slurm_client import UNKNOWN, SlurmJob
 from launch import cli
 from launch.cli import continued
-from launch.manifest import (
-    PRUNED,
-    UNKNOWN,
-    PhaseStanding,
-    SlurmJob,
-    continued_after_pruning,
-    phase_standing,
-    record_job,
-)
+from launch.manifest import record_job
+from launch.plan import phases_to_submit
 from launch.spec import expand, load_spec, resuming_pruned
-from launch.submit import phases_to_submit
+from launch.standing import PRUNED, PhaseStanding, continued_after_pruning, phase_standing
 from sogclr.contract.rungs import RungRecords
 from sogclr.contract.state import read_state, update_state
 from testkit.runs import assert_same_training_state

@@ -16,10 +16,11 @@ import pytest
 from PIL import Image
 
 from launch import cli
-from launch.figures import write_figures
-from launch.manifest import read_manifest, standings
-from launch.results import RunRow, attempt_seconds, collect, numeric_fields, read_records, top1_series
+from launch.inspect.figures import write_figures
+from launch.inspect.results import RunRow, attempt_seconds, collect, numeric_fields, read_records, top1_series
+from launch.manifest import read_manifest
 from launch.spec import Run, expand, load_spec
+from launch.standing import standings
 from sogclr.contract.state import read_state
 from testkit.login import login_command
 from testkit.tiny import STEPS_PER_EPOCH, write_tiny_spec

@@ -18,9 +18,10 @@ from pathlib import Path
 
 from jobs.attempt import begin_attempt
 from jobs.torchrun import signal_tree
-from launch.manifest import read_manifest, standings
-from launch.results import collect, read_records
+from launch.inspect.results import collect, read_records
+from launch.manifest import read_manifest
 from launch.spec import expand, load_spec
+from launch.standing import standings
 from sogclr.contract.state import read_state
 from testkit.tiny import write_tiny_spec
 

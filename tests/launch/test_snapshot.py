@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from launch import snapshot
+from launch.scripts import job_script
 from launch.snapshot import PACKAGES, freeze
 from launch.spec import expand, load_spec
-from launch.submit import job_script
 from testkit.tiny import write_tiny_spec
 
 
@@ -32,8 +32,8 @@ def checkout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def test_the_same_code_is_stored_once(tmp_path: Path, checkout: Path):
     first, second = freeze(tmp_path / "sweep"), freeze(tmp_path / "sweep")
     assert first == second and [p.name for p in (tmp_path / "sweep" / "code").iterdir()] == [first.digest]
-    frozen = first.path / "sogclr" / "loop.py"
-    assert frozen.read_bytes() == (checkout / "sogclr" / "loop.py").read_bytes()
+    frozen = first.path / "sogclr" / "training" / "loop.py"
+    assert frozen.read_bytes() == (checkout / "sogclr" / "training" / "loop.py").read_bytes()
     assert not (first.path / "sogclr" / "__pycache__").exists()
     assert json.loads((first.path / "snapshot.json").read_text())["digest"] == first.digest
 

@@ -13,20 +13,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launch.manifest import (
-    UNKNOWN,
-    PhaseStanding,
-    SlurmJob,
-    current_job,
-    phase_standing,
-    read_manifest,
-    record_job,
-    sweep_lock,
-    write_manifest,
-)
+from jobs.slurm_client import UNKNOWN, SlurmJob
+from launch.configs import provenance_config
+from launch.manifest import current_job, read_manifest, record_job, sweep_lock, write_manifest
+from launch.plan import phases_to_submit
+from launch.scripts import describe_job
 from launch.snapshot import git_provenance
 from launch.spec import Run, SpecError, expand, load_spec
-from launch.submit import describe_job, phases_to_submit, provenance_config
+from launch.standing import PhaseStanding, phase_standing
 from sogclr.contract.state import update_state
 
 SPEC = {

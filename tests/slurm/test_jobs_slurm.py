@@ -73,7 +73,7 @@ def test_the_jobs_waiting_on_a_job_are_cancelled_with_it(slurm_cluster):
 def test_a_requeue_slurm_has_already_made_counts_as_made(slurm_cluster):
     job = slurm_cluster.sbatch("#!/bin/sh\nsleep 60\n", "--hold", "-o", "/dev/null")
     try:  # a pending job answers as a job SLURM has requeued: "Job is pending execution"
-        assert requeue(job, window_s=0) is None
+        assert requeue(job, attempts=1) is None
     finally:
         slurm_cluster.run("scancel", job)
 
@@ -91,11 +91,9 @@ def test_a_requeue_the_controller_keeps_refusing_is_retried_then_reported(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ):
     failing(tmp_path, monkeypatch, "scontrol")
-    assert "Socket timed out" in requeue("12345", window_s=3)
-    printed = capsys.readouterr().out
-    assert (
-        printed.count("again in") == 1 and "giving up" in printed
-    )  # tried at 0 s and 1 s; 2 s more is past 3 s
+    assert "Socket timed out" in requeue("12345", attempts=2)
+    printed = capsys.readouterr()
+    assert printed.err.count("again in") == 1 and "giving up" in printed.out  # tried at 0 s and 1 s
 
 
 def test_a_requeue_while_the_controller_does_not_answer_is_retried_until_it_does(
@@ -109,10 +107,10 @@ def test_a_requeue_while_the_controller_does_not_answer_is_retried_until_it_does
             with slurm_cluster.frozen_controller():
                 worker = threading.Thread(target=lambda: outcome.update(error=requeue(job)))
                 worker.start()
-                time.sleep(8)  # frozen past MessageTimeout, well within REQUEUE_WINDOW_S
+                time.sleep(8)  # frozen past MessageTimeout, well within REQUEUE_ATTEMPTS' minute
             worker.join(timeout=120)
         assert outcome == {"error": None}
-        assert "again in" in capsys.readouterr().out  # the first tries timed out
+        assert "again in" in capsys.readouterr().err  # the first tries timed out
         fields = slurm_cluster.run("scontrol", "show", "job", "-o", job).stdout
         assert "Restarts=1" in fields
     finally:
@@ -126,7 +124,7 @@ def test_a_requeue_that_finally_fails_is_recorded_and_fails_the_job_and_its_depe
     waiting = slurm_cluster.sbatch("#!/bin/sh\ntrue\n", f"--dependency=afterok:{job}", "-o", "/dev/null")
     state_path = tmp_path / "state.json"
     update_state(state_path, status="preempted")
-    monkeypatch.setattr("jobs.slurm.REQUEUE_WINDOW_S", 2)
+    monkeypatch.setattr("jobs.slurm.REQUEUE_ATTEMPTS", 2)
     failing(tmp_path, monkeypatch, "scontrol", "requeue")
     try:
         slurm_cluster.wait_job(job, "RUNNING")

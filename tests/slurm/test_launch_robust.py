@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 
 from launch import cli
+from launch.configs import check_recipes, write_run_config
 from launch.manifest import read_manifest, record_job, write_manifest
 from launch.snapshot import live_code
 from launch.spec import expand, load_spec
-from launch.submit import check_recipes, write_run_config
 from sogclr import pretrain
 from testkit.e2e import job_ids
 from testkit.slurm_cluster import SLURM_GROUP

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from jobs.slurm_client import partition_grace_times
+from launch.inspect.status import last_record, save_time_warnings
 from launch.spec import expand, load_spec
-from launch.status import last_record, partition_grace_times, save_time_warnings
 from sogclr.contract.state import update_state
 from testkit.slurm_cluster import SLURM_GROUP
 from testkit.tiny import write_tiny_spec

@@ -18,8 +18,9 @@ import pytest
 
 from launch import cli
 from launch.local import owning
-from launch.manifest import read_manifest, standings
+from launch.manifest import read_manifest
 from launch.spec import expand, load_spec
+from launch.standing import standings
 from testkit.e2e import job_ids, wait_until
 from testkit.slurm_cluster import another_cluster
 from testkit.tiny import write_tiny_spec, write_undecodable_dataset

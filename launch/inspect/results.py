@@ -1,6 +1,6 @@
 """What each run of a sweep reached, read from its run directory, and the numbers behind the report's
-figures: the one home of the data that the report's table (launch/report.py) and its figures
-(launch/figures.py) both draw.
+figures: the one home of the data that the report's table (launch/inspect/report.py) and its figures
+(launch/inspect/figures.py) both draw.
 
 Collection reads only run directories (state.json, metrics.jsonl, lincls/result.json) and the standings
 `status` also shows, and returns plain rows and series. A value a run has not produced yet is None (shown
@@ -17,10 +17,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from launch.manifest import NOT_SUBMITTED, PRUNED, PhaseStanding, phase_done
+from launch.configs import phase_resources
+from launch.inspect.status import position
 from launch.spec import Run
-from launch.status import position
-from launch.submit import phase_resources
+from launch.standing import NOT_SUBMITTED, PRUNED, PhaseStanding, phase_done
 from sogclr.contract.state import read_state
 
 

@@ -1,8 +1,8 @@
 """`sogclr-submit report`: what a sweep found, one row per run, as a table (terminal, md, csv, json) and
 as figures.
 
-The rows come from launch/results.py, which the table (here) and the PNGs (launch/figures.py) draw
-exactly; neither renderer imports the other's module for data.
+The rows come from launch/inspect/results.py, which the table (here) and the PNGs
+(launch/inspect/figures.py) draw exactly; neither renderer imports the other's module for data.
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from launch.manifest import read_manifest, standings
-from launch.results import RunRow, collect, short
+from launch.inspect.results import RunRow, collect, short
+from launch.manifest import read_manifest
 from launch.spec import Run, SweepSpec
+from launch.standing import reconcile
 
 REPORT_DIR = "report"  # <sweep dir>/report/: the figures
 TABLE_NOTE = (
@@ -33,14 +34,14 @@ TABLE_NOTE = (
 
 def show_report(spec: SweepSpec, runs: list[Run], console: Console, fmt: str, figures: bool = True) -> int:
     """Print the report table in `fmt` (table, md, csv, json) and write the figures."""
-    rows = collect(runs, standings(runs, read_manifest(spec.directory)))
+    rows = collect(runs, reconcile(runs, read_manifest(spec.directory)))
     render(rows, f"{spec.name}: {len(runs)} run(s)", fmt, console)
     console.file.flush()  # the table first, then the notes (on stderr for md, csv and json)
     notes = console if fmt == "table" else Console(stderr=True)  # stdout stays machine-readable
     if (saved := savings(rows)) is not None:
         notes.print(saved, highlight=False, soft_wrap=True)
     if figures:
-        from launch.figures import write_figures  # matplotlib: only when drawing
+        from launch.inspect.figures import write_figures  # matplotlib: only when drawing
 
         directory = spec.directory / REPORT_DIR
         paths = write_figures(rows, directory)

@@ -16,8 +16,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
 from rich.table import Column
 
+from launch.inspect.status import last_record, rung
 from launch.spec import Run
-from launch.status import last_record, rung
 from sogclr.contract.state import read_state
 
 POLL_S = 1.0
@@ -33,7 +33,7 @@ class Snapshot:
     epochs: int
     total_steps: int | None
     seconds_left: float | None
-    rung: str | None = None  # where successive halving has the run (launch.status.rung), if it prunes
+    rung: str | None = None  # where successive halving has the run (launch.inspect.status.rung), if it prunes
 
 
 def snapshot(run: Run, phase: str, first: dict[str, Any] | None) -> Snapshot | None:

@@ -1,4 +1,5 @@
-"""The report's figures, drawn headless (matplotlib's Agg backend) from what launch/results.py collects.
+"""The report's figures, drawn headless (matplotlib's Agg backend) from what launch/inspect/results.py
+collects.
 
 <sweep dir>/report/top1-<field>.png    linear top-1 against each numeric swept field, one line per loss
 <sweep dir>/report/curves-<run>.png    a run's training objective, global objective and kNN top-1 by epoch
@@ -15,7 +16,7 @@ matplotlib.use("Agg")  # no display: figures are files
 
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
-from launch.results import RunRow, Series, numeric_fields, short, top1_series  # noqa: E402
+from launch.inspect.results import RunRow, Series, numeric_fields, short, top1_series  # noqa: E402
 
 CURVE_PANELS = {
     "objective": "training objective",

@@ -1,28 +1,18 @@
-"""`sogclr-submit status` and `cancel`: this sweep's runs as SLURM and their run directories see them."""
+"""`sogclr-submit status`: this sweep's runs as SLURM and their run directories see them."""
 
 from __future__ import annotations
 
 import json
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
-from jobs.slurm import scontrol_fields
-from launch.manifest import (
-    NEVER_RUNS,
-    NOT_OURS,
-    QUERY_TIMEOUT_S,
-    UNKNOWN,
-    PhaseStanding,
-    SlurmUnavailable,
-    read_manifest,
-    slurm_output,
-    standings,
-)
+from jobs import slurm_client
+from launch.manifest import read_manifest
 from launch.spec import Run, SweepSpec
+from launch.standing import PhaseStanding, reconcile
 from launch.table import print_table
 from sogclr.contract.rungs import RungRecords
 from sogclr.contract.state import read_state
@@ -31,7 +21,7 @@ from sogclr.contract.state import read_state
 def show_status(spec: SweepSpec, runs: list[Run], console: Console) -> int:
     """One row per run: job ids, state of each phase, progress, requeues, last loss, last kNN top-1 (the
     monitor during pretraining), linear top-1."""
-    where = standings(runs, read_manifest(spec.directory))
+    where = reconcile(runs, read_manifest(spec.directory))
     columns = (
         *("run", "pretrain job", "lincls job", "pretraining", "linear eval", "epochs", "steps", "rung"),
         "requeues",
@@ -62,7 +52,7 @@ def show_status(spec: SweepSpec, runs: list[Run], console: Console) -> int:
             )
         )
     print_table(console, f"{spec.name}: {len(runs)} run(s)", columns, rows)
-    for warning in save_time_warnings(runs, partition_grace_times()):
+    for warning in save_time_warnings(runs, slurm_client.partition_grace_times()):
         console.print(f"[yellow]warning:[/] {warning}", highlight=False)
     return 0
 
@@ -114,23 +104,6 @@ def rung(run: Run) -> str:
     return f"kept at {kept[-1]}" if kept else f"before {prune.rungs[0]}"
 
 
-def partition_grace_times() -> dict[str | None, int]:
-    """Partition -> GraceTime in seconds, for partitions that preempt (key None: the default one)."""
-    try:
-        partitions = slurm_output(["scontrol", "show", "partition", "-o"])
-    except SlurmUnavailable:  # then no warning about grace times: status still shows the runs
-        return {}
-    grace: dict[str | None, int] = {}
-    for line in partitions.splitlines():
-        fields = scontrol_fields(line)
-        if fields.get("PreemptMode", "OFF").upper() == "OFF" or not fields.get("GraceTime", "").isdigit():
-            continue
-        grace[fields["PartitionName"]] = int(fields["GraceTime"])
-        if fields.get("Default") == "YES":
-            grace[None] = int(fields["GraceTime"])
-    return grace
-
-
 def save_time_warnings(runs: list[Run], grace_times: dict[str | None, int]) -> list[str]:
     """Runs whose last checkpoint took longer than the time they get to save after a stop signal."""
     warnings = []
@@ -155,56 +128,6 @@ def save_time_warnings(runs: list[Run], grace_times: dict[str | None, int]) -> l
 def shown(standing: PhaseStanding) -> str:
     """A phase's state for the table, with the reason when it is `unknown` or `not ours`."""
     return f"{standing.state}: {standing.reason}" if standing.reason else standing.state
-
-
-def cancel(spec: SweepSpec, runs: list[Run], console: Console) -> int:
-    """scancel the recorded, still queued or running jobs of `runs` (and nothing else), evaluations that
-    can never run included. Jobs SLURM cannot say anything about, and ids that now name other jobs, are
-    left alone and listed; 1 if any is unknown or scancel failed."""
-    where = standings(runs, read_manifest(spec.directory))
-    targets, untouched = {}, []
-    for run in runs:
-        for phase, standing in where[run.name].items():
-            # also a job that waits on a dependency that can never be met (no kill_invalid_depend): it
-            # would stay in the queue for ever
-            if standing.active or (standing.from_slurm and standing.state == NEVER_RUNS):
-                targets[standing.job_id] = f"{run.name} {phase}"
-            elif standing.state in (UNKNOWN, NOT_OURS):
-                untouched.append(
-                    f"job {standing.job_id} ({run.name} {phase}) not cancelled: {shown(standing)}"
-                )
-    for line in untouched:
-        console.print(f"[yellow]warning:[/] {line}", highlight=False)
-    failed = scancel(list(targets), console)
-    if not targets and not untouched:
-        console.print(f"{spec.name}: no queued or running jobs to cancel")
-    for job_id, what in targets.items():
-        if job_id not in failed:
-            console.print(f"cancelled job {job_id} ({what})", highlight=False)
-    unknown = any(standing.state == UNKNOWN for phases in where.values() for standing in phases.values())
-    return int(unknown or bool(failed))
-
-
-def scancel(job_ids: list[str], console: Console) -> set[str]:
-    """scancel `job_ids`; the ids it could not cancel, with its errors printed. Measured on 22.05: a job
-    that ended meanwhile is no failure (exit status 0; `already completing or completed`, with -v);
-    a controller that does not answer fails each job (`Socket timed out`, exit status 140)."""
-    if not job_ids:
-        return set()
-    try:
-        result = subprocess.run(
-            ["scancel", *job_ids], capture_output=True, text=True, timeout=QUERY_TIMEOUT_S
-        )
-    except (OSError, subprocess.TimeoutExpired) as err:
-        console.print(f"[bold red]error:[/] scancel: {err}: nothing cancelled", highlight=False)
-        return set(job_ids)
-    failed: set[str] = set()
-    for line in result.stderr.splitlines():
-        if "already completing or completed" in line:
-            continue  # it ended meanwhile (its node 0, or kill_invalid_depend, got there first)
-        failed |= {job_id for job_id in job_ids if f"job id {job_id}:" in line} or set(job_ids)
-        console.print(f"[yellow]warning:[/] {line.strip()}", highlight=False)
-    return failed
 
 
 def last_record(path: Path, having: str, block: int = 65536) -> dict[str, Any] | None:
