@@ -16,7 +16,7 @@ import sys
 
 from rich.console import Console
 
-from launch.datasets import index_datasets
+from launch.datasets import check_staging_fits, index_datasets
 from launch.spec import Run, SpecError, SweepSpec, check_data_dirs, expand, load_spec, resuming_pruned
 from launch.table import print_table
 from sogclr.contract.cli import add_override_argument
@@ -140,6 +140,7 @@ def cmd_submit(args: argparse.Namespace, console: Console) -> int:
             console=console,
             reconfigure=args.reconfigure,
         )
+    check_staging_fits(runs)
     from launch import submit  # heavy imports (submitit) only when really submitting
 
     return submit.submit_sweep(

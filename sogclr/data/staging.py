@@ -30,7 +30,7 @@ from typing import Any
 
 from sogclr.contract.dataindex import DatasetError
 from sogclr.contract.shards import SHARD_INDEX, ShardFile, ShardIndex, read_shard_index
-from sogclr.contract.state import update_state
+from sogclr.contract.state import now, update_state
 
 STAGED_PREFIX = "sogclr-shards-"
 CHUNK_BYTES = 16 << 20
@@ -63,8 +63,8 @@ def expanded_stage_dir(text: str) -> Path:
 
 def report_staging(state_path: Path, progress: dict[str, Any] | None) -> None:
     """state.json's `staging`: `phase` copying (bytes of total), waiting (for another process's copy,
-    at bytes), or done (copied bytes, in seconds)."""
-    update_state(state_path, staging=progress)
+    at bytes), or done (copied bytes, in seconds); `at` when (`status` shows it during its attempt only)."""
+    update_state(state_path, staging=progress and {**progress, "at": now()})
 
 
 def stage_shards(shards: ShardIndex, stage_dir: Path, watch: Watch = Watch()) -> ShardIndex:

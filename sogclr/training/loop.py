@@ -286,6 +286,7 @@ def _recording_failure(state_path: Path) -> Iterator[None]:
         yield
     except Exception as error:
         kind = "peer" if is_peer_failure(error) else "exception"
-        if kind == "exception" or read_state(state_path).get("status") != "failed":
+        # (nor a stop: a rank stopped while staging leaves its peers in their first collective)
+        if kind == "exception" or read_state(state_path).get("status") not in ("failed", "preempted"):
             update_state(state_path, status="failed", failure=kind, error=f"{type(error).__name__}: {error}")
         raise

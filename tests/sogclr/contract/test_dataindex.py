@@ -18,7 +18,7 @@ from torchvision.datasets import ImageFolder
 
 from launch import cli
 from launch.datasets import index_datasets
-from launch.spec import expand, load_spec
+from launch.spec import SpecError, expand, load_spec
 from sogclr.contract.config import CheckpointConfig, PretrainConfig
 from sogclr.contract.dataindex import (
     SOURCES,
@@ -153,8 +153,10 @@ def test_a_sweep_shares_one_index_per_dataset(tmp_path: Path) -> None:
     assert index.parent == spec.directory / "datasets" and read_index(index).splits["train"].count == 6
     for written in (spec.directory, index.parent, index, index.parent / SOURCES):
         assert written.stat().st_mode & 0o022 == 0, written  # no more writable by others than the configs
-    image(tmp_path / "data" / "train" / "a" / "3.png")
     assert {run.config.dataset_index for run in index_datasets(spec, expand(spec))} == {index}
+    image(tmp_path / "data" / "train" / "a" / "3.png")  # an image added later is seen, and named
+    with pytest.raises(SpecError, match=r"data/train/a holds \d+ images, the index \d+ .*--reindex"):
+        index_datasets(spec, expand(spec))
     (rebuilt,) = {run.config.dataset_index for run in index_datasets(spec, expand(spec), rebuild=True)}
     assert rebuilt != index and read_index(rebuilt).splits["train"].count == 7
 
