@@ -25,6 +25,10 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.dataindex import syscalls  # noqa: E402
+
 METADATA = ("openat", "open", "newfstatat", "statx", "fstat", "lstat", "stat", "getdents64", "access")
 
 
@@ -110,15 +114,6 @@ def child(source: Path, kind: str, count: int, mode: str, traced: Path | None = 
         command = ["strace", "-f", "-c", "-o", str(traced), *command]
     out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
-
-
-def syscalls(summary: Path) -> dict[str, int]:
-    calls = {}
-    for line in summary.read_text().splitlines():
-        fields = line.split()
-        if len(fields) in (5, 6) and fields[3].isdigit() and fields[-1] != "total":
-            calls[fields[-1]] = int(fields[3])
-    return calls
 
 
 def files_under(path: Path) -> int:
