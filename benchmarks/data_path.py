@@ -26,7 +26,7 @@ from torch.utils.data import default_collate
 from sogclr.contract.dataindex import index_split
 from sogclr.data.augment import draw_two_views, finish_views
 from sogclr.data.datasets import IndexedImageFolder, sample_rng
-from sogclr.data.transforms import PretrainAugment, PretrainCrops, decode_for_crops, open_image
+from sogclr.data.transforms import PretrainAugment, PretrainCrops, decode_for_crops
 
 IMAGE_SIZE = 224
 CROP_MIN = 0.08
@@ -57,8 +57,8 @@ def worker_batches(dataset: IndexedImageFolder, batch: int) -> Callable[[], list
 
 def decode_only(dataset: IndexedImageFolder) -> Callable[[], None]:
     def run() -> None:
-        for path, _ in dataset.samples:
-            open_image(path).load()
+        for index in range(len(dataset)):
+            dataset.open(index).load()
 
     return run
 
@@ -72,8 +72,8 @@ def cpu_ms_per_image(job: Callable[[], object], images: int) -> float:
 def reduced_fraction(dataset: IndexedImageFolder) -> float:
     """The share of images that the new path decodes at a reduced scale (with epoch 0's crops)."""
     reduced = 0
-    for index, (path, _) in enumerate(dataset.samples):
-        image = open_image(path)
+    for index in range(len(dataset)):
+        image = dataset.open(index)
         views = draw_two_views(sample_rng(dataset.seed, 0, index), *image.size, IMAGE_SIZE, CROP_MIN)
         reduced += decode_for_crops(image, views, IMAGE_SIZE)[1] < 1
     return reduced / len(dataset)

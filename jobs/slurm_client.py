@@ -214,6 +214,17 @@ def controller_setting(key: str) -> str | None:
     )  # fmt: skip
 
 
+def tmp_disks_mb(partition: str | None) -> list[int]:
+    """The TmpDisk (MB: the size of TmpFS, /tmp unless slurm.conf says otherwise) of each node of
+    `partition` (every node if None), as `sinfo -N -o %d` prints it, one node a line; [] when SLURM cannot
+    say. 0 is what a node without a TmpDisk setting reports (measured on 22.05)."""
+    try:
+        answer = call(["sinfo", "-h", "-N", "-o", "%d", *(["-p", partition] if partition else [])])
+    except SlurmError:
+        return []
+    return [int(field) for field in answer.split() if field.isdigit()]
+
+
 def cluster_name() -> str | None:
     """This cluster's ClusterName; None when SLURM cannot say."""
     return controller_setting("ClusterName")

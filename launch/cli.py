@@ -16,7 +16,7 @@ import sys
 
 from rich.console import Console
 
-from launch.datasets import index_datasets
+from launch.datasets import check_staging_fits, index_datasets
 from launch.spec import (
     PruneSpec,
     Run,
@@ -158,6 +158,7 @@ def cmd_submit(args: argparse.Namespace, console: Console) -> int:
             console=console,
             reconfigure=args.reconfigure,
         )
+    check_staging_fits(runs)
     from launch import submit  # heavy imports (submitit) only when really submitting
 
     return submit.submit_sweep(

@@ -3,9 +3,12 @@
 Every run of the sweep on the same data (dataset and root) shares one index file in `<sweep dir>/datasets/`
 (sogclr/contract/dataindex.py), which its config names (`dataset_index`): no rank of any attempt walks the
 tree again. An index is built the first time a sweep is submitted (or run `--local`) and reused by later
-submissions; `--reindex` walks the trees again, for data that really changed. Data that cannot be a dataset
-(empty, a class folder without images, splits with different classes) is refused here, before anything is
-queued.
+submissions, after a cheap look at the data (one listing per class folder, or a stat per shard): data that
+changed since (images added would never be trained on, removed ones would fail a run mid-epoch) is refused,
+naming what differs; `--reindex` walks the trees again. Data that cannot be a dataset (empty, a class
+folder without images, splits with different classes) is refused here, before anything is queued; so are
+shards to be staged (`pretrain.stage_dir`) that are larger than the local disk SLURM reports for the
+nodes of the run's partition (TmpDisk).
 """
 
 from __future__ import annotations
@@ -13,9 +16,20 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from jobs import slurm_client
 from launch.manifest import private_directory, private_umask
 from launch.spec import Run, SpecError, SweepSpec
-from sogclr.contract.dataindex import DatasetError, build_index, current_index, record_index, source_key
+from sogclr.contract.dataindex import (
+    DatasetError,
+    build_index,
+    changes_since,
+    current_index,
+    data_root,
+    read_index,
+    record_index,
+    source_key,
+)
+from sogclr.contract.shards import read_shard_index
 
 DATASETS_DIR = "datasets"
 
@@ -43,6 +57,11 @@ def index_of(sweep_dir: Path, run: Run, rebuild: bool) -> Path:
     others than what they run (launch/manifest.py)."""
     cfg, index_dir = run.config.pretrain, sweep_dir / DATASETS_DIR
     if not rebuild and (path := current_index(cfg, index_dir)) is not None:
+        if (change := changes_since(cfg, read_index(path))) is not None:
+            raise DatasetError(
+                f"{change} (the sweep's index is {path}): submit with --reindex to train on the data as "
+                "it is now (runs that have started then need pretrain.accept_data_change: true)"
+            )
         return path
     index = build_index(cfg)
     private_directory(sweep_dir)
@@ -52,3 +71,22 @@ def index_of(sweep_dir: Path, run: Run, rebuild: bool) -> Path:
 
 def with_index(run: Run, path: Path) -> Run:
     return dataclasses.replace(run, config=run.config.model_copy(update={"dataset_index": path}))
+
+
+def check_staging_fits(runs: list[Run]) -> None:
+    """SpecError for a run whose shards are to be staged (`pretrain.stage_dir`) but are larger than the
+    largest local disk SLURM reports for its partition's nodes (TmpDisk); nothing is said when no node
+    reports one (TmpDisk=0, SLURM's default), and the copy then checks the free space itself."""
+    for run in runs:
+        pcfg = run.config.pretrain
+        if pcfg.stage_dir is None:
+            continue
+        size = read_shard_index(data_root(pcfg)).total_bytes
+        disks = [mb for mb in slurm_client.tmp_disks_mb(run.slurm.partition) if mb > 0]
+        if disks and size > max(disks) * 2**20:
+            where = f"partition {run.slurm.partition}" if run.slurm.partition else "the default partition"
+            raise SpecError(
+                f"pretrain.stage_dir: the shards of run {run.name} are {size / 2**30:.2f} GiB, more than the "
+                f"largest local disk of {where}'s nodes ({max(disks) / 1024:.2f} GiB, TmpDisk in sinfo): "
+                "stage them elsewhere or read them in place (pretrain.stage_dir: null)"
+            )

@@ -57,7 +57,15 @@ from sogclr.optim import build_optimizer, scaled_lr
 from sogclr.schedules import set_lr, warmup_cosine
 from sogclr.training.checkpoint import FINAL, CheckpointManager, load_file, seed_everything
 from sogclr.training.datacheck import TrainingData
-from sogclr.training.loop import Progress, Session, run_epochs, run_process, stop_agreed, stop_signal
+from sogclr.training.loop import (
+    Progress,
+    Session,
+    run_epochs,
+    run_process,
+    staging_watch,
+    stop_agreed,
+    stop_signal,
+)
 from sogclr.training.metrics import DeviceMean, MetricsLogger, cut_metrics
 
 Batches = Callable[[int, int], Iterator[tuple[torch.Tensor, torch.Tensor]]]
@@ -80,9 +88,13 @@ def _evaluate(cfg: RunConfig, env: DistEnv, signals: StopSignals) -> str:
     pcfg, lcfg = cfg.pretrain, cfg.lincls
     seed_everything(lcfg.seed)  # the classifier's initialisation
 
-    index_path, index = load_dataset_index(cfg, env)
+    index_path, index = load_dataset_index(
+        cfg, env, staging_watch(env, signals, RunLayout(cfg.run_dir).lincls.state)
+    )
     train_set, val_set = build_lincls_datasets(pcfg, index, seed=lcfg.seed)
-    data = TrainingData(index_path, index.splits["train"], pcfg.accept_data_change)
+    data = TrainingData(
+        index_path, index.splits["train"], pcfg.accept_data_change, content=train_set.identity.get("content")
+    )
     classifier = build_linear_classifier(pcfg, num_classes=len(train_set.classes))
     load_backbone(classifier, backbone_weights(cfg))
     classifier.to(env.device)
@@ -102,6 +114,9 @@ def _evaluate(cfg: RunConfig, env: DistEnv, signals: StopSignals) -> str:
             "split": split,
             "backbone": backbone,
             "samples": dataset.identity["sha256"],
+            # the same names under another root may be other pixels (a resized copy); from shards,
+            # the bytes themselves
+            "root": dataset.identity.get("content") or dataset.root,
             "transform": repr(dataset.transform),
             "dtype": str(encode.dtype),
         }

@@ -43,7 +43,7 @@ from sogclr.optim import build_optimizer, scaled_lr
 from sogclr.schedules import gamma_at, set_lr, warmup_cosine
 from sogclr.training.checkpoint import CheckpointManager, rng_state, seed_everything, set_rng_state
 from sogclr.training.datacheck import TrainingData
-from sogclr.training.loop import Progress, Session, run_epochs, run_process
+from sogclr.training.loop import Progress, Session, run_epochs, run_process, staging_watch
 from sogclr.training.metrics import DeviceMean, MetricsLogger, Throughput, cut_metrics, estimator_stats
 from sogclr.training.prune import Pruner
 
@@ -63,7 +63,9 @@ def _pretrain(cfg: RunConfig, env: DistEnv, signals: StopSignals) -> str:
     seed_everything(pcfg.seed)
     set_determinism(pcfg.deterministic, env.device)
 
-    index_path, index = load_dataset_index(cfg, env)
+    index_path, index = load_dataset_index(
+        cfg, env, staging_watch(env, signals, RunLayout(cfg.run_dir).pretrain.state)
+    )
     dataset = build_pretrain_dataset(pcfg, index)
     sampler = ResumableDistributedSampler(len(dataset), pcfg.batch_size, env.rank, env.world_size, pcfg.seed)
     loader = build_loader(dataset, sampler, sampler.local_batch, pcfg.workers, env.device.type == "cuda")
@@ -91,7 +93,13 @@ def _pretrain(cfg: RunConfig, env: DistEnv, signals: StopSignals) -> str:
         total_steps=total_steps,
         config=cfg.model_dump(mode="json"),
         phase="pretrain",
-        data=TrainingData(index_path, index.splits["train"], pcfg.accept_data_change, ("criterion", "log_u")),
+        data=TrainingData(
+            index_path,
+            index.splits["train"],
+            pcfg.accept_data_change,
+            ("criterion", "log_u"),
+            dataset.identity.get("content"),
+        ),
     )
     progress = session.resume()
     if env.is_main:

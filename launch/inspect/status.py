@@ -40,8 +40,8 @@ def show_status(spec: SweepSpec, runs: list[Run], console: Console) -> int:
                 run.name,
                 pretrain.job_id or "-",
                 lincls.job_id or "-",
-                shown(pretrain),
-                shown(lincls) if run.config.lincls is not None else "-",
+                shown(pretrain, state),
+                shown(lincls, read_state(run.files.lincls.state)) if run.config.lincls is not None else "-",
                 where_now.epochs_shown,
                 where_now.steps_shown,
                 rung(run),
@@ -136,9 +136,20 @@ def save_time_warnings(runs: list[Run], grace_times: dict[str | None, int]) -> l
     return warnings
 
 
-def shown(standing: PhaseStanding) -> str:
-    """A phase's state for the table, with the reason when it is `unknown` or `not ours`."""
-    return f"{standing.state}: {standing.reason}" if standing.reason else standing.state
+def shown(standing: PhaseStanding, state: dict[str, Any] | None = None) -> str:
+    """A phase's state for the table, with the reason when it is `unknown` or `not ours`, and while a
+    job copies its shards to the node's disk (sogclr/data/staging.py: `state`'s `staging`), that."""
+    if standing.reason:
+        return f"{standing.state}: {standing.reason}"
+    state = state or {}
+    staging = state.get("staging") or {}
+    if staging.get("at", "") < (state.get("current_attempt") or {}).get("started", "~"):
+        staging = {}  # an earlier attempt's
+    if standing.active and staging.get("phase") == "copying":
+        return f"{standing.state}: staging {100 * staging['bytes'] // max(staging['total'], 1)}%"
+    if standing.active and staging.get("phase") == "waiting":
+        return f"{standing.state}: staging (waiting for the node's copy)"
+    return standing.state
 
 
 def last_record(path: Path, having: str, block: int = 65536) -> dict[str, Any] | None:

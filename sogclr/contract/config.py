@@ -95,6 +95,21 @@ class PretrainConfig(Schema):
         description="Root with train/ and val/ subfolders; for digits, the cache directory (optional).",
         json_schema_extra=RESOURCE,
     )
+    data_format: Literal["tree", "shards"] = Field(
+        "tree",
+        description="tree: data_dir holds train/ and val/ class-subfolder trees; shards: data_dir is a "
+        "shard directory (shards.json and ~1 GB tar files: python -m sogclr.shards, or python -m "
+        "sogclr.imagenet --shards). The same images read either way give the same batches.",
+        json_schema_extra=RESOURCE,
+    )
+    stage_dir: str | None = Field(
+        None,
+        description="shards only: copy the shards to this node-local directory at the start of each "
+        "attempt (one process per node copies and verifies them, the others wait) and read the copy. "
+        "Environment variables are expanded on the node, e.g. $SLURM_TMPDIR or /tmp. A complete copy "
+        "from an earlier attempt on the same node is reused. None: read the shards where they are.",
+        json_schema_extra=RESOURCE,
+    )
     accept_data_change: bool = Field(
         False,
         description="Resume runs whose checkpoints were trained on other data (images added, removed or "
@@ -425,6 +440,18 @@ class RunConfig(Schema):
     def _digits_needs_no_data_dir(self) -> RunConfig:
         if self.pretrain.dataset not in ("digits",) and self.pretrain.data_dir is None:
             raise ValueError(f"pretrain.data_dir is required for dataset {self.pretrain.dataset!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _shards_are_read_from_a_directory(self) -> RunConfig:
+        pretrain = self.pretrain
+        if pretrain.data_format == "shards" and pretrain.dataset == "digits":
+            raise ValueError(
+                "pretrain.data_format: shards needs dataset imagenet1k, imagenet100 or folder "
+                "(pack the digits with python -m sogclr.shards and name them as dataset: folder)"
+            )
+        if pretrain.stage_dir is not None and pretrain.data_format != "shards":
+            raise ValueError("pretrain.stage_dir: only shards are staged (set pretrain.data_format: shards)")
         return self
 
     @model_validator(mode="after")

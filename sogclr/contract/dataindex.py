@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from sogclr.contract.atomic import write_atomic
 from sogclr.contract.config import PretrainConfig
@@ -74,6 +75,9 @@ def prepare_data_root(cfg: PretrainConfig) -> Path:
     if cfg.dataset == "digits":
         return _materialise_once(data_root(cfg), _write_digits)
     root = data_root(cfg)
+    if cfg.data_format == "shards":
+        _require_dir(root, f"the shard directory of dataset {cfg.dataset!r}")
+        return root
     for split in SPLITS:
         _require_dir(root / split, f"the {split} split of dataset {cfg.dataset!r}")
     return root
@@ -193,6 +197,7 @@ class DatasetIndex:
 
     dataset: str
     splits: dict[str, SplitIndex]
+    shards: Any = None  # the ShardIndex its images are read from (sogclr/contract/shards.py), if any
 
     @cached_property
     def fingerprint(self) -> str:
@@ -202,6 +207,9 @@ class DatasetIndex:
     @property
     def file_name(self) -> str:
         return f"{self.dataset}-{self.fingerprint[:16]}.json"
+
+    def renamed(self, dataset: str) -> DatasetIndex:
+        return DatasetIndex(dataset, self.splits)
 
 
 def index_split(directory: Path, classes: Sequence[str] | None = None) -> SplitIndex:
@@ -236,9 +244,14 @@ def _images_under(folder: Path) -> list[str]:
 
 
 def build_index(cfg: PretrainConfig) -> DatasetIndex:
-    """Walk both splits of `cfg`'s dataset (writing the digits first); the validation split must have
-    exactly the training split's classes, so that a target means the same class in both."""
+    """Walk both splits of `cfg`'s dataset (writing the digits first), or read its shard index; the
+    validation split must have exactly the training split's classes, so that a target means the same
+    class in both."""
     root = prepare_data_root(cfg)
+    if cfg.data_format == "shards":
+        from sogclr.contract.shards import read_shard_index  # (it builds on this module)
+
+        return read_shard_index(root).dataset_index(class_subset(cfg)).renamed(cfg.dataset)
     train = index_split(root / "train", class_subset(cfg))
     val = index_split(root / "val", class_subset(cfg))
     if val.classes != train.classes:
@@ -277,6 +290,30 @@ def read_index(path: str | Path) -> DatasetIndex:
     if any(splits[name].identity != recorded[name] for name in SPLITS):
         raise DatasetError(f"dataset index {path} is damaged: its files do not match its counts and hashes")
     return index
+
+
+def changes_since(cfg: PretrainConfig, index: DatasetIndex) -> str | None:
+    """What differs between `index` and `cfg`'s data now, cheaply (None when nothing does): for a tree,
+    each class folder's image count from one listing per folder (no stat of any image); for shards,
+    the shard index and each shard's size. Images added after the index was built would never be
+    trained on; removed ones would fail a run in the middle of an epoch."""
+    if cfg.data_format == "shards":
+        from sogclr.contract.shards import read_shard_index
+
+        shards = read_shard_index(data_root(cfg))
+        shards.check_sizes()
+        now = shards.dataset_index(class_subset(cfg))
+        if now.fingerprint != index.fingerprint:
+            return f"{shards.directory} now holds other images than the index (another shards.json)"
+        return None
+    root = data_root(cfg)
+    for split in SPLITS:
+        for name, files in zip(index.splits[split].classes, index.splits[split].files, strict=True):
+            folder = root / split / name
+            count = len(_images_under(folder)) if folder.is_dir() else 0
+            if count != len(files):
+                return f"{folder} holds {count} images, the index {len(files)}"
+    return None
 
 
 def source_key(cfg: PretrainConfig) -> str:

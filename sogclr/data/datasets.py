@@ -13,8 +13,10 @@ changes what a sample sees, and ranks never share augmentation parameters (they 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import os
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from sogclr.contract.config import PretrainConfig, RunConfig
 from sogclr.contract.dataindex import (
+    DatasetError,
     DatasetIndex,
     SplitIndex,
     data_root,
@@ -32,7 +35,9 @@ from sogclr.contract.dataindex import (
     read_index,
 )
 from sogclr.contract.layout import RunLayout
-from sogclr.data.transforms import EvalAugment, PretrainAugment, PretrainCrops, open_image
+from sogclr.contract.shards import ShardIndex, read_shard_index
+from sogclr.data.staging import Watch, expanded_stage_dir, stage_shards
+from sogclr.data.transforms import EvalAugment, PretrainAugment, PretrainCrops, open_image_bytes
 from sogclr.distributed import DistEnv, broadcast_from_main, ignore_stop_signals
 
 # Independent random streams derived from one seed.
@@ -66,45 +71,174 @@ def epoch_permutation(seed: int, epoch: int, size: int) -> np.ndarray:
 # The dataset index of a run
 
 
-def load_dataset_index(cfg: RunConfig, env: DistEnv) -> tuple[Path, DatasetIndex]:
+def load_dataset_index(cfg: RunConfig, env: DistEnv, watch: Watch = Watch()) -> tuple[Path, DatasetIndex]:
     """The index file every rank reads, and its content: the one the config names (the launcher's), else the
     one rank 0 builds once into the run directory (sogclr/contract/dataindex.py). No rank walks the tree
-    again; each checks that the root is there (and writes the digits where a node's cache lacks them)."""
-    prepare_data_root(cfg.pretrain)
+    again; each checks that the root is there (and writes the digits where a node's cache lacks them).
+
+    For shards, the index also says where each image lies in them (`DatasetIndex.shards`): in the shard
+    directory, or in this node's copy when `stage_dir` is set (staged now: sogclr/data/staging.py, which
+    polls and tells `watch`)."""
+    pcfg = cfg.pretrain
+    prepare_data_root(pcfg)
     path = cfg.dataset_index
     if path is None:
-        built = ensure_index(cfg.pretrain, RunLayout(cfg.run_dir).datasets) if env.is_main else None
+        built = ensure_index(pcfg, RunLayout(cfg.run_dir).datasets) if env.is_main else None
         path = broadcast_from_main(env, built and str(built))
-    return Path(path), read_index(path)
+    index = read_index(path)
+    if pcfg.data_format == "shards":
+        shards = read_shard_index(data_root(pcfg))
+        if pcfg.stage_dir is not None:
+            shards = stage_shards(shards, expanded_stage_dir(pcfg.stage_dir), watch)
+        shards.check_sizes()
+        index = with_shards(index, shards)
+    return Path(path), index
+
+
+def with_shards(index: DatasetIndex, shards: ShardIndex) -> DatasetIndex:
+    """`index` reading its images from `shards`; DatasetError when they hold other images."""
+    located = shards.dataset_index(index.splits["train"].classes)
+    if located.fingerprint != index.fingerprint:
+        raise DatasetError(
+            f"{shards.directory} holds other images than the index (another shards.json since submission?): "
+            "submit again with --reindex"
+        )
+    return dataclasses.replace(index, shards=shards)
 
 
 # --------------------------------------------------------------------------------------------------------
 # Dataset
 
 
+class FlatStrings:
+    """Many strings as one bytes blob and an array of ends. A list of 1.28 M Python strings costs each
+    rank some 200 MB, and a forked loader worker copies every page whose reference counts it touches
+    as it reads them (256 MB per worker within an eighth of an epoch); these two objects have none to
+    touch (benchmarks/dataset_memory.py)."""
+
+    def __init__(self, strings: Iterable[str]) -> None:
+        self.blob = "\0".join(strings).encode()
+        self.ends = np.flatnonzero(np.frombuffer(self.blob + b"\0", dtype=np.uint8) == 0)
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def __getitem__(self, i: int) -> str:
+        start = 0 if i == 0 else int(self.ends[i - 1]) + 1
+        return self.blob[start : int(self.ends[i])].decode()
+
+    def take(self, indices: Sequence[int]) -> FlatStrings:
+        return FlatStrings(self[i] for i in indices)
+
+
+class TreeFiles:
+    """The images of a split as files of its tree: `<split root>/<class>/<file>`."""
+
+    def __init__(self, split_root: Path, paths: FlatStrings) -> None:
+        self.prefix = f"{Path(split_root).absolute()}/"
+        self.paths = paths
+
+    def name(self, index: int) -> str:
+        return f"{self.prefix}{self.paths[index]}"
+
+    def read(self, index: int) -> bytes:
+        with open(self.name(index), "rb") as file:
+            return file.read()
+
+    def subset(self, indices: Sequence[int]) -> TreeFiles:
+        return TreeFiles(Path(self.prefix), self.paths.take(indices))
+
+
+class ShardMembers:
+    """The images of a split as tar members, each read with one `pread` at its offset: one open file per
+    shard per process (loader workers open their own, lazily, and keep them)."""
+
+    def __init__(
+        self, directory: Path, shards: list[str], paths: FlatStrings, arrays: dict[str, np.ndarray]
+    ) -> None:
+        self.directory = directory
+        self.shards = shards
+        self.paths = paths
+        self.shard, self.offset, self.size = arrays["shard"], arrays["offset"], arrays["size"]
+        self._files: dict[int, int] = {}
+        self._pid = os.getpid()
+
+    def name(self, index: int) -> str:
+        shard = self.directory / self.shards[self.shard[index]]
+        return f"{self.paths[index]} in {shard} at byte {self.offset[index]}"
+
+    def read(self, index: int) -> bytes:
+        size = int(self.size[index])
+        data = os.pread(self._file(int(self.shard[index])), size, int(self.offset[index]))
+        if len(data) != size:
+            raise OSError(f"read {len(data)} of {size} bytes: the shard is shorter than its index says")
+        return data
+
+    def _file(self, shard: int) -> int:
+        if self._pid != os.getpid():  # a forked worker: its own descriptors, never its parent's
+            self._files, self._pid = {}, os.getpid()
+        if shard not in self._files:
+            self._files[shard] = os.open(self.directory / self.shards[shard], os.O_RDONLY)
+        return self._files[shard]
+
+    def __getstate__(self) -> dict[str, object]:
+        return {**self.__dict__, "_files": {}, "_pid": None}
+
+    def subset(self, indices: Sequence[int]) -> ShardMembers:
+        rows = np.asarray(indices, dtype=np.int64)
+        arrays = {"shard": self.shard[rows], "offset": self.offset[rows], "size": self.size[rows]}
+        return ShardMembers(self.directory, self.shards, self.paths.take(indices), arrays)
+
+
+class UnreadableImage(ValueError):
+    """An image that cannot be read or decoded, named by its path (and shard) and dataset index."""
+
+
 class IndexedImageFolder(Dataset):
     """The samples of one split of a dataset index, whose items are `(transform(image, rng), target, index)`.
 
-    `image` is opened but not decoded (`open_image`); `rng` is a `random.Random` seeded from
+    `image` is opened but not decoded (`open_image_bytes`); `rng` is a `random.Random` seeded from
     `(seed, epoch, index)`. The epoch lives in a shared-memory tensor, so `set_epoch` in the main process
     reaches DataLoader workers too, persistent ones included (they hold a copy of the dataset made when
-    they started). Call it before iterating the epoch's loader. `root`, `samples`, `targets` and
-    `classes` are ImageFolder's; nothing here lists a directory. `identity` is the split's fingerprint.
+    they started). Call it before iterating the epoch's loader. Images come from a tree's files or from
+    shards (`from_shards`): the same images give the same items. Paths and targets are flat arrays
+    (`FlatStrings`, numpy): nothing per sample is a Python object. `identity` is the split's fingerprint
+    (and, from shards, the sha256 of its images' bytes: `content`).
     """
 
     def __init__(self, split_root: str | Path, index: SplitIndex, transform: Augment, seed: int = 0) -> None:
+        self._setup(TreeFiles(Path(split_root), FlatStrings(index.relative_paths())), index, transform, seed)
         self.root = str(split_root)
+
+    @classmethod
+    def from_shards(
+        cls, shards: ShardIndex, split: str, index: SplitIndex, transform: Augment, seed: int = 0
+    ) -> IndexedImageFolder:
+        """The split `index` (which may be a class subset of the shards') read from `shards`."""
+        sharded = shards.split(split, index.classes)
+        dataset = cls.__new__(cls)
+        names = [shard.name for shard in sharded.shards]
+        images = ShardMembers(
+            shards.directory, names, FlatStrings(index.relative_paths()), sharded.member_arrays()
+        )
+        dataset._setup(images, index, transform, seed)
+        dataset.root = str(shards.directory)
+        dataset.identity = {**index.identity, "content": sharded.content}
+        return dataset
+
+    def _setup(
+        self, images: TreeFiles | ShardMembers, index: SplitIndex, transform: Augment, seed: int
+    ) -> None:
+        self.images = images
         self.classes = list(index.classes)
-        self.samples = index.samples(Path(split_root))
+        self.targets = np.repeat(np.arange(len(index.files)), [len(files) for files in index.files])
         self.identity = index.identity  # which images, in which order: the index's own fingerprint
-        self.targets = [target for _, target in self.samples]
         self.transform = transform
-        self.loader = open_image
         self.seed = seed
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.targets)
 
     @property
     def epoch(self) -> int:
@@ -113,16 +247,30 @@ class IndexedImageFolder(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self._epoch.fill_(epoch)
 
+    def open(self, index: int) -> Image.Image:
+        """Sample `index`'s image, read and opened (not decoded)."""
+        return self.decoded(index, lambda image: image)
+
+    def decoded(self, index: int, use: Callable[[Image.Image], object]) -> object:
+        """`use(image)` of sample `index`; an image that cannot be read or decoded (there, or in `use`,
+        which decodes it) raises UnreadableImage naming it: among a million images the message must
+        say which (Pillow's names a BytesIO object)."""
+        try:
+            return use(open_image_bytes(self.images.read(index)))
+        except (OSError, SyntaxError, Image.DecompressionBombError) as error:
+            raise UnreadableImage(
+                f"dataset index {index}: {self.images.name(index)}: {type(error).__name__}: {error}"
+            ) from error
+
     def __getitem__(self, index: int) -> tuple[object, int, int]:
-        path, target = self.samples[index]
-        image = self.loader(path)
-        return self.transform(image, sample_rng(self.seed, self.epoch, index)), target, index
+        rng = sample_rng(self.seed, self.epoch, index)
+        return self.decoded(index, lambda image: self.transform(image, rng)), int(self.targets[index]), index
 
     def subset(self, indices: Sequence[int]) -> IndexedImageFolder:
         """The same dataset restricted to the samples at `indices`, re-indexed from 0 in that order."""
         subset = copy.copy(self)
-        subset.samples = [self.samples[i] for i in indices]
-        subset.targets = [self.targets[i] for i in indices]
+        subset.images = self.images.subset(indices)
+        subset.targets = self.targets[np.asarray(indices, dtype=np.int64)]
         return subset
 
 
@@ -134,6 +282,8 @@ def split_dataset(
 ) -> IndexedImageFolder:
     """The `split` of `cfg`'s dataset as `index` lists it, with `transform` (`seed` default `cfg.seed`)."""
     seed = cfg.seed if seed is None else seed
+    if index.shards is not None:
+        return IndexedImageFolder.from_shards(index.shards, split, index.splits[split], transform, seed)
     return IndexedImageFolder(data_root(cfg) / split, index.splits[split], transform, seed)
 
 

@@ -129,7 +129,12 @@ def normalised_tensor(image: Image.Image) -> torch.Tensor:
 def open_image(path: str) -> Image.Image:
     """The image file at `path`, read and opened (its size is known) but not decoded."""
     with open(path, "rb") as file:
-        return Image.open(io.BytesIO(file.read()))
+        return open_image_bytes(file.read())
+
+
+def open_image_bytes(data: bytes) -> Image.Image:
+    """An image file's bytes, opened (its size is known) but not decoded."""
+    return Image.open(io.BytesIO(data))
 
 
 def decoded_rgb(image: Image.Image) -> Image.Image:

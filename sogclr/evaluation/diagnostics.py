@@ -124,7 +124,7 @@ class FixedViews(Dataset):
 
     def __getitem__(self, position: int) -> Tensor:
         index = self.indices[position]
-        image = self.dataset.loader(self.dataset.samples[index][0])
+        image = self.dataset.open(index)
         return torch.stack(self.augment(image, sample_rng(self.dataset.seed, FIXED_VIEWS_EPOCH, index)))
 
 

@@ -39,10 +39,18 @@ class TrainingData:
     split: SplitIndex
     accept_change: bool = False
     per_sample: tuple[str, str] | None = None
+    content: str | None = None  # the sha256 of the images' bytes, where known (read from shards)
 
     def record(self) -> dict[str, Any]:
         """What a checkpoint stores of it."""
-        return {**self.split.identity, "index": str(self.index_path)}
+        content = {"content": self.content} if self.content is not None else {}
+        return {**self.split.identity, "index": str(self.index_path), **content}
+
+    def same_as(self, recorded: dict[str, Any]) -> bool:
+        """The same images in the same order: paths always; bytes where both sides know them (a tree
+        and its shards are the same data)."""
+        contents = {recorded.get("content"), self.content} - {None}
+        return {key: recorded[key] for key in IDENTITY} == self.split.identity and len(contents) < 2
 
     def reconcile(
         self, payload: dict[str, Any], stateful: dict[str, Any], steps_per_epoch: int
@@ -50,10 +58,10 @@ class TrainingData:
         """`payload` if it was trained on this data (or predates data records), else DataChanged, or
         with an accepted change the payload carried over to this data (`stateful`: the fresh objects)."""
         recorded = payload.get("data")
-        if recorded is None or {key: recorded[key] for key in IDENTITY} == self.split.identity:
+        if recorded is None or self.same_as(recorded):
             return payload
         old = recorded_split(recorded)
-        change = describe_change(recorded, old, self.split)
+        change = describe_change(recorded, old, self.split, self.content)
         if not self.accept_change:
             raise DataChanged(
                 f"the training data differ from the checkpoint's: {change}. If the change is intended, "
@@ -76,10 +84,17 @@ def recorded_split(recorded: dict[str, Any]) -> SplitIndex | None:
     return split if split.identity == {key: recorded[key] for key in IDENTITY} else None
 
 
-def describe_change(recorded: dict[str, Any], old: SplitIndex | None, new: SplitIndex) -> str:
+def describe_change(
+    recorded: dict[str, Any], old: SplitIndex | None, new: SplitIndex, content: str | None = None
+) -> str:
     """`N images in the checkpoint's, M now; first differing path: ...` (what can be said without the old
-    index, when it is gone)."""
+    index, when it is gone), or that the same paths hold other bytes."""
     counts = f"{recorded['count']} images in the checkpoint's, {new.count} now"
+    if recorded["sha256"] == new.sha256:
+        return (
+            f"the same {new.count} paths, but other image bytes (content sha256 "
+            f"{recorded['content'][:16]}... in the checkpoint's, {content[:16]}... now)"
+        )
     if old is None:
         return f"{counts}; its index {recorded['index']} is gone, so no path can be named"
     pairs = itertools.zip_longest(old.relative_paths(), new.relative_paths())

@@ -15,11 +15,13 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from sogclr.contract.config import recipe_differences
 from sogclr.contract.state import read_state, update_state
+from sogclr.data.staging import StoppedWhileStaging, Watch, report_staging
 from sogclr.distributed import (
     DistEnv,
     StopSignals,
@@ -254,9 +256,23 @@ def run_process(
         env = init_distributed(collective_timeout_s)
         try:
             with _recording_failure(state_path):
-                return body(env, signals)
+                try:
+                    return body(env, signals)
+                except StoppedWhileStaging:  # nothing trained yet this attempt: nothing to save
+                    if env.is_main:
+                        update_state(
+                            state_path, status="preempted", signal=stop_signal(signals), staging=None
+                        )
+                    return "preempted"
         finally:
             cleanup(env)
+
+
+def staging_watch(env: DistEnv, signals: StopSignals, state_path: Path) -> Watch:
+    """How copying shards to the node (sogclr/data/staging.py) hears this process's stop flag, keeps its
+    watchdog quiet while bytes move, and (rank 0) shows its progress in state.json."""
+    report = partial(report_staging, state_path) if env.is_main else Watch().report
+    return Watch(lambda: signals.received is not None, progressed, report)
 
 
 @contextmanager
@@ -271,6 +287,7 @@ def _recording_failure(state_path: Path) -> Iterator[None]:
         yield
     except Exception as error:
         kind = "peer" if is_peer_failure(error) else "exception"
-        if kind == "exception" or read_state(state_path).get("status") != "failed":
+        # (nor a stop: a rank stopped while staging leaves its peers in their first collective)
+        if kind == "exception" or read_state(state_path).get("status") not in ("failed", "preempted"):
             update_state(state_path, status="failed", failure=kind, error=f"{type(error).__name__}: {error}")
         raise

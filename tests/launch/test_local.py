@@ -10,7 +10,10 @@ import pytest
 
 from launch import cli
 from launch.inspect.status import last_record
+from sogclr.contract.config import PretrainConfig
+from sogclr.contract.dataindex import prepare_data_root
 from sogclr.contract.layout import RunLayout
+from sogclr.contract.shards import pack_tree
 from sogclr.contract.state import read_state
 from testkit.tiny import STEPS_PER_EPOCH, write_tiny_spec, write_undecodable_dataset
 
@@ -65,3 +68,16 @@ def test_parallel_runs_of_a_sweep_all_finish_with_their_evaluation(
             assert f"{run} {phase}: step {last['step']}/{STEPS_PER_EPOCH}," in out
         (row,) = [line for line in out.splitlines() if line.startswith(f"│ {run} ")]  # the closing table
         assert "done" in row and f" {top1:.2f} " in row
+
+
+def test_a_local_run_reads_staged_shards_and_is_evaluated(tmp_path: Path, data_dir: Path):
+    """The quickstart's path with shards (written here from the digits) staged to a node directory."""
+    tree = prepare_data_root(PretrainConfig(dataset="digits", data_dir=data_dir))
+    shards = pack_tree(tree, tmp_path / "shards", "folder", 1_000_000)
+    where = {"data_dir": str(shards.directory), "data_format": "shards", "stage_dir": str(tmp_path / "node")}
+    assert cli.main([str(write_spec(tmp_path, epochs=1, dataset="folder", **where)), "--local"]) == 0
+    run_dir = tmp_path / "runs" / "local" / "local"
+    state = read_state(run_dir / "state.json")
+    assert state["status"] == "done" and state["staging"]["copied"] == shards.total_bytes
+    assert read_state(run_dir / "lincls" / "state.json")["staging"]["copied"] == 0  # the same node's copy
+    assert 0 <= read_state(run_dir / "lincls" / "result.json")["top1"] <= 100

@@ -88,7 +88,8 @@ def test_status_and_progress_show_the_rung_each_run_is_at(
         assert status[run.name]["pretraining"] == ("pruned" if pruned else "done")
         assert status[run.name]["epochs"] == ("1/2" if pruned else "2/2")
         assert status[run.name]["steps"] == ("11/22" if pruned else "22/22")
-        # the live lines (not a terminal: plain) end the phase with where the run stands
+        # the live lines (not a terminal: plain) end the phase with where the run stood then: a stopped
+        # run is paused until the verdicts given after its attempt (promotion), closed by the last one
         last = [line for line in printed.splitlines() if line.startswith(f"{run.name} pretrain: step")][-1]
-        assert last.endswith("rung: pruned at 1" if pruned else "rung: kept at 1")
+        assert last.endswith("rung: paused at 1" if pruned else "rung: kept at 1")
         assert read_state(run.files.pretrain.state)["status"] == ("pruned" if pruned else "done")

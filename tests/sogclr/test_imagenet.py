@@ -18,6 +18,7 @@ from torchvision.datasets.utils import calculate_md5
 from sogclr import imagenet
 from sogclr.contract.config import PretrainConfig
 from sogclr.contract.dataindex import build_index, imagenet100_classes
+from sogclr.contract.shards import read_shard_index
 
 WNIDS = imagenet100_classes() + ["n09999999"]
 VAL_IMAGES = [f"ILSVRC2012_val_{number:08d}.JPEG" for number in range(1, len(WNIDS) + 1)]
@@ -129,3 +130,38 @@ def test_unpacked_trees_are_linked_not_copied(
         == 2
     )
     assert "exists already" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("given", ["archives", "unpacked"])
+def test_shards_are_written_straight_from_the_official_files(
+    tmp_path: Path, official: dict[str, Path], given: str, capsys: pytest.CaptureFixture
+) -> None:
+    """--shards: the same images, classes and validation labels as the tree, each image's bytes as in
+    the archives, and no image written as a file of its own."""
+    tree, shards = tmp_path / "tree", tmp_path / "shards"
+    unpacked = official["train"].parent
+    train, val = (
+        (official["train"], official["val"])
+        if given == "archives"
+        else (unpacked / "train", unpacked / "val")
+    )
+    arguments = ["--devkit", str(official["devkit"]), "--train", str(train), "--val", str(val)]
+    assert imagenet.main([str(tree), *arguments]) == 0
+    assert imagenet.main([str(shards), *arguments, "--shards"]) == 0
+    assert f"data_dir: {shards}, data_format: shards" in capsys.readouterr().out
+    assert sorted(p.name for p in shards.iterdir()) == [
+        "meta.bin",
+        "shards.json",
+        "train-000000.tar",
+        "val-000000.tar",
+    ]
+    for dataset in ("imagenet1k", "imagenet100"):
+        from_tree = build_index(PretrainConfig(dataset=dataset, data_dir=tree))
+        from_shards = build_index(PretrainConfig(dataset=dataset, data_dir=shards, data_format="shards"))
+        assert from_shards.fingerprint == from_tree.fingerprint
+    index = read_shard_index(shards)
+    val_split, arrays = index.splits["val"], index.splits["val"].member_arrays()
+    with open(shards / "val-000000.tar", "rb") as file:
+        for i, path in enumerate(val_split.split.relative_paths()):
+            file.seek(arrays["offset"][i])
+            assert file.read(arrays["size"][i]) == (tree / "val" / path).read_bytes()

@@ -3,6 +3,7 @@ real image trees on disk, real checkpoints, the real entry point."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -18,7 +19,7 @@ from torchvision.datasets import ImageFolder
 
 from launch import cli
 from launch.datasets import index_datasets
-from launch.spec import expand, load_spec
+from launch.spec import SpecError, expand, load_spec
 from sogclr.contract.config import CheckpointConfig, PretrainConfig
 from sogclr.contract.dataindex import (
     SOURCES,
@@ -153,8 +154,10 @@ def test_a_sweep_shares_one_index_per_dataset(tmp_path: Path) -> None:
     assert index.parent == spec.directory / "datasets" and read_index(index).splits["train"].count == 6
     for written in (spec.directory, index.parent, index, index.parent / SOURCES):
         assert written.stat().st_mode & 0o022 == 0, written  # no more writable by others than the configs
-    image(tmp_path / "data" / "train" / "a" / "3.png")
     assert {run.config.dataset_index for run in index_datasets(spec, expand(spec))} == {index}
+    image(tmp_path / "data" / "train" / "a" / "3.png")  # an image added later is seen, and named
+    with pytest.raises(SpecError, match=r"data/train/a holds \d+ images, the index \d+ .*--reindex"):
+        index_datasets(spec, expand(spec))
     (rebuilt,) = {run.config.dataset_index for run in index_datasets(spec, expand(spec), rebuild=True)}
     assert rebuilt != index and read_index(rebuilt).splits["train"].count == 7
 
@@ -212,6 +215,19 @@ def test_resume_on_other_data_fails_naming_the_change_unless_accepted(tmp_path: 
     # old order a/0 a/1 a/2 b/0 b/1 b/2; new a/0 a/2 b/0 b/1 b/2 b/5
     expected = torch.tensor([0.0, 2.0, 3.0, 4.0, 5.0, -torch.inf])
     assert torch.equal(resumed.stateful["criterion"].log_u, expected)
+
+
+def test_the_same_paths_with_other_bytes_are_refused_where_both_sides_know_the_bytes(tmp_path: Path) -> None:
+    """Shards record the images' content: a tree and its shards are the same data, but re-packed
+    re-encoded images under the same names are not."""
+    root, indexes = tree(tmp_path / "data", SIX), tmp_path / "indexes"
+    from_shards = dataclasses.replace(training_data(root, indexes), content="a" * 64)
+    session(tmp_path, from_shards).save()
+    assert session(tmp_path, training_data(root, indexes)).resume().global_step == 5  # the tree
+    assert session(tmp_path, from_shards).resume().global_step == 5
+    reencoded = dataclasses.replace(from_shards, content="b" * 64)
+    with pytest.raises(DataChanged, match=r"the same 6 paths, but other image bytes \(content sha256 a{16}"):
+        session(tmp_path, reencoded).resume()
 
 
 def test_a_shorter_epoch_continues_with_the_next_and_a_lost_index_is_said(tmp_path: Path) -> None:

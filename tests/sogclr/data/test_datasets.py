@@ -312,7 +312,7 @@ def test_pretrain_dataset_returns_two_views_target_and_index(digits_cache: Path,
         assert view1.pixels.dtype == torch.uint8
         view1, view2 = (finished(default_collate([view]))[0] for view in (view1, view2))
     assert view1.shape == view2.shape == (3, 32, 32) and view1.dtype == torch.float32
-    assert index == 123 and target == int(Path(dataset.samples[123][0]).parent.name)
+    assert index == 123 and target == int(Path(dataset.images.name(123)).parent.name)
     assert not torch.equal(view1, view2)
 
 
@@ -320,8 +320,9 @@ def test_class_subset_restricts_and_renumbers(digits_cache: Path) -> None:
     root = digits_cache / DIGITS_VERSION / "val"
     dataset = IndexedImageFolder(root, index_split(root, ["3", "7"]), EvalAugment(32, train=False))
     assert dataset.classes == ["3", "7"]
-    assert {Path(path).parent.name for path, _ in dataset.samples} == {"3", "7"}
-    assert all(target == dataset.classes.index(Path(path).parent.name) for path, target in dataset.samples)
+    paths = [Path(dataset.images.name(i)) for i in range(len(dataset))]
+    assert {path.parent.name for path in paths} == {"3", "7"}
+    assert all(t == dataset.classes.index(p.parent.name) for p, t in zip(paths, dataset.targets, strict=True))
 
 
 def load_epochs(dataset: IndexedImageFolder, workers: int, epochs: int) -> list[dict[int, torch.Tensor]]:

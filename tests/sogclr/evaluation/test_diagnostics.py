@@ -206,7 +206,7 @@ def test_epoch_end_objective_leaves_model_mode_and_rng_as_they_were(tmp_path: Pa
     # The same views, made here: epoch 0's augmentation of 40 evenly spaced images, through the eval model.
     augment = PretrainAugment(cfg.image_size, cfg.crop_min)
     indices = evenly_spaced(len(dataset), 40)
-    views = [augment(dataset.loader(dataset.samples[i][0]), sample_rng(cfg.seed, 0, i)) for i in indices]
+    views = [augment(dataset.open(i), sample_rng(cfg.seed, 0, i)) for i in indices]
     with torch.no_grad():
         z = model.eval()(torch.stack([torch.stack(pair) for pair in views]).flatten(0, 1)).view(40, 2, -1)
     terms = anchor_terms(F.normalize(z[:, 0], dim=1), F.normalize(z[:, 1], dim=1), cfg.temperature)

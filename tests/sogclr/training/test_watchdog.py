@@ -78,7 +78,7 @@ def image_tree_with_a_pipe(data_dir: Path, tree: Path, position: int) -> Path:
     shutil.copytree(digits, tree, copy_function=os.link)
     config = PretrainConfig(dataset="folder", data_dir=tree, image_size=16, augment_on="loader")
     dataset = build_pretrain_dataset(config, build_index(config))
-    path = Path(dataset.samples[epoch_permutation(config.seed, 0, len(dataset))[position]][0])
+    path = Path(dataset.images.name(epoch_permutation(config.seed, 0, len(dataset))[position]))
     path.unlink()
     os.mkfifo(path)
     return path
