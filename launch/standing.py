@@ -84,7 +84,9 @@ def phase_standing(
     and that SLURM could not be asked about (`resolve_pending`)."""
     submission = current_submission(manifest, run.name, phase)
     job_id = submission["job_id"] if submission else None
-    if phase_done(run, phase):
+    state = read_state(PHASES[phase].state_path(run.run_dir))  # read once: status reads 1,000s of these
+    done = run.files.lincls.result.is_file() if phase == "lincls" else state.get("status") == "done"
+    if done:  # as phase_done
         return PhaseStanding(job_id, "done")
     if (why := (unconfirmed or {}).get((run.name, phase))) is not None:
         return PhaseStanding(job_id, UNKNOWN, reason=why)
@@ -93,7 +95,8 @@ def phase_standing(
         return PhaseStanding(job_id, UNKNOWN, reason=job.reason)
     if submission is not None and (why := other_cluster(submission, cluster)) is not None:
         return PhaseStanding(job_id, UNKNOWN, reason=why)  # it may be running there: never act on it
-    if pruned(run) and not (job is not None and job.state in ACTIVE):  # not yet resumed (--resume-pruned)
+    pretrain = state if phase == "pretrain" else read_state(run.files.pretrain.state)
+    if pretrain.get("status") == PRUNED and not (job is not None and job.state in ACTIVE):  # not yet resumed
         return PhaseStanding(job_id, PRUNED)
     if submission is None:
         return PhaseStanding(None, NOT_SUBMITTED)
@@ -101,8 +104,7 @@ def phase_standing(
         return PhaseStanding(job_id, NOT_OURS, reason=why)
     if job is not None:
         return PhaseStanding(job_id, job.state, from_slurm=True)
-    status = read_state(PHASES[phase].state_path(run.run_dir)).get("status", "never ran")
-    return PhaseStanding(job_id, f"{status} (run dir)")
+    return PhaseStanding(job_id, f"{state.get('status', 'never ran')} (run dir)")
 
 
 def other_cluster(submission: dict[str, Any], cluster: str | None) -> str | None:

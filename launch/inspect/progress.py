@@ -43,14 +43,15 @@ def snapshot(run: Run, phase: str, first: dict[str, Any] | None) -> Snapshot | N
     record = last_record(files.metrics, having="loss")
     if record is None:
         return None
-    total = read_state(files.state).get("total_steps")
+    state = read_state(files.state)
+    total = state.get("total_steps")
     epochs = run.config.pretrain.epochs if phase == "pretrain" else run.config.lincls.epochs
     left = None
     if first is not None and total and record["step"] > first["step"] and record["time"] > first["time"]:
         rate = (record["step"] - first["step"]) / (record["time"] - first["time"])
         left = max(0, total - record["step"]) / rate
     judged = phase == "pretrain" and run.config.prune is not None
-    return Snapshot(phase, record, epochs, total, left, rung(run) if judged else None)
+    return Snapshot(phase, record, epochs, total, left, rung(run, state) if judged else None)
 
 
 def describe(shot: Snapshot) -> str:

@@ -109,6 +109,7 @@ def collect_run(run: Run, where: dict[str, PhaseStanding]) -> RunRow:
     state = read_state(files.pretrain.state)
     records = read_records(files.pretrain.metrics)
     steps = [r for r in records if "objective" in r]
+    last_step = next((r for r in reversed(records) if "loss" in r), None)
     result = read_state(files.lincls.result)
     wall_s, hours, unit = spent(run)
     prune = run.config.prune
@@ -117,7 +118,7 @@ def collect_run(run: Run, where: dict[str, PhaseStanding]) -> RunRow:
         point=dict(run.point),
         loss=run.config.pretrain.loss,
         standing=standing(run, where),
-        epochs_done=position(run).epochs_done,
+        epochs_done=position(run, state, last_step).epochs_done,
         epochs=run.config.pretrain.epochs,
         objective=steps[-1]["objective"] if steps else None,
         global_objective=last_value(records, "global_objective"),

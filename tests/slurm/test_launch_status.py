@@ -10,7 +10,7 @@ import pytest
 from jobs.slurm_client import partition_grace_times
 from launch.inspect.status import last_record, save_time_warnings
 from launch.spec import expand, load_spec
-from sogclr.contract.state import update_state
+from sogclr.contract.state import read_state, update_state
 from testkit.slurm_cluster import SLURM_GROUP
 from testkit.tiny import write_tiny_spec
 
@@ -31,7 +31,8 @@ def test_a_save_longer_than_the_lead_or_grace_time_is_warned(
 ):
     (run,) = expand(load_spec(write_tiny_spec(tmp_path, "w", slurm={"signal_lead_s": lead})))
     update_state(run.run_dir / "state.json", status="running", last_save_s=last_save_s)
-    warnings = save_time_warnings([run], {} if grace is None else {None: grace})
+    took = read_state(run.files.pretrain.state)["last_save_s"]  # what status reads
+    warnings = save_time_warnings(run, took, {} if grace is None else {None: grace})
     assert len(warnings) == len(expected)
     for warning, words in zip(warnings, expected, strict=True):
         assert warning.startswith("w: its last save took") and words in warning
@@ -39,7 +40,7 @@ def test_a_save_longer_than_the_lead_or_grace_time_is_warned(
 
 def test_a_run_that_never_saved_is_not_warned(tmp_path: Path):
     (run,) = expand(load_spec(write_tiny_spec(tmp_path, "w")))
-    assert save_time_warnings([run], {None: 0}) == []
+    assert save_time_warnings(run, read_state(run.files.pretrain.state).get("last_save_s"), {None: 0}) == []
 
 
 @pytest.mark.slurm
