@@ -10,13 +10,22 @@ after each run's attempts (jobs/promote.py) and continues each paused run that a
 from its checkpoint; otherwise a pruned run is continued only with `--resume-pruned`.
 `--preempt-after` rehearses preemption: SLURM's warning signal (USR2) to the training processes after
 that many seconds of a run's first attempt. `--debug` runs one run in this process, single rank.
+
+Stopping the launcher stops the sweep where it stands, and the same command resumes it: Ctrl-C reaches
+torchrun with the launcher; SIGTERM (`kill`, a batch system ending the session) reaches only the
+launcher, since torchrun ignores it (jobs/attempt.py: on SLURM the trainers get it themselves), so the
+launcher passes it on as a preemption (USR2: each running trainer checkpoints and exits), starts and
+requeues nothing more, and exits 1. Otherwise its trainers would train on without it, and the next
+launch would start a second trainer in the same run directory.
 """
 
 from __future__ import annotations
 
 import os
 import pdb
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -40,6 +49,8 @@ from launch.spec import Run, SpecError, SweepSpec
 from launch.standing import PRUNED, phase_done, pruned, reconcile
 from sogclr.contract.rungs import PROMOTED
 from sogclr.contract.state import now, read_state
+
+STOPPED = "stopped"  # the launcher got SIGTERM: the run resumes at the next launch
 
 
 @contextmanager
@@ -78,10 +89,12 @@ def run_local(
     """Run every run (pretraining, then linear eval), `parallel` at once; 0 when all of them finish.
     Holds the sweep's lock throughout: a submission of the same sweep waits."""
 
-    with owning(spec, runs, reconfigure), LiveProgress(console, runs) as live:
+    with owning(spec, runs, reconfigure), stopped_by_term() as stopping, LiveProgress(console, runs) as live:
 
         def one(run: Run) -> str:
-            outcome = run_locally(run, preempt_after, console, live)
+            if stopping.is_set():
+                return STOPPED
+            outcome = run_locally(run, preempt_after, console, live, stopping)
             console.print(f"{run.name}: {outcome}", highlight=False)
             return outcome
 
@@ -108,6 +121,17 @@ def run_local(
     return 0 if all(outcome in ("done", PRUNED) for outcome in outcomes.values()) else 1
 
 
+@contextmanager
+def stopped_by_term() -> Iterator[threading.Event]:
+    """An event set when this process gets SIGTERM, for as long as the block runs."""
+    stopping = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    try:
+        yield stopping
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def promoted_by(run: Run, by_dir: dict[Path, Run]) -> list[Run]:
     """The runs of this invocation that the verdicts due after `run`'s attempts promote (the launcher is
     the job layer here: jobs/promote.py)."""
@@ -117,9 +141,12 @@ def promoted_by(run: Run, by_dir: dict[Path, Run]) -> list[Run]:
     return [by_dir[path] for path in give_verdicts(run.run_dir)[PROMOTED] if path in by_dir]
 
 
-def run_locally(run: Run, preempt_after: float | None, console: Console, live: LiveProgress) -> str:
-    """Both phases of one run; returns `done`, `pruned` (its evaluation never starts) or which phase
-    failed. A pruned run is settled: it trains again only with `--resume-pruned`."""
+def run_locally(
+    run: Run, preempt_after: float | None, console: Console, live: LiveProgress, stopping: threading.Event
+) -> str:
+    """Both phases of one run; returns `done`, `pruned` (its evaluation never starts), `stopped` (the
+    launcher was, `stopping`) or which phase failed. A pruned run is settled: it trains again only with
+    `--resume-pruned`."""
     prune = run.config.prune
     promoted = prune is not None and own_verdict(run.run_dir, prune) == PROMOTED
     if pruned(run) and not (run.resume_pruned or promoted):
@@ -131,16 +158,22 @@ def run_locally(run: Run, preempt_after: float | None, console: Console, live: L
         warn_after = preempt_after if phase == "pretrain" else None
         live.phase_started(run, phase)
         try:
-            action = run_phase_locally(run, phase, warn_after, console)
+            action = run_phase_locally(run, phase, warn_after, console, stopping)
         finally:
             live.phase_ended(run)
+        if action == STOPPED or (action == "done" and stopping.is_set()):
+            return STOPPED
         if action != "done":
             return PRUNED if pruned(run) else f"{phase} failed (see {run.files.local_logs / phase}.log)"
     return "done"
 
 
-def run_phase_locally(run: Run, phase: str, warn_after: float | None, console: Console) -> str:
-    """Attempts of one phase until it is done or gives up; `warn_after` applies to the first one."""
+def run_phase_locally(
+    run: Run, phase: str, warn_after: float | None, console: Console, stopping: threading.Event
+) -> str:
+    """Attempts of one phase until it is done or gives up, or `stopped` after an attempt that `stopping`
+    ended (recorded as the preemption it was; the next launch resumes it); `warn_after` applies to the
+    first attempt."""
     state_path = PHASES[phase].state_path(run.run_dir)
     resources = phase_resources(run, phase)
     ranks = local_ranks(run, phase)
@@ -150,12 +183,16 @@ def run_phase_locally(run: Run, phase: str, warn_after: float | None, console: C
     budget = Budget(resources.max_requeues, resources.max_failures)
     where = {"job_id": f"local-{now()}", "hosts": ["localhost"]}  # one submission: one budget
     while True:
-        attempt = run_attempt(command, state_path, where, log, warn_after, env)
+        attempt = run_attempt(
+            command, state_path, where, log, warn_after, env, stop_requested=stopping.is_set
+        )
         action = finish_attempt(state_path, attempt, budget)
         console.print(
             f"{run.name} {phase}: {attempt['outcome']} at step {attempt['end_step']} -> {action}",
             highlight=False,
         )
+        if action == "requeue" and stopping.is_set():
+            return STOPPED
         if action != "requeue":
             return action
         warn_after = None

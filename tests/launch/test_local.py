@@ -3,7 +3,12 @@ resumed, evaluated."""
 
 from __future__ import annotations
 
+import contextlib
 import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -81,3 +86,38 @@ def test_a_local_run_reads_staged_shards_and_is_evaluated(tmp_path: Path, data_d
     assert state["status"] == "done" and state["staging"]["copied"] == shards.total_bytes
     assert read_state(run_dir / "lincls" / "state.json")["staging"]["copied"] == 0  # the same node's copy
     assert 0 <= read_state(run_dir / "lincls" / "result.json")["top1"] <= 100
+
+
+def test_a_terminated_launcher_stops_its_trainers_and_the_same_command_resumes(tmp_path: Path):
+    # SIGTERM reaches only the launcher (torchrun ignores it): it must pass the stop on, not leave its
+    # trainer training alone in the run directory that the next launch trains in too.
+    spec = write_tiny_spec(tmp_path, "local", pretrain={"epochs": 2}, lincls=None)
+    run_dir = tmp_path / "runs" / "local" / "local"
+    command = [sys.executable, "-m", "launch.cli", str(spec), "--local"]
+    launcher = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while last_record(run_dir / "metrics.jsonl", having="loss") is None:  # training has started
+            assert launcher.poll() is None, "the launcher ended before training"
+            time.sleep(0.2)
+        launcher.send_signal(signal.SIGTERM)
+        assert launcher.wait(timeout=300) == 1
+    finally:
+        launcher.kill()
+    (stopped,) = read_state(run_dir / "state.json")["attempts"]
+    assert (stopped["outcome"], stopped["reason"]) == ("preempted", "signal SIGUSR2")
+    assert not trainers_of(run_dir / "config.yaml")
+
+    assert cli.main([str(spec), "--local"]) == 0
+    state = read_state(run_dir / "state.json")
+    first, second = state["attempts"]
+    assert 0 < first["end_step"] == second["start_step"] < second["end_step"] == state["total_steps"]
+
+
+def trainers_of(config: Path) -> list[int]:
+    """Processes whose command line names `config` (torchrun and its trainers)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            if str(config).encode() in cmdline.read_bytes():
+                found.append(int(cmdline.parent.name))
+    return found
