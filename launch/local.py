@@ -155,13 +155,15 @@ def run_locally(
     for phase in run.phases:
         if phase_done(run, phase):
             continue
+        if stopping.is_set():
+            return STOPPED
         warn_after = preempt_after if phase == "pretrain" else None
         live.phase_started(run, phase)
         try:
             action = run_phase_locally(run, phase, warn_after, console, stopping)
         finally:
             live.phase_ended(run)
-        if action == STOPPED or (action == "done" and stopping.is_set()):
+        if action == STOPPED:
             return STOPPED
         if action != "done":
             return PRUNED if pruned(run) else f"{phase} failed (see {run.files.local_logs / phase}.log)"
