@@ -38,6 +38,10 @@ from testkit.e2e import (
 )
 from testkit.tiny import STEPS_PER_EPOCH, write_tiny_spec
 
+# Two runs, their two uninterrupted references and seven restarts, each a torch start-up: on a loaded
+# 2-core machine it overran the suite's 900 s, as the SLURM end-to-end tests do (they have 1800 s too).
+pytestmark = pytest.mark.timeout(1800)
+
 SEED = 20261201
 EPOCHS = 3
 RUNS = ("gamma0.5", "gamma0.9")
