@@ -214,4 +214,5 @@ def test_a_crash_inside_a_loader_worker_fails_the_run_and_the_process_exits(tmp_
     )
     assert result.returncode != 0
     state = read_state(tmp_path / "run" / "state.json")
-    assert state["status"] == "failed" and state["error"].startswith("UnidentifiedImageError")
+    assert state["status"] == "failed" and state["error"].startswith("UnreadableImage")
+    assert "/junk/" in state["error"] and "UnidentifiedImageError" in state["error"]  # which image, and why
