@@ -54,10 +54,12 @@ class PhaseStanding:
         return self.from_slurm and self.state in ACTIVE
 
 
-def phase_done(run: Run, phase: str) -> bool:
+def phase_done(run: Run, phase: str, state: dict[str, Any] | None = None) -> bool:
+    """Whether the phase finished; `state`: its state.json, when the caller has read it already."""
     if phase == "lincls":
         return run.files.lincls.result.is_file()
-    return read_state(PHASES[phase].state_path(run.run_dir)).get("status") == "done"
+    state = read_state(PHASES[phase].state_path(run.run_dir)) if state is None else state
+    return state.get("status") == "done"
 
 
 def pruned(run: Run) -> bool:
@@ -85,8 +87,7 @@ def phase_standing(
     submission = current_submission(manifest, run.name, phase)
     job_id = submission["job_id"] if submission else None
     state = read_state(PHASES[phase].state_path(run.run_dir))  # read once: status reads 1,000s of these
-    done = run.files.lincls.result.is_file() if phase == "lincls" else state.get("status") == "done"
-    if done:  # as phase_done
+    if phase_done(run, phase, state):
         return PhaseStanding(job_id, "done")
     if (why := (unconfirmed or {}).get((run.name, phase))) is not None:
         return PhaseStanding(job_id, UNKNOWN, reason=why)
