@@ -11,6 +11,7 @@ import difflib
 import itertools
 import re
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -327,7 +328,7 @@ class Run:
     def run_dir(self) -> Path:
         return self.config.run_dir
 
-    @property
+    @cached_property  # with its paths: status asks 1,000s of runs for them
     def files(self) -> RunLayout:
         return RunLayout(self.config.run_dir)
 
@@ -457,10 +458,10 @@ def expand(spec: SweepSpec) -> list[Run]:
     _check_sweep_keys(spec)
     base = spec.model_dump(mode="python", exclude={"sweep"})
     _check_run_entries(spec, base)
-    runs = []
+    runs, sections = [], {}
     for point in sweep_points(spec.sweep):
         name = "-".join(run_label(k, v) for k, v in point.items()) or spec.name
-        runs.append(_make_run(spec, base, point, name, spec.directory / name))
+        runs.append(_make_run(spec, base, point, name, spec.directory / name, sections))
     _check_unique_names(runs)
     _check_comparable(spec, runs)
     return runs
@@ -556,17 +557,29 @@ def with_point(base: dict[str, Any], point: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-def _make_run(spec: SweepSpec, base: dict, point: dict[str, Any], name: str, run_dir: Path) -> Run:
+def _make_run(
+    spec: SweepSpec, base: dict, point: dict[str, Any], name: str, run_dir: Path, sections: dict[Any, Any]
+) -> Run:
+    """The run at `point`. `sections`: the sections validated for earlier runs, by the point's values
+    that reach them; a section the sweep does not vary is validated once for all runs (the configs are
+    never changed in place, so runs may share them)."""
     data = with_point(base, point)
     where = f"run {name}"
-    slurm = validate(SlurmConfig, data["slurm"], f"{where}: slurm")
-    pretrain = validate(PretrainConfig, data["pretrain"], f"{where}: pretrain")
+
+    def section(model: type[BaseModel], key: str, value: Any, *swept_by: str) -> Any:
+        reach = (key, *((k, repr(v)) for k, v in point.items() if k.split(".")[0] in swept_by))
+        if reach not in sections:
+            sections[reach] = validate(model, value, f"{where}: {key}")
+        return sections[reach]
+
+    slurm = section(SlurmConfig, "slurm", data["slurm"], "slurm")
+    pretrain = section(PretrainConfig, "pretrain", data["pretrain"], "pretrain")
     lincls = lincls_slurm = None
     if data.get("lincls") is not None:
         lincls_data = dict(data["lincls"])
         overrides = {k: v for k, v in (lincls_data.pop("slurm", None) or {}).items() if v is not None}
-        lincls_slurm = validate(SlurmConfig, {**data["slurm"], **overrides}, f"{where}: lincls.slurm")
-        lincls = validate(LinclsConfig, lincls_data, f"{where}: lincls")
+        lincls_slurm = section(SlurmConfig, "lincls.slurm", {**data["slurm"], **overrides}, "slurm", "lincls")
+        lincls = section(LinclsConfig, "lincls", lincls_data, "lincls")
     _check_divisible(where, "pretrain.batch_size", pretrain.batch_size, slurm)
     if lincls is not None:
         _check_divisible(where, "lincls.batch_size", lincls.batch_size, lincls_slurm)

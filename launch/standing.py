@@ -14,7 +14,7 @@ cancelled, or in local mode never started), until a `--resume-pruned` job of it 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from jobs import slurm_client
@@ -47,6 +47,8 @@ class PhaseStanding:
     state: str  # done | not submitted | unknown | not ours | a SLURM state | the run directory's status
     from_slurm: bool = False
     reason: str | None = None  # why `unknown` or `not ours`
+    # the phase's state.json as this standing read it: commands show it without reading it again
+    record: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def active(self) -> bool:
@@ -81,24 +83,44 @@ def phase_standing(
     jobs: dict[str, SlurmJob],
     cluster: str | None = None,
     unconfirmed: dict[tuple[str, str], str] | None = None,
+    records: dict[str, dict[str, Any]] | None = None,
 ) -> PhaseStanding:
     """Where one phase stands; `unconfirmed`: (run, phase) -> why, for an sbatch whose reply was lost
-    and that SLURM could not be asked about (`resolve_pending`)."""
+    and that SLURM could not be asked about (`resolve_pending`); `records`: phase -> state.json, when
+    the caller has read them."""
+    records = records or read_records(run)
+    standing = _phase_standing(run, phase, manifest, jobs, cluster, unconfirmed or {}, records)
+    return replace(standing, record=records[phase])
+
+
+def read_records(run: Run) -> dict[str, dict[str, Any]]:
+    """phase -> its state.json, each read once: status reads those of 1,000s of runs."""
+    return {phase: read_state(PHASES[phase].state_path(run.run_dir)) for phase in PHASES}
+
+
+def _phase_standing(
+    run: Run,
+    phase: str,
+    manifest: dict[str, Any],
+    jobs: dict[str, SlurmJob],
+    cluster: str | None,
+    unconfirmed: dict[tuple[str, str], str],
+    records: dict[str, dict[str, Any]],
+) -> PhaseStanding:
     submission = current_submission(manifest, run.name, phase)
     job_id = submission["job_id"] if submission else None
-    state = read_state(PHASES[phase].state_path(run.run_dir))  # read once: status reads 1,000s of these
+    state = records[phase]
     if phase_done(run, phase, state):
         return PhaseStanding(job_id, "done")
-    if (why := (unconfirmed or {}).get((run.name, phase))) is not None:
+    if (why := unconfirmed.get((run.name, phase))) is not None:
         return PhaseStanding(job_id, UNKNOWN, reason=why)
     job = jobs.get(job_id) if job_id else None
     if job is not None and job.state == UNKNOWN:  # (a --resume-pruned job of a pruned run may be running)
         return PhaseStanding(job_id, UNKNOWN, reason=job.reason)
     if submission is not None and (why := other_cluster(submission, cluster)) is not None:
         return PhaseStanding(job_id, UNKNOWN, reason=why)  # it may be running there: never act on it
-    pretrain = state if phase == "pretrain" else read_state(run.files.pretrain.state)
-    if pretrain.get("status") == PRUNED and not (job is not None and job.state in ACTIVE):  # not yet resumed
-        return PhaseStanding(job_id, PRUNED)
+    if records["pretrain"].get("status") == PRUNED and not (job is not None and job.state in ACTIVE):
+        return PhaseStanding(job_id, PRUNED)  # not yet resumed
     if submission is None:
         return PhaseStanding(None, NOT_SUBMITTED)
     if (why := not_ours(submission, job)) is not None:
@@ -143,12 +165,12 @@ def standings(runs: list[Run], manifest: dict[str, Any]) -> dict[str, dict[str, 
         job_id for run in runs for phase in PHASES if (job_id := current_job(manifest, run.name, phase))
     ]
     jobs = slurm_client.slurm_jobs(job_ids)
-    where = {
-        run.name: {
-            phase: phase_standing(run, phase, manifest, jobs, cluster, unconfirmed) for phase in PHASES
+    where = {}
+    for run in runs:
+        records = read_records(run)
+        where[run.name] = {
+            phase: phase_standing(run, phase, manifest, jobs, cluster, unconfirmed, records) for phase in PHASES
         }
-        for run in runs
-    }
     return where
 
 
@@ -187,5 +209,7 @@ def reconcile(runs: list[Run], manifest: dict[str, Any]) -> dict[str, dict[str, 
         with lock_if_free(ended[0][0].run_dir.parent) as locked:
             if locked:
                 for run, phase, slurm_state in ended:
-                    close_unrecorded_attempt(PHASES[phase].state_path(run.run_dir), slurm_state)
+                    path = PHASES[phase].state_path(run.run_dir)
+                    if close_unrecorded_attempt(path, slurm_state):
+                        where[run.name][phase] = replace(where[run.name][phase], record=read_state(path))
     return where

@@ -32,7 +32,7 @@ def show_status(spec: SweepSpec, runs: list[Run], console: Console) -> int:
     warnings = []
     for run in runs:  # each record read once: on a 1,000-run sweep the reads are most of the command
         pretrain, lincls = where[run.name]["pretrain"], where[run.name]["lincls"]
-        state = read_state(run.files.pretrain.state)
+        state = pretrain.record
         # metrics run ahead of checkpoints; epoch-end evaluations log records without a loss
         latest = last_record(run.files.pretrain.metrics, having="loss")
         result = read_state(run.files.lincls.result)
@@ -43,7 +43,7 @@ def show_status(spec: SweepSpec, runs: list[Run], console: Console) -> int:
                 pretrain.job_id or "-",
                 lincls.job_id or "-",
                 shown(pretrain, state),
-                shown(lincls, read_state(run.files.lincls.state)) if run.config.lincls is not None else "-",
+                shown(lincls, lincls.record) if run.config.lincls is not None else "-",
                 where_now.epochs_shown,
                 where_now.steps_shown,
                 rung(run, state),

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 PHASES = ("pretrain", "lincls")
@@ -27,11 +28,11 @@ class PhaseLayout:
 
     directory: Path
 
-    @property
+    @cached_property  # the login side asks 1,000s of runs for these: each Path built once
     def state(self) -> Path:
         return self.directory / "state.json"
 
-    @property
+    @cached_property
     def metrics(self) -> Path:
         return self.directory / "metrics.jsonl"
 
@@ -43,7 +44,7 @@ class PhaseLayout:
     def tensorboard(self) -> Path:
         return self.directory / "tensorboard"
 
-    @property
+    @cached_property
     def result(self) -> Path:
         return self.directory / "result.json"
 
@@ -63,11 +64,11 @@ class RunLayout:
     def config(self) -> Path:
         return self.root / "config.yaml"
 
-    @property
+    @cached_property
     def pretrain(self) -> PhaseLayout:
         return PhaseLayout(self.root)
 
-    @property
+    @cached_property
     def lincls(self) -> PhaseLayout:
         return PhaseLayout(self.root / "lincls")
 
