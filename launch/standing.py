@@ -169,7 +169,8 @@ def standings(runs: list[Run], manifest: dict[str, Any]) -> dict[str, dict[str, 
     for run in runs:
         records = read_records(run)
         where[run.name] = {
-            phase: phase_standing(run, phase, manifest, jobs, cluster, unconfirmed, records) for phase in PHASES
+            phase: phase_standing(run, phase, manifest, jobs, cluster, unconfirmed, records)
+            for phase in PHASES
         }
     return where
 
