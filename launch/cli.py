@@ -16,7 +16,6 @@ import sys
 
 from rich.console import Console
 
-from launch.datasets import check_staging_fits, index_datasets
 from launch.spec import (
     PruneSpec,
     Run,
@@ -144,6 +143,8 @@ def cmd_submit(args: argparse.Namespace, console: Console) -> int:
         return 0
     if problems:
         raise SpecError(problems[0])
+    from launch.datasets import check_staging_fits, index_datasets  # (tarfile, hashing): submission only
+
     runs = index_datasets(spec, runs, rebuild=args.reindex)
     if args.debug or args.local:
         from launch import local  # heavy imports (torch) only to run here
