@@ -43,7 +43,7 @@ from testkit.tiny import STEPS_PER_EPOCH, write_tiny_spec
 pytestmark = pytest.mark.timeout(1800)
 
 SEED = 20261201
-EPOCHS = 3
+EPOCHS = 12  # 264 steps a run: room for seven faults and their restarts, also on a fast machine
 RUNS = ("gamma0.5", "gamma0.9")
 KINDS = ("preempt", "kill trainer", "lose node", "kill in save", "kill at start")
 

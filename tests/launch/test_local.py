@@ -29,7 +29,7 @@ def write_spec(tmp_path: Path, **pretrain: object) -> Path:
 
 def test_local_run_is_preempted_resumes_and_is_evaluated(tmp_path: Path):
     # Early, so that it lands during training however fast the machine (an idle one trains these 66 steps in
-    # about 15 s): the warning is repeated until the trainer has its handlers, and it stops after a step.
+    # about 9 s): the warning is repeated until the trainer has its handlers, and it stops after a step.
     assert cli.main([str(write_spec(tmp_path)), "--local", "--preempt-after", "3"]) == 0
 
     run_dir = tmp_path / "runs" / "local" / "local"
@@ -55,7 +55,7 @@ def test_debug_mode_prints_the_traceback_without_a_terminal(tmp_path: Path, caps
 def test_parallel_runs_of_a_sweep_all_finish_with_their_evaluation(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ):
-    spec = write_tiny_spec(tmp_path, "pair", pretrain={"width": 8}, sweep={"product": {"gamma": [0.5, 0.9]}})
+    spec = write_tiny_spec(tmp_path, "pair", sweep={"product": {"gamma": [0.5, 0.9]}})
     assert cli.main([str(spec), "--local", "--parallel", "2"]) == 0
 
     out = capsys.readouterr().out  # not a terminal: plain progress lines, then the closing table

@@ -24,7 +24,7 @@ from testkit.runs import assert_same_training_state, record_rival
 from testkit.tiny import write_tiny_spec
 
 STEPS = 11  # 1437 training digits // 128
-RECIPE = {"epochs": 2, "batch_size": 128, "width": 8, "knn_every_epochs": 1, "knn_subset": 300}
+RECIPE = {"epochs": 2, "batch_size": 128, "knn_every_epochs": 1, "knn_subset": 300}
 HALVING = {"product": {"gamma": [0.9]}, "prune": {"rungs": [1], "eta": 2}}
 
 

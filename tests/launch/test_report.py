@@ -41,7 +41,7 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Run]]:
         directory,
         "study",
         slurm={"cpus_per_task": 2},
-        pretrain={"width": 8, "objective_every_epochs": 1, "objective_subset": 64},
+        pretrain={"objective_every_epochs": 1, "objective_subset": 64},
         lincls={"slurm": {"cpus_per_task": 1}},
         sweep={"product": {"loss": ["sogclr", "simclr"], "batch_size": [64, 128]}},
     )

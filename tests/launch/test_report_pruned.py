@@ -34,7 +34,7 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Run], st
     spec = write_tiny_spec(
         directory,
         "halving",
-        pretrain={"epochs": 2, "batch_size": 128, "width": 8, "knn_every_epochs": 1, "knn_subset": 300},
+        pretrain={"epochs": 2, "batch_size": 128, "knn_every_epochs": 1, "knn_subset": 300},
         sweep={"product": {"temperature": [0.5, 0.1, 0.2]}, "prune": {"first_rung": 1, "eta": 2}},
     )
     capture = io.StringIO()

@@ -33,7 +33,7 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Run]]:
     spec = write_tiny_spec(
         directory,
         "seeds",
-        pretrain={"epochs": 2, "width": 8, "objective_every_epochs": 1, "objective_subset": 64},
+        pretrain={"epochs": 2, "objective_every_epochs": 1, "objective_subset": 64},
         sweep={
             "product": {"seed": [0, 1]},
             "runs": [{"loss": "simclr"}, {"loss": "sogclr", "gamma": 0.5}],

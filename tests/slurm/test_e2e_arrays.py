@@ -29,7 +29,7 @@ from testkit.e2e import (
     wait_until,
 )
 from testkit.slurm_cluster import SLURM_MODULE
-from testkit.tiny import write_tiny_spec, write_undecodable_dataset
+from testkit.tiny import RUNWAY_EPOCHS, write_tiny_spec, write_undecodable_dataset
 
 pytestmark = SLURM_MODULE
 
@@ -55,6 +55,7 @@ def preempted(workdir: Path, slurm_cluster: Any) -> dict[str, dict[str, str]]:
         workdir,
         "array",
         slurm={"cpus_per_task": 2, **HELD},
+        pretrain={"epochs": RUNWAY_EPOCHS},
         lincls={"slurm": {"cpus_per_task": 1}},
         sweep=GAMMAS,
     )

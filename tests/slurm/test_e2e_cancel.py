@@ -32,6 +32,8 @@ MODES = ("requeue", "cancel")
 HOW = {"grace": "n1", "frozen": "n2"}  # the kind of cancel -> the node its run trains on
 FROZEN_S = 80  # at most: within KillWait (90 s), so that node 0 outlives the frozen controller
 PROFILE = {"grace_s": 30, "kill_wait_s": 90, "message_timeout_s": 2}
+# Width 64: its checkpoint takes long enough to write that the cancel lands while the trainers save.
+RECIPE = {"epochs": 20, "workers": 1, "width": 64}
 
 
 def run_name(how: str, mode: str) -> str:
@@ -52,7 +54,7 @@ def cancelled(workdir: Path, slurm_cluster: Any) -> dict[str, Path]:
     for how, mode in CASES:
         name = run_name(how, mode)
         slurm = {"additional": {"hold": True, "nodelist": HOW[how]}}
-        assert submit(write_tiny_spec(workdir, name, slurm=slurm, pretrain={"epochs": 20, "workers": 1})) == 0
+        assert submit(write_tiny_spec(workdir, name, slurm=slurm, pretrain=RECIPE)) == 0
     run_dirs = {run_name(*case): workdir / "runs" / run_name(*case) / run_name(*case) for case in CASES}
     for mode in MODES:
         with slurm_cluster.profile(preempt=mode, **PROFILE):

@@ -35,7 +35,7 @@ from testkit.e2e import (
     wait_until,
 )
 from testkit.slurm_cluster import SLURM_MODULE
-from testkit.tiny import write_tiny_spec
+from testkit.tiny import RUNWAY_EPOCHS, write_tiny_spec
 
 # The runs train side by side on two nodes, the first test waits for all of them to be dealt their fault
 # and the time-limit run needs several 2-minute attempts: room for a loaded machine.
@@ -43,7 +43,7 @@ pytestmark = [*SLURM_MODULE, pytest.mark.timeout(1800)]
 WAIT_S = 1200
 
 # Loader workers on: SLURM's SIGTERM reaches them too, and they must not take the trainer down.
-RECIPE = {"epochs": 2, "workers": 1}
+RECIPE = {"epochs": RUNWAY_EPOCHS, "workers": 1}
 
 
 @pytest.fixture(scope="module")
@@ -52,15 +52,16 @@ def workdir(tmp_path_factory: pytest.TempPathFactory, slurm_cluster: Any) -> Pat
 
 
 RUNS = {  # name -> the spec's sections
-    # Long enough to meet the timer (about 52 s into each attempt) on a fast machine; requeues to spare.
+    # Long enough to meet the timer (about 52 s into each attempt) on a machine twice as fast as ours
+    # (990 steps: 135 s on an idle core here); requeues to spare.
     "timelimit": {
         "slurm": {"time": "00:02:00", "signal_lead_s": 60, "max_requeues": 40},
-        "pretrain": {"epochs": 30},
+        "pretrain": {"epochs": 45},
     },
     "preempt": {"pretrain": RECIPE},
     "kill9": {"pretrain": RECIPE},
     "cancel": {"pretrain": {"epochs": 50}},
-    "twonode": {"slurm": {"nodes": 2}, "pretrain": {"epochs": 3}},
+    "twonode": {"slurm": {"nodes": 2}, "pretrain": {"epochs": RUNWAY_EPOCHS}},
 }
 
 

@@ -34,12 +34,12 @@ from testkit.e2e import (
     wait_until,
 )
 from testkit.slurm_cluster import SLURM_MODULE
-from testkit.tiny import write_tiny_spec
+from testkit.tiny import RUNWAY_EPOCHS, write_tiny_spec
 
 pytestmark = [*SLURM_MODULE, pytest.mark.timeout(1800)]
 WAIT_S = 1200
 
-RECIPE = {"epochs": 1, "workers": 1}  # loader workers on: SLURM's SIGTERM reaches them too
+RECIPE = {"epochs": RUNWAY_EPOCHS, "workers": 1}  # loader workers on: SLURM's SIGTERM reaches them too
 # (preempt_type, preempt mode, grace_s): every combination, each a profile of its own.
 PREEMPTIONS = [
     (kind, mode, grace)

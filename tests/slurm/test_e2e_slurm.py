@@ -29,7 +29,7 @@ from testkit.e2e import (
     wait_until,
 )
 from testkit.slurm_cluster import SLURM_MODULE
-from testkit.tiny import STEPS_PER_EPOCH, write_tiny_spec, write_undecodable_dataset
+from testkit.tiny import RUNWAY_EPOCHS, STEPS_PER_EPOCH, write_tiny_spec, write_undecodable_dataset
 
 pytestmark = SLURM_MODULE
 
@@ -44,8 +44,8 @@ def workdir(tmp_path_factory: pytest.TempPathFactory, slurm_cluster: Any) -> Pat
 
 @pytest.fixture(scope="module")
 def preempt_spec(workdir: Path) -> Path:
-    """Two epochs, no evaluation; the test signals it mid-epoch."""
-    spec = write_tiny_spec(workdir, "preempt", pretrain={"epochs": 2}, lincls=None)
+    """No evaluation; the test signals it mid-epoch."""
+    spec = write_tiny_spec(workdir, "preempt", pretrain={"epochs": RUNWAY_EPOCHS}, lincls=None)
     assert submit(spec) == 0
     return spec
 
@@ -93,10 +93,10 @@ def test_warned_job_is_requeued_and_resumes_mid_epoch(workdir: Path, preempt_spe
     assert (first["restart_count"], second["restart_count"]) == (0, 1)
     assert state["requeues"] == 1
     # resumed from the step saved at the signal, in the middle of an epoch (not from its start)
-    assert 3 <= first["end_step"] == second["start_step"] < 2 * STEPS_PER_EPOCH
+    assert 3 <= first["end_step"] == second["start_step"] < RUNWAY_EPOCHS * STEPS_PER_EPOCH
     assert first["end_step"] % STEPS_PER_EPOCH != 0
     logged = [yaml.safe_load(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert logged == list(range(1, 2 * STEPS_PER_EPOCH + 1))  # no step taken twice, none skipped
+    assert logged == list(range(1, RUNWAY_EPOCHS * STEPS_PER_EPOCH + 1))  # no step taken twice, none skipped
 
     assert reference.wait(timeout=TIMEOUT_S) == 0
     assert_identical(final_state(run_dir), final_state(reference_dir))

@@ -16,7 +16,7 @@ from launch import snapshot
 from sogclr.contract.state import read_state
 from testkit.e2e import job_ids, last_logged_step, sacct_state, wait_until
 from testkit.slurm_cluster import SLURM_MODULE
-from testkit.tiny import write_tiny_spec
+from testkit.tiny import RUNWAY_EPOCHS, write_tiny_spec
 
 pytestmark = SLURM_MODULE
 
@@ -27,7 +27,7 @@ def test_an_edit_after_submission_does_not_reach_the_resumed_attempt(slurm_clust
     checkout = tmp_path / "checkout"  # a copy of the project, importable instead of the real one
     for name, directory in snapshot.package_dirs().items():
         shutil.copytree(directory, checkout / name, ignore=shutil.ignore_patterns("__pycache__"))
-    spec = write_tiny_spec(tmp_path, "frozen", pretrain={"epochs": 2, "workers": 1})
+    spec = write_tiny_spec(tmp_path, "frozen", pretrain={"epochs": RUNWAY_EPOCHS, "workers": 1})
     env = {**os.environ, "PYTHONPATH": str(checkout), "PYTHONSAFEPATH": "1"}
     subprocess.run([sys.executable, "-m", "launch.cli", str(spec)], env=env, cwd=tmp_path, check=True)
     run_dir = tmp_path / "runs" / "frozen" / "frozen"
