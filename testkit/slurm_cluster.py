@@ -43,7 +43,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import pytest
 
@@ -56,6 +56,7 @@ __all__ = [
     "SlurmCluster",
     "SlurmCommandError",
     "another_cluster",
+    "cluster_of_its_own",
     "pytest_configure",
     "slurm_cluster",
     "_slurm_cluster_for_marked_tests",
@@ -351,21 +352,26 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
             _script("down", DOWN_TIMEOUT_S)
 
 
+# Clusters beside the session's, each on the five ports `offset` after the session's first (17010).
+CLUSTER_PORT_OFFSETS = {"unanswered": 5, "faults": 10, "matrix": 15}
+
+
 @contextmanager
 def another_cluster(name: str, **settings: str) -> Iterator[SlurmCluster]:
-    """A second cluster beside the session's: DEFAULT_PROFILE with scripts/local-slurm's `settings`
-    (SOGCLR_SLURM_*), in `<the session's directory>-<name>` on the five ports after the session's; up
-    for the block (with SLURM_CONF pointing at it), down after. Its tests are not marked `slurm` (that
-    is the session's cluster) but go in an xdist group of their own, beside it. Skipped (or failed in
-    CI) as the session's fixture is."""
+    """A cluster beside the session's: DEFAULT_PROFILE with scripts/local-slurm's `settings`
+    (SOGCLR_SLURM_*), in `<the session's directory>-<name>` on its five ports (CLUSTER_PORT_OFFSETS);
+    up for the block (with SLURM_CONF and its settings in the environment, so that every client and
+    every command of the script reaches it), down after. Its tests go in an xdist group of their own,
+    beside the session's. Skipped (or failed in CI) as the session's fixture is."""
     reason = _unavailable_reason()
     if reason is not None:
         if os.environ.get(REQUIRE_ENV) == "1":
             pytest.fail(f"{reason}, and {REQUIRE_ENV}=1 forbids skipping slurm tests", pytrace=False)
         pytest.skip(reason)
+    first_port = int(os.environ.get("SOGCLR_SLURM_PORT", "17010")) + CLUSTER_PORT_OFFSETS[name]
     settings = {
         "SOGCLR_SLURM_DIR": f"{os.environ.get('SOGCLR_SLURM_DIR', '/tmp/sogclr-slurm')}-{name}",
-        "SOGCLR_SLURM_PORT": str(int(os.environ.get("SOGCLR_SLURM_PORT", "17010")) + 5),
+        "SOGCLR_SLURM_PORT": str(first_port),
         **settings,
     }
     up = _script("up", UP_TIMEOUT_S, settings)
@@ -374,11 +380,27 @@ def another_cluster(name: str, **settings: str) -> Iterator[SlurmCluster]:
     try:
         cluster = _connect(settings)
         with pytest.MonkeyPatch.context() as patch:
-            for variable, value in cluster.env.items():
+            for variable, value in {**settings, **cluster.env}.items():
                 patch.setenv(variable, value)
             yield cluster
     finally:
         _script("down", DOWN_TIMEOUT_S, settings)
+
+
+def cluster_of_its_own(name: str) -> tuple[list[pytest.MarkDecorator], Any]:
+    """The marks and the `slurm_cluster` fixture of a long module that runs on a cluster of its own
+    (`another_cluster(name)`), up for the module, in an xdist group of its own: beside the session's
+    cluster, on the other worker. Its tests ask for `slurm_cluster` as the others do:
+
+        pytestmark, slurm_cluster = cluster_of_its_own("faults")
+    """
+
+    @pytest.fixture(scope="module", name="slurm_cluster")
+    def module_cluster() -> Iterator[SlurmCluster]:
+        with another_cluster(name) as cluster:
+            yield cluster
+
+    return [pytest.mark.slurm, pytest.mark.xdist_group(f"slurm-{name}")], module_cluster
 
 
 @pytest.fixture(autouse=True)

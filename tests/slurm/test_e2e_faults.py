@@ -34,12 +34,14 @@ from testkit.e2e import (
     trainer_pids,
     wait_until,
 )
-from testkit.slurm_cluster import SLURM_MODULE
+from testkit.slurm_cluster import cluster_of_its_own
 from testkit.tiny import RUNWAY_EPOCHS, write_tiny_spec
 
-# The runs train side by side on two nodes, the first test waits for all of them to be dealt their fault
-# and the time-limit run needs several 2-minute attempts: room for a loaded machine.
-pytestmark = [*SLURM_MODULE, pytest.mark.timeout(1800)]
+# On a cluster of its own, beside the session's. The runs train side by side on two nodes, the first test
+# waits for all of them to be dealt their fault and the time-limit run needs several 2-minute attempts:
+# room for a loaded machine.
+CLUSTER_MARKS, slurm_cluster = cluster_of_its_own("faults")
+pytestmark = [*CLUSTER_MARKS, pytest.mark.timeout(1800)]
 WAIT_S = 1200
 
 # Loader workers on: SLURM's SIGTERM reaches them too, and they must not take the trainer down.

@@ -33,10 +33,11 @@ from testkit.e2e import (
     trainer_pids,
     wait_until,
 )
-from testkit.slurm_cluster import SLURM_MODULE
+from testkit.slurm_cluster import cluster_of_its_own
 from testkit.tiny import RUNWAY_EPOCHS, write_tiny_spec
 
-pytestmark = [*SLURM_MODULE, pytest.mark.timeout(1800)]
+CLUSTER_MARKS, slurm_cluster = cluster_of_its_own("matrix")  # beside the session's cluster
+pytestmark = [*CLUSTER_MARKS, pytest.mark.timeout(1800)]
 WAIT_S = 1200
 
 RECIPE = {"epochs": RUNWAY_EPOCHS, "workers": 1}  # loader workers on: SLURM's SIGTERM reaches them too

@@ -21,6 +21,7 @@ from sogclr.model import build_backbone, build_pretrain_model, build_projector, 
 from testkit.runs import tiny_pretrain, write_config
 
 IMAGES = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+STOCK = {"width": 64}  # the stock ResNets' width (the tiny runs' is 8): exports and releases have it
 
 
 def trained_looking(model: nn.Module) -> nn.Module:
@@ -35,7 +36,7 @@ def trained_looking(model: nn.Module) -> nn.Module:
 
 def finished_run(run_dir: Path, data_dir: Path, **pretrain: object) -> tuple[nn.Module, PretrainConfig]:
     """A run directory whose pretraining has ended: config.yaml and checkpoints/final.pt."""
-    config = write_config(run_dir, tiny_pretrain(data_dir, **pretrain))
+    config = write_config(run_dir, tiny_pretrain(data_dir, **{**STOCK, **pretrain}))
     cfg = load_run_config(config).pretrain
     model = trained_looking(build_pretrain_model(cfg))
     (run_dir / "checkpoints").mkdir()
@@ -93,7 +94,7 @@ def test_a_narrow_run_is_refused(tmp_path: Path, data_dir: Path, capsys: pytest.
 def test_a_run_without_final_checkpoint_is_a_clear_error(
     tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    write_config(tmp_path, tiny_pretrain(data_dir))
+    write_config(tmp_path, tiny_pretrain(data_dir, **STOCK))
     assert export_main([str(tmp_path), str(tmp_path / "out.pt")]) == 2
     assert "no final pretraining checkpoint" in capsys.readouterr().err
 
@@ -113,7 +114,9 @@ def released_checkpoint(path: Path, cfg: PretrainConfig) -> nn.Module:
 def test_linear_evaluation_starts_from_a_released_checkpoint(tmp_path: Path, data_dir: Path) -> None:
     run_dir = tmp_path / "run"  # no pretraining at all
     lincls_fields = {"epochs": 1, "batch_size": 64, "mode": "features", "workers": 0}
-    config = write_config(run_dir, tiny_pretrain(data_dir), lincls_fields | {"pretrained": "missing.pth"})
+    config = write_config(
+        run_dir, tiny_pretrain(data_dir, **STOCK), lincls_fields | {"pretrained": "missing.pth"}
+    )
     with pytest.raises(FileNotFoundError, match="lincls.pretrained: no file missing.pth"):
         lincls.train(load_run_config(config))
 
@@ -125,7 +128,9 @@ def test_linear_evaluation_starts_from_a_released_checkpoint(tmp_path: Path, dat
     with torch.no_grad():
         assert torch.equal(backbone.eval()(IMAGES), encoder(IMAGES))
 
-    config = write_config(run_dir, tiny_pretrain(data_dir), lincls_fields | {"pretrained": str(released)})
+    config = write_config(
+        run_dir, tiny_pretrain(data_dir, **STOCK), lincls_fields | {"pretrained": str(released)}
+    )
     assert lincls.train(load_run_config(config)) == "done"
     result = json.loads((run_dir / "lincls" / "result.json").read_text())
     assert 0 <= result["top1"] <= result["top5"] <= 100

@@ -39,7 +39,7 @@ from testkit.runs import (
 )
 from testkit.tiny import STEPS_PER_EPOCH
 
-MARGIN = 25.0  # top-1 points; the observed gap is about 45
+MARGIN = 10.0  # top-1 points; observed at width 8 after 2 epochs: 15.6 (standard) and 25.0 (features)
 LINCLS = {"epochs": 10, "batch_size": 256, "lr": 0.1, "mode": "both", "workers": 1, "log_every_steps": 5}
 # The resume tests: 2 epochs of 22 steps (1437 training digits // batch 64), every step logged.
 RESUME = {"epochs": 2, "batch_size": 64, "log_every_steps": 1}
