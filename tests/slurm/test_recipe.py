@@ -40,8 +40,8 @@ pytestmark = SLURM_GROUP  # one test needs the cluster: the same worker as the o
 # of: the line as the issue draws it. A field missing here fails the first test.
 CHANGES: dict[str, dict[str, tuple[Any, tuple[str, ...]]]] = {
     "pretrain": {
-        "dataset": ("folder", PHASES), "image_size": (32, PHASES), "arch": ("resnet34", PHASES),
-        "small_stem": (True, PHASES), "precision": ("fp16", PHASES),
+        "dataset": ("imagenet100", PHASES), "image_size": (32, PHASES), "arch": ("resnet34", PHASES),
+        "small_stem": (True, PHASES), "width": (16, PHASES), "precision": ("fp16", PHASES),
         "crop_min": (0.2, ("pretrain",)), "augment_on": ("loader", ("pretrain",)),
         "projector_hidden_dim": (32, ("pretrain",)), "projector_out_dim": (16, ("pretrain",)),
         "epochs": (3, ("pretrain",)), "batch_size": (32, ("pretrain",)), "lr": (0.1, ("pretrain",)),
@@ -52,7 +52,8 @@ CHANGES: dict[str, dict[str, tuple[Any, tuple[str, ...]]]] = {
         "gamma_schedule": ("cosine", ("pretrain",)), "gamma_decay_fraction": (0.5, ("pretrain",)),
         "seed": (1, ("pretrain",)),
         "data_dir": ("/moved/data", ()), "accept_data_change": (True, ()), "workers": (3, ()),
-        "compile": (True, ()),
+        "data_format": ("tree", ()), "stage_dir": ("/local/$SLURMD_NODENAME", ()),
+        "compile": (True, ()), "deterministic": (True, ()),
         "log_every_steps": (5, ()), "collective_timeout_s": (900.0, ()),
         "progress_timeout_minutes": (None, ()), "tensorboard": (True, ()),
         "objective_every_epochs": (1, ()), "objective_subset": (100, ()), "knn_every_epochs": (None, ()),
@@ -70,7 +71,7 @@ CHANGES: dict[str, dict[str, tuple[Any, tuple[str, ...]]]] = {
 }  # fmt: skip
 BASE = {
     "run_dir": "/r",
-    "pretrain": {"dataset": "digits", "data_dir": "/data"},
+    "pretrain": {"dataset": "folder", "data_dir": "/data", "data_format": "shards"},  # stage_dir needs shards
     "lincls": {"mode": "features"},
 }
 

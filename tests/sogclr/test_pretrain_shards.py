@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from jobs.attempt import classify
-from sogclr.contract.config import PretrainConfig
+from sogclr.contract.config import PROGRESS_TIMEOUT_FLOOR_MINUTES, PretrainConfig
 from sogclr.contract.dataindex import prepare_data_root
 from sogclr.contract.shards import pack_tree, read_shard_index
 from sogclr.contract.state import read_state
@@ -95,7 +95,8 @@ def test_a_stalled_copy_is_ended_by_the_watchdog_as_transient(tmp_path: Path, tr
     second.unlink()
     os.mkfifo(second)  # opening it blocks until someone writes: a stalled file system
     run_dir = tmp_path / "run"
-    recipe = staged_recipe(tree, shards.directory, tmp_path / "node", progress_timeout_minutes=0.1)
+    minutes = PROGRESS_TIMEOUT_FLOOR_MINUTES  # the shortest a config may ask for
+    recipe = staged_recipe(tree, shards.directory, tmp_path / "node", progress_timeout_minutes=minutes)
     trainer = subprocess.run(
         command("sogclr.pretrain", write_config(run_dir, recipe), 1),
         env=child_env(),
@@ -103,7 +104,7 @@ def test_a_stalled_copy_is_ended_by_the_watchdog_as_transient(tmp_path: Path, tr
         text=True,
         timeout=600,  # a guard against this test hanging, not a measurement
     )
-    assert "sogclr watchdog" in trainer.stderr and "no progress for 0.1 minutes" in trainer.stderr
+    assert "sogclr watchdog" in trainer.stderr and f"no progress for {minutes:g} minutes" in trainer.stderr
     state = read_state(run_dir / "state.json")
     assert state["status"] == "failed" and state["failure"] == "stalled"
     assert classify(state, trainer.returncode)[0] == "transient"
