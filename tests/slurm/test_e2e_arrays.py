@@ -5,7 +5,8 @@ pretraining task; a crashing task cancels its own evaluation only; cancel, statu
 act on single runs of an array.
 
 Pretraining tasks of the preempted sweep take both CPUs of a node, so that preempting the node of one task
-hits that task alone. One epoch each (the default of testkit/tiny.py): about 5 minutes in all.
+hits that task alone. The preempted sweep trains for testkit/tiny.py's runway, the other one epoch: about
+2.5 minutes for the first test alone on the idle 2-core machine, longer beside the rest of the suite.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from testkit.e2e import (
 from testkit.slurm_cluster import SLURM_MODULE
 from testkit.tiny import RUNWAY_EPOCHS, write_tiny_spec, write_undecodable_dataset
 
-pytestmark = SLURM_MODULE
+# above wait_long's budget, so that a slow run fails with the name of what it waited for
+pytestmark = [*SLURM_MODULE, pytest.mark.timeout(1800)]
 
 HELD = {"additional": {"hold": True}}
 GAMMAS = {"product": {"gamma": [0.3, 0.6, 0.9]}}
