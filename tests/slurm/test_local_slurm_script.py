@@ -59,7 +59,15 @@ def error_line(result: subprocess.CompletedProcess[str]) -> str:
 
 
 def test_up_adds_the_missing_host_entries_and_starts(sandbox: Path):
-    up = script(sandbox, "up")
+    # What another cluster's MariaDB holds in the shared temp directory while it starts: a starting
+    # server deletes every '#sql*' file in its tmpdir, so each cluster's must be its own.
+    others_table = Path(tempfile.gettempdir()) / f"#sql-temptable-{sandbox.name}"
+    others_table.touch()
+    try:
+        up = script(sandbox, "up")
+        assert others_table.exists(), "the cluster's MariaDB deleted another server's temporary table"
+    finally:
+        others_table.unlink(missing_ok=True)
     assert up.returncode == 0, up.stderr
     lines = (sandbox / "hosts").read_text().splitlines()
     assert lines == [*NEW_MACHINE_HOSTS.splitlines(), "127.0.0.1 n1", "127.0.0.1 n2"]
