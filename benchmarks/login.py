@@ -8,13 +8,17 @@ expands and validates. Wall and CPU time (user + system) are the best of `--repe
 machine the CPU time is the steadier figure. Peak memory is the command's own maximum resident set
 (wait4). The baseline is `git archive BASELINE`, run from its own directory.
 
+With `--metrics-lines N`, every run directory holds a metrics.jsonl of N logged steps without a kNN
+record, as a sweep in training does (status looks for each run's last loss and last kNN top-1 there).
+
     eval "$(scripts/local-slurm env)"   # the local cluster: status asks scontrol for grace times
-    python benchmarks/login.py [--baseline 5e25c03] [--repeats 3]
+    python benchmarks/login.py [--baseline 5e25c03] [--repeats 3] [--metrics-lines 2000]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -27,6 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from launch.spec import expand, load_spec  # noqa: E402
 from testkit.tiny import write_tiny_spec  # noqa: E402
 
 COMMANDS = {
@@ -60,10 +65,20 @@ def cold_run(code: Path, argv: list[str]) -> tuple[float, float, float]:
     return took, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024  # KiB on Linux
 
 
+def write_metrics(spec: Path, lines: int) -> None:
+    """A metrics.jsonl of `lines` logged steps (no kNN record) in the directory of every run of `spec`."""
+    record = {"epoch": 0, "loss": 4.1, "objective": -0.2, "lr": 0.1, "gamma": 0.9, "images_per_s": 900.0}
+    text = "".join(json.dumps({"step": step, **record}) + "\n" for step in range(lines))
+    for run in expand(load_spec(spec)):
+        run.run_dir.mkdir(parents=True)
+        (run.run_dir / "metrics.jsonl").write_text(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--baseline", default="5e25c03", help="the commit to compare with")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--metrics-lines", type=int, default=0, help="logged steps in each run directory")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -71,6 +86,8 @@ def main() -> None:
         axes["temperature"] = [round(0.05 * i, 2) for i in range(1, 11)]
         sweep = {"product": axes}
         spec = str(write_tiny_spec(work, "login", sweep=sweep))
+        if args.metrics_lines:
+            write_metrics(Path(spec), args.metrics_lines)
         trees = {"before": checkout(args.baseline, work / "before"), "after": ROOT}
         print(f"1,000 runs; best of {args.repeats} cold runs; baseline {args.baseline}\n")
         print(f"{'':<28} {'wall s':^21} {'CPU s':^21} {'peak MiB':^16}")

@@ -63,8 +63,9 @@ def test_the_last_loss_is_found_behind_an_epoch_end_evaluation(tmp_path: Path):
 def test_the_last_knn_record_is_found_far_behind_the_last_step(tmp_path: Path):
     metrics = tmp_path / "metrics.jsonl"
     knn = {"step": 22, "epoch": 0, "knn_top1": 71.5, "knn_top5": 95.0}
+    named = {"step": 22, "rung_metric": "knn_top1"}  # the name as a value: parsed, and passed over
     losses = [{"step": step, "loss": 0.5, "padding": "x" * 100} for step in range(23, 2023)]  # ~250 kB
-    metrics.write_text("".join(json.dumps(r) + "\n" for r in [knn, *losses]))
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in [knn, named, *losses]))
     for block in (65536, 1000, 7):  # lines cut anywhere by the blocks
         assert last_record(metrics, having="knn_top1", block=block) == knn
         assert last_record(metrics, having="loss", block=block) == losses[-1]
