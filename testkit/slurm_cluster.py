@@ -353,7 +353,7 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
 
 
 # Clusters beside the session's, each on the five ports `offset` after the session's first (17010).
-CLUSTER_PORT_OFFSETS = {"unanswered": 5, "faults": 10, "matrix": 15}
+CLUSTER_PORT_OFFSETS = {"unanswered": 5, "faults": 10, "matrix": 15, "cancel": 20}
 
 
 @contextmanager

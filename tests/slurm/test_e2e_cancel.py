@@ -23,10 +23,13 @@ import pytest
 
 from sogclr.contract.state import read_state
 from testkit.e2e import job_ids, last_logged_step, release, submit, wait_until
-from testkit.slurm_cluster import FINAL_STATES, SLURM_MODULE
+from testkit.slurm_cluster import FINAL_STATES, cluster_of_its_own
 from testkit.tiny import write_tiny_spec
 
-pytestmark = [*SLURM_MODULE, pytest.mark.timeout(1800)]
+# On a cluster of its own, beside the session's: most of its time is SLURM's timers (grace, KillWait) and a
+# frozen controller, which would stop every other test of the session's cluster meanwhile.
+CLUSTER_MARKS, slurm_cluster = cluster_of_its_own("cancel")
+pytestmark = [*CLUSTER_MARKS, pytest.mark.timeout(1800)]
 
 MODES = ("requeue", "cancel")
 HOW = {"grace": "n1", "frozen": "n2"}  # the kind of cancel -> the node its run trains on
