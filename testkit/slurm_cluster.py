@@ -390,7 +390,7 @@ def another_cluster(name: str, **settings: str) -> Iterator[SlurmCluster]:
 def cluster_of_its_own(name: str) -> tuple[list[pytest.MarkDecorator], Any]:
     """The marks and the `slurm_cluster` fixture of a long module that runs on a cluster of its own
     (`another_cluster(name)`), up for the module, in an xdist group of its own: beside the session's
-    cluster, on the other worker. Its tests ask for `slurm_cluster` as the others do:
+    cluster, on another worker. Its tests ask for `slurm_cluster` as the others do:
 
         pytestmark, slurm_cluster = cluster_of_its_own("faults")
     """
