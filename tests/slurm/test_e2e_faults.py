@@ -11,6 +11,7 @@ hit other tests' jobs too, so assertions ask for the attempt they caused, not fo
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from pathlib import Path
@@ -37,9 +38,9 @@ from testkit.e2e import (
 from testkit.slurm_cluster import cluster_of_its_own
 from testkit.tiny import RUNWAY_EPOCHS, write_tiny_spec
 
-# On a cluster of its own, beside the session's. The runs train side by side on two nodes, the first test
-# waits for all of them to be dealt their fault and the time-limit run needs several 2-minute attempts:
-# room for a loaded machine.
+# On a cluster of its own, beside the session's. The runs train side by side on two nodes, and the first
+# test waits for all of them to be dealt their fault (the time limit's takes minutes): room for a loaded
+# machine.
 CLUSTER_MARKS, slurm_cluster = cluster_of_its_own("faults")
 pytestmark = [*CLUSTER_MARKS, pytest.mark.timeout(1800)]
 WAIT_S = 1200
@@ -54,12 +55,10 @@ def workdir(tmp_path_factory: pytest.TempPathFactory, slurm_cluster: Any) -> Pat
 
 
 RUNS = {  # name -> the spec's sections
-    # Long enough to meet the timer (about 52 s into each attempt) on a machine twice as fast as ours
-    # (990 steps: 135 s on an idle core here); requeues to spare.
-    "timelimit": {
-        "slurm": {"time": "00:02:00", "signal_lead_s": 60, "max_requeues": 40},
-        "pretrain": {"epochs": 45},
-    },
+    # Its first attempt is frozen until SLURM's timer signals it (`freeze_until_the_timer`), so that the timer
+    # fires on any machine without a run long enough for the fastest one; the timer fires on a 30 s grid
+    # (USR2 about 112 s into each attempt here), time enough for the second attempt to finish.
+    "timelimit": {"slurm": {"time": "00:03:00", "signal_lead_s": 60}, "pretrain": RECIPE},
     "preempt": {"pretrain": RECIPE},
     "kill9": {"pretrain": RECIPE},
     "cancel": {"pretrain": {"epochs": 50}},
@@ -75,12 +74,36 @@ def runs(workdir: Path, slurm_cluster: Any) -> dict[str, Path]:
         slurm = {**sections.get("slurm", {}), "additional": {"hold": True}}
         assert submit(write_tiny_spec(workdir, name, **{**sections, "slurm": slurm})) == 0
     run_dirs = {name: workdir / "runs" / name / name for name in RUNS}
-    release(slurm_cluster, workdir, "timelimit")  # its fault is SLURM's own timer
-    for name, deal in (("preempt", preempt), ("kill9", kill9), ("cancel", scancel), ("twonode", lose_n2)):
+    faults = [("preempt", preempt), ("kill9", kill9), ("cancel", scancel), ("twonode", lose_n2)]
+    # The time limit last: its frozen trainer would be hit by the other faults on its node.
+    for name, deal in [*faults, ("timelimit", freeze_until_the_timer)]:
         release(slurm_cluster, workdir, name)
         wait_until(lambda run_dir=run_dirs[name]: last_logged_step(run_dir) >= 3, f"{name} to take 3 steps")
         deal(slurm_cluster, workdir, run_dirs[name])
     return run_dirs
+
+
+def freeze_until_the_timer(cluster: Any, workdir: Path, run_dir: Path) -> None:
+    """The trainer is stopped (SIGSTOP: a step that takes minutes, at no CPU) until SLURM's time-limit
+    warning is pending for it, then continued: it saves at its step and the attempt ends `timeout`."""
+    trainer = wait_until(lambda: trainer_pids(run_dir), "the trainer process")[0]
+    os.kill(trainer, signal.SIGSTOP)
+    try:
+        wait_until(lambda: pending_or_gone(trainer, signal.SIGUSR2), "SLURM's time-limit warning", 300)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(trainer, signal.SIGCONT)
+
+
+def pending_or_gone(pid: int, sig: signal.Signals) -> bool:
+    """Whether `sig` waits for process `pid` (a stopped process takes it when continued), or it has ended."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+    pending = [line.split()[1] for line in status.splitlines() if line.startswith(("SigPnd", "ShdPnd"))]
+    masks = [int(mask, 16) for mask in pending]
+    return any(mask >> (sig - 1) & 1 for mask in masks) or "\nState:\tZ" in status
 
 
 def preempt(cluster: Any, workdir: Path, run_dir: Path) -> None:
@@ -114,7 +137,7 @@ def lose_n2(cluster: Any, workdir: Path, run_dir: Path) -> None:
 
 @pytest.fixture(scope="module")
 def reference(workdir: Path, runs: dict[str, Path]) -> Path:
-    """RECIPE trained without interruption, outside SLURM (preempt and kill9 share the recipe)."""
+    """RECIPE trained without interruption, outside SLURM (preempt, kill9 and timelimit share the recipe)."""
     reference_dir = workdir / "reference"
     process = start_uninterrupted_reference(runs["preempt"], reference_dir)
     assert process.wait(timeout=WAIT_S) == 0
@@ -184,11 +207,14 @@ def test_scancel_ends_the_run_as_cancelled_without_its_evaluation(
     assert "cancelled" in capsys.readouterr().out
 
 
-def test_a_real_time_limit_requeues_through_slurms_own_timer(runs: dict[str, Path], workdir: Path):
+def test_a_real_time_limit_requeues_through_slurms_own_timer(
+    runs: dict[str, Path], workdir: Path, reference: Path
+):
     state = wait_done(runs["timelimit"], workdir)
     timeouts = [a for a in state["attempts"] if a["outcome"] == "timeout"]
     assert timeouts and all("before the time limit" in a["reason"] for a in timeouts)
-    assert all(0 < a["end_step"] for a in timeouts)
+    assert timeouts[0]["end_step"] >= 3  # saved at the signal, at the step it was frozen in
+    assert_identical(final_state(runs["timelimit"]), final_state(reference))
 
 
 def test_a_two_node_job_that_loses_a_node_resumes_once_the_node_is_back(runs: dict[str, Path], workdir: Path):
