@@ -4,7 +4,8 @@ decides for the job.
 SLURM signals every process of the job step (USR2 before the time limit; TERM on preemption or cancel),
 so the trainers receive the signal themselves. torchrun runs with both ignored, and this process installs
 handlers that note the signal and keep telling the trainers until they have stopped (see `wait_for`);
-until then it ignores both (launch/scripts.py starts it so), since an unhandled USR2 would kill it.
+before then and once its work is done it ignores both (launch/scripts.py starts it so; `StopNote`), since
+an unhandled USR2 would kill it.
 
 After torchrun exits, node 0 reads the phase's state.json and goes observe -> decide -> record -> do:
 SLURM's own view of the job (asked from inside it, never guessed from elapsed time), jobs/stop.py's
@@ -32,10 +33,12 @@ Other nodes run their torchrun and report; they never fail the job themselves (n
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
@@ -132,10 +135,12 @@ class TrainingJob:
         return threads_per_rank(self.cpus_per_task, self.ranks_per_node)
 
     def __call__(self) -> dict[str, Any]:
-        stop = StopNote.install()
-        task = SlurmTask.from_environ()
-        if task.node_rank != 0:
-            return self._follow(task, stop)
+        with StopNote.installed() as stop:
+            task = SlurmTask.from_environ()
+            return self._lead(task, stop) if task.node_rank == 0 else self._follow(task, stop)
+
+    def _lead(self, task: SlurmTask, stop: StopNote) -> dict[str, Any]:
+        """Node 0 runs its torchrun, records the attempt and decides for the job."""
         state_path = PHASES[self.phase].state_path(self.run_dir)
         where = {
             "job_id": task.job_id,
@@ -166,7 +171,7 @@ class TrainingJob:
         return {"phase": self.phase, "action": action, "attempt": attempt}
 
     def _follow(self, task: SlurmTask, stop: StopNote) -> dict[str, Any]:
-        """Nodes other than 0 run their torchrun; node 0 records and decides for the job."""
+        """Nodes other than 0 run their torchrun only."""
         process = start_ignoring_stop_signals(self.command(task), env=self.env())
         returncode = wait_for(process, stop_requested=stop.requested)
         return {"phase": self.phase, "node_rank": task.node_rank, "returncode": returncode}
@@ -175,15 +180,27 @@ class TrainingJob:
 class StopNote:
     """The job task's USR2/TERM handlers: note the signal; the trainers act on it."""
 
+    SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+
     def __init__(self) -> None:
         self.received: signal.Signals | None = None
 
     @classmethod
-    def install(cls) -> StopNote:
+    @contextlib.contextmanager
+    def installed(cls) -> Iterator[StopNote]:
+        """Noting the signals while the job task works; ignoring them once it is done, as it did before it
+        began (launch/scripts.py). Python's exit gives a signal with a Python handler back its default
+        action, death: a warning or a cancel in that moment failed a finished job's step (measured under
+        load: "task 0: User defined signal 2", the job FAILED after its run was done, the evaluation that
+        waited on it never ran)."""
         note = cls()
-        for sig in (signal.SIGUSR2, signal.SIGTERM):
+        for sig in cls.SIGNALS:
             signal.signal(sig, note._note)
-        return note
+        try:
+            yield note
+        finally:
+            for sig in cls.SIGNALS:
+                signal.signal(sig, signal.SIG_IGN)
 
     def requested(self) -> bool:
         return self.received is not None
