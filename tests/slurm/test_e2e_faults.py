@@ -56,8 +56,8 @@ def workdir(tmp_path_factory: pytest.TempPathFactory, slurm_cluster: Any) -> Pat
 
 RUNS = {  # name -> the spec's sections
     # Its first attempt is frozen until SLURM's timer signals it (`freeze_until_the_timer`), so that the timer
-    # fires on any machine without a run long enough for the fastest one; the timer fires on a 30 s grid
-    # (USR2 about 112 s into each attempt here), time enough for the second attempt to finish.
+    # fires on any machine without a run long enough for the fastest one. The timer fires on a 30 s grid
+    # (USR2 88 and 94 s after the trainer started, in two runs here), time for the second attempt to end.
     "timelimit": {"slurm": {"time": "00:03:00", "signal_lead_s": 60}, "pretrain": RECIPE},
     "preempt": {"pretrain": RECIPE},
     "kill9": {"pretrain": RECIPE},
